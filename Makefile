@@ -1,0 +1,23 @@
+# The README's two commands, each complete on a fresh clone:
+#   make quickstart   create/update .venv, install, run recipes/quickstart.yaml
+#   make test         create/update .venv, install, run the test suite (what CI runs, via .ci/run)
+PYTHON ?= python3
+VENV ?= .venv
+# torch is named in the same pip command as everything that depends on it, so pip keeps this build
+# (on this project's CI machines: the CPU wheel on disk) instead of pulling a CUDA build.
+TORCH ?= torch==2.13.0
+
+$(VENV)/.installed: pyproject.toml
+	@echo "installing tokenwise into $(VENV) (first time: about 2-3 minutes)"
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check "$(TORCH)" -e ".[dev]"
+	touch $@
+
+.PHONY: install quickstart test
+install: $(VENV)/.installed
+
+quickstart: install
+	$(VENV)/bin/tokenwise train recipes/quickstart.yaml
+
+test: install
+	$(VENV)/bin/python -m pytest

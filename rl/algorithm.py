@@ -1,0 +1,66 @@
+"""A GRPO-family algorithm as a composition of registered pieces named in the recipe's `algorithm:` section."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+from torch import Tensor
+
+from rl.advantages import ADVANTAGES
+from rl.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+from rl.types import RolloutBatch, TrainBatch
+
+
+def _piece(registry: Any, cfg: Any) -> Any:
+    """The registered function named by cfg.type, with cfg's other fields bound as keyword arguments."""
+    params = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "type"}
+    return functools.partial(registry.get(cfg.type), **params)
+
+
+class Algorithm:
+    """make_batch: rewards → advantages; loss: per-token policy loss (+ KL) aggregated over the mini-batch.
+
+    `cfg` is trainer.config.AlgorithmConfig (duck-typed here, so rl/ does not import the trainer)."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.advantage = _piece(ADVANTAGES, cfg.advantage)
+        self.policy_loss = _piece(POLICY_LOSSES, cfg.policy_loss)
+        self.aggregate = AGGREGATIONS.get(cfg.aggregation)
+        self.kl = KL_ESTIMATORS.get(cfg.kl.estimator)
+        self.kl_coef = cfg.kl.coef
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_coef > 0
+
+    def make_batch(self, rollouts: RolloutBatch, rewards_B: Tensor) -> TrainBatch:
+        adv_B = self.advantage(rewards_B, rollouts.group_size)
+        return TrainBatch.from_rollouts(rollouts, rewards=rewards_B,
+                                        advantages=adv_B[:, None] * rollouts.response_mask)
+
+    def loss(self, logp_BT: Tensor, entropy_BT: Tensor, batch: TrainBatch, *,
+             num_tokens: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """Scalar loss of one micro-batch, already divided by the mini-batch's token count, and token-summed
+        statistics (the learner divides them by the token count)."""
+        mask = batch.response_mask
+        pg_BT, stats = self.policy_loss(logp_BT, batch.old_logprobs, batch.advantages, mask)
+        loss = self.aggregate(pg_BT, mask, num_tokens=num_tokens)
+        stats["actor/pg_loss"] = (pg_BT.detach() * mask).sum()
+        if self.needs_reference:
+            kl_BT = self.kl(logp_BT, batch.ref_logprobs)
+            loss = loss + self.kl_coef * self.aggregate(kl_BT, mask, num_tokens=num_tokens)
+            stats["actor/kl"] = (kl_BT.detach() * mask).sum()
+        stats["actor/entropy"] = (entropy_BT.detach() * mask).sum()
+        return loss, stats
+
+    def state_dict(self) -> dict:
+        """Algorithm state that checkpoints keep (schedules, running statistics); none for plain GRPO."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"GRPO keeps no algorithm state, but the checkpoint has {sorted(state)}")
+
+

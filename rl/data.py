@@ -1,0 +1,159 @@
+"""Prompt/answer data as `datasets.Dataset`s with columns `prompt` and `answer`, and a resumable cursor over them.
+
+Built-in tasks are generated deterministically from a seed, with a held-out split disjoint from train. User data is
+read with `datasets.load_dataset` from local jsonl/json/parquet/csv files.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from datasets import Dataset, load_dataset
+
+from rl.errors import DataError
+
+
+# ------------------------------------------------------------------------------------------------- built-in tasks
+def _operand(rng: random.Random, min_digits: int, max_digits: int) -> int:
+    digits = rng.randint(min_digits, max_digits)
+    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
+
+
+def _arithmetic_problem(rng: random.Random, min_digits: int, max_digits: int, ops: Sequence[str]) -> tuple[str, str]:
+    a, b = _operand(rng, min_digits, max_digits), _operand(rng, min_digits, max_digits)
+    op = rng.choice(list(ops))
+    value = {"+": a + b, "-": a - b, "*": a * b}[op]
+    return f"{a}{op}{b}=", str(value)
+
+
+def _sort_problem(rng: random.Random, min_length: int, max_length: int) -> tuple[str, str]:
+    digits = [rng.randint(0, 9) for _ in range(rng.randint(min_length, max_length))]
+    return "sort " + " ".join(map(str, digits)), "".join(map(str, sorted(digits)))
+
+
+def _split_task(make, *, num_train: int, num_heldout: int, seed: int, what: str) -> dict[str, Dataset]:
+    """Held-out problems first (distinct), then training problems that never repeat a held-out prompt."""
+    rng = random.Random(seed)
+    heldout: dict[str, str] = {}
+    for _ in range(50 * num_heldout):
+        if len(heldout) == num_heldout:
+            break
+        prompt, answer = make(rng)
+        heldout.setdefault(prompt, answer)
+    if len(heldout) < num_heldout:
+        raise DataError(f"data: the {what} task has fewer than {num_heldout} distinct problems with these settings; "
+                        f"lower data.num_heldout or widen the task")
+    train = {"prompt": [], "answer": []}
+    for _ in range(50 * num_train):
+        if len(train["prompt"]) == num_train:
+            break
+        prompt, answer = make(rng)
+        if prompt not in heldout:
+            train["prompt"].append(prompt)
+            train["answer"].append(answer)
+    if len(train["prompt"]) < num_train:
+        raise DataError(f"data: the {what} task leaves too few training problems outside the held-out set")
+    return {"train": Dataset.from_dict(train),
+            "heldout": Dataset.from_dict({"prompt": list(heldout), "answer": list(heldout.values())})}
+
+
+def arithmetic_task(*, num_train: int, num_heldout: int, min_digits: int, max_digits: int, ops: Sequence[str],
+                    seed: int) -> dict[str, Dataset]:
+    """'a<op>b=' → the integer result; operands have min_digits..max_digits digits (digit count drawn uniformly)."""
+    return _split_task(lambda rng: _arithmetic_problem(rng, min_digits, max_digits, ops), num_train=num_train,
+                       num_heldout=num_heldout, seed=seed, what="arithmetic")
+
+
+def sort_task(*, num_train: int, num_heldout: int, min_length: int, max_length: int, seed: int) -> dict[str, Dataset]:
+    """'sort 3 9 1' → '139'."""
+    return _split_task(lambda rng: _sort_problem(rng, min_length, max_length), num_train=num_train,
+                       num_heldout=num_heldout, seed=seed, what="sort")
+
+
+# ------------------------------------------------------------------------------------------------------ user data
+_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def gsm8k_answer(answer: object) -> str:
+    """'... reasoning #### 1,234' → '1,234'; other answers are returned as text, stripped."""
+    text = str(answer)
+    return text.rsplit("####", 1)[1].strip() if "####" in text else text.strip()
+
+
+def load_local(files: Sequence[str], *, prompt_key: str, answer_key: str, what: str) -> Dataset:
+    """Read local files into a Dataset with columns prompt, answer. `what` names the recipe key in errors."""
+    paths = [Path(f) for f in files]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"{what}: file '{p}' does not exist")
+    kinds = {_FORMATS.get(p.suffix.lower()) for p in paths}
+    if None in kinds or len(kinds) != 1:
+        raise DataError(f"{what}: files must all be one of {', '.join(_FORMATS)}; got {[p.name for p in paths]}")
+    try:
+        ds = load_dataset(kinds.pop(), data_files=[str(p) for p in paths], split="train")
+    except Exception as e:  # datasets raises many types for unreadable files
+        raise DataError(f"{what}: could not read {[str(p) for p in paths]}: {str(e).splitlines()[0]}") from None
+    for key, role in ((prompt_key, "data.prompt_key"), (answer_key, "data.answer_key")):
+        if key not in ds.column_names:
+            raise DataError(f"{what} {[str(p) for p in paths]}: column '{key}' not found (columns: "
+                            f"{', '.join(ds.column_names)}); set {role} to the right column")
+    if len(ds) == 0:
+        raise DataError(f"{what}: {[str(p) for p in paths]} has no rows")
+    ds = ds.select_columns([prompt_key, answer_key])
+    return Dataset.from_dict({"prompt": [str(p) for p in ds[prompt_key]],
+                              "answer": [gsm8k_answer(a) for a in ds[answer_key]]})
+
+
+def local_task(*, train_files: Sequence[str], heldout_files: Sequence[str], heldout_size: int, prompt_key: str,
+               answer_key: str, seed: int) -> dict[str, Dataset]:
+    train = load_local(train_files, prompt_key=prompt_key, answer_key=answer_key, what="data.train_files")
+    if heldout_files:
+        heldout = load_local(heldout_files, prompt_key=prompt_key, answer_key=answer_key, what="data.heldout_files")
+        return {"train": train, "heldout": heldout}
+    if heldout_size >= len(train):
+        raise DataError(f"data.heldout_size ({heldout_size}) must be smaller than the {len(train)} training rows, "
+                        f"or give data.heldout_files")
+    split = train.train_test_split(test_size=heldout_size, seed=seed)
+    return {"train": split["train"], "heldout": split["test"]}
+
+
+# ---------------------------------------------------------------------------------------------------------- cursor
+class PromptStream:
+    """An endless, resumable walk over a data set in epochs; epoch e visits rows in a permutation drawn from
+    (seed, e). A batch may straddle an epoch boundary. State: (epoch, index)."""
+
+    def __init__(self, dataset: Dataset, *, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+        self.index = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+
+    def next_batch(self, n: int) -> list[dict]:
+        rows = []
+        while len(rows) < n:
+            if self.index == len(self._order):
+                self.epoch += 1
+                self.index = 0
+                self._order = self._permutation(self.epoch)
+            take = self._order[self.index:self.index + n - len(rows)]
+            self.index += len(take)
+            rows.extend(int(i) for i in take)
+        batch = self.dataset[rows]
+        return [dict(zip(batch, values)) for values in zip(*batch.values())]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "size": len(self.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["size"] != len(self.dataset) or state["seed"] != self.seed:
+            raise DataError(f"the checkpoint's data cursor is for {state['size']} rows with seed {state['seed']}, "
+                            f"but the data set has {len(self.dataset)} rows with seed {self.seed}")
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._permutation(self.epoch)

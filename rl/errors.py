@@ -1,0 +1,30 @@
+"""User-facing errors.
+
+Anything a user can cause by what they wrote (a recipe, a data file, a model path, a reward) raises a subclass of
+`TokenwiseError`; the CLI prints its message as one line and exits with status 2, without a traceback. The message
+must say where (file, key, column, prompt) and what would be valid.
+"""
+
+
+class TokenwiseError(Exception):
+    """Base class of errors the CLI reports as one line."""
+
+
+class ConfigError(TokenwiseError):
+    """A recipe or a command-line override is invalid."""
+
+
+class DataError(TokenwiseError):
+    """A data set is missing, unreadable or lacks a column."""
+
+
+class ModelLoadError(TokenwiseError):
+    """A model or tokenizer directory cannot be loaded."""
+
+
+class RewardError(TokenwiseError):
+    """A reward function raised on a rollout; the step fails with the prompt and the reward's name."""
+
+
+class CheckpointError(TokenwiseError):
+    """A run directory has no usable checkpoint or does not match the command."""

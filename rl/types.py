@@ -1,0 +1,81 @@
+"""Typed data passed between the stages of a step. Shapes: B rows (responses), P prompt tokens, T response tokens.
+
+Groups are contiguous: rows [g*G, (g+1)*G) are the G responses to prompt g.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class _Rows:
+    """Row selection over every per-row field (tensors with a leading B dimension and per-row lists)."""
+
+    def select(self, rows: Tensor | list[int] | slice):
+        if isinstance(rows, slice):
+            rows = list(range(*rows.indices(len(self))))
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor) and v.dim() > 0:
+                out[f.name] = v[idx]
+            elif isinstance(v, list):
+                out[f.name] = [v[i] for i in idx.tolist()]
+            else:
+                out[f.name] = v
+        return type(self)(**out)
+
+    def to(self, device: torch.device | str):
+        """The same rows with every tensor on `device`."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), Tensor)})
+
+    def __len__(self) -> int:
+        return int(self.response_ids.shape[0])
+
+
+@dataclass
+class RolloutBatch(_Rows):
+    prompt_ids: Tensor         # [B, P] int64, left-padded with the pad id
+    prompt_mask: Tensor        # [B, P] int64, 1 on prompt tokens
+    response_ids: Tensor       # [B, T] int64, right-padded with the pad id
+    response_mask: Tensor      # [B, T] float32, 1 on generated tokens up to and including the end-of-turn token
+    rollout_logprobs: Tensor   # [B, T] float32, log-prob of each sampled token under the sampling distribution
+    truncated: Tensor          # [B] bool, no end-of-turn token within max_new_tokens
+    prompts: list[str]         # [B] prompt text as in the data set (before the chat template)
+    answers: list[str]         # [B] reference answers
+    responses: list[str]       # [B] decoded responses, without the end-of-turn token
+    group_size: int            # G
+    policy_version: int        # learner update count of the weights that generated this batch
+
+
+@dataclass
+class TrainBatch(RolloutBatch):
+    rewards: Tensor | None = None        # [B] float32, summed weighted rewards
+    advantages: Tensor | None = None     # [B, T] float32, per token (0 on padding)
+    old_logprobs: Tensor | None = None   # [B, T] float32, learner log-probs before the update
+    ref_logprobs: Tensor | None = None   # [B, T] float32, reference-policy log-probs (None without KL)
+    old_entropy: Tensor | None = None    # [B, T] float32, token entropy of the old policy
+
+    @classmethod
+    def from_rollouts(cls, rollouts: RolloutBatch, **extra: Tensor | None) -> "TrainBatch":
+        base = {f.name: getattr(rollouts, f.name) for f in dataclasses.fields(RolloutBatch)}
+        return cls(**base, **extra)
+
+
+@dataclass
+class SFTBatch:
+    input_ids: Tensor       # [B, L] int64, right-padded
+    attention_mask: Tensor  # [B, L] int64
+    loss_mask: Tensor       # [B, L] float32, 1 where input_ids[:, t] is a target (response tokens and end-of-turn)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def select(self, rows: slice) -> "SFTBatch":
+        return SFTBatch(self.input_ids[rows], self.attention_mask[rows], self.loss_mask[rows])

@@ -1,0 +1,53 @@
+"""Shared fixtures: offline Hugging Face libraries, a tiny recipe, and the CLI run in-process."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(var, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A run small enough for a test: 1-layer 32-wide model, a handful of steps.
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "model": {"type": "builtin", "hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
+              "intermediate_size": 64, "max_position_embeddings": 64},
+    "data": {"type": "arithmetic", "num_train": 64, "num_heldout": 16, "min_digits": 1, "max_digits": 1},
+    "rollout": {"max_new_tokens": 4, "batch_size": 64},
+    "sft": {"steps": 4, "batch_size": 8, "micro_batch_size": 8},
+    "grpo": {"steps": 6, "prompts_per_step": 4, "group_size": 4, "micro_batch_size": 8},
+    "algorithm": {"kl": {"coef": 0.01}},
+    "eval": {"num_prompts": 8},
+    "logging": {"progress": False, "plot": False},
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    """write(**sections) → path of a recipe file: TINY with the given sections merged in."""
+    def write(name: str = "recipe.yaml", **sections) -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(_merge(TINY, sections)))
+        return path
+    return write
+
+
+def read_metrics(run_dir: Path, stage: str) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+
+from rl.data import PromptStream, arithmetic_task, load_local, local_task, sort_task
+from rl.errors import DataError
+from rl.rewards import exact_answer
+
+
+def test_arithmetic_task_is_deterministic_disjoint_and_correct():
+    a = arithmetic_task(num_train=500, num_heldout=50, min_digits=1, max_digits=3, ops=["+", "-", "*"], seed=3)
+    b = arithmetic_task(num_train=500, num_heldout=50, min_digits=1, max_digits=3, ops=["+", "-", "*"], seed=3)
+    assert a["train"].to_list() == b["train"].to_list()
+    assert len(a["train"]) == 500 and len(a["heldout"]) == 50
+    assert not set(a["train"]["prompt"]) & set(a["heldout"]["prompt"])
+    for row in a["train"].select(range(100)):
+        expr = row["prompt"].rstrip("=")
+        assert str(eval(expr)) == row["answer"]  # the prompt is a Python expression of two integers
+    c = arithmetic_task(num_train=500, num_heldout=50, min_digits=1, max_digits=3, ops=["+"], seed=4)
+    assert c["train"]["prompt"] != a["train"]["prompt"]
+
+
+def test_sort_task():
+    t = sort_task(num_train=100, num_heldout=20, min_length=3, max_length=5, seed=0)
+    for row in t["train"]:
+        digits = row["prompt"].removeprefix("sort ").split()
+        assert 3 <= len(digits) <= 5 and row["answer"] == "".join(sorted(digits))
+
+
+def test_too_small_task_space_is_a_clear_error():
+    with pytest.raises(DataError, match="num_heldout"):
+        arithmetic_task(num_train=10, num_heldout=500, min_digits=1, max_digits=1, ops=["+"], seed=0)
+
+
+def test_local_jsonl_with_gsm8k_answers(tmp_path):
+    f = tmp_path / "train.jsonl"
+    rows = [{"question": f"q{i}", "solution": f"work {i} #### {i * 1000:,}"} for i in range(20)]
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    ds = load_local([str(f)], prompt_key="question", answer_key="solution", what="data.train_files")
+    assert ds.column_names == ["prompt", "answer"]
+    assert ds[3] == {"prompt": "q3", "answer": "3,000"}
+    assert exact_answer(prompt="q3", response="#### 3000", answer=ds[3]["answer"], truncated=False) == 1.0
+    split = local_task(train_files=[str(f)], heldout_files=[], heldout_size=5, prompt_key="question",
+                       answer_key="solution", seed=0)
+    assert len(split["train"]) == 15 and len(split["heldout"]) == 5
+
+
+def test_local_parquet(tmp_path):
+    from datasets import Dataset
+    path = tmp_path / "d.parquet"
+    Dataset.from_dict({"prompt": ["a", "b"], "answer": [1, 2]}).to_parquet(str(path))
+    ds = load_local([str(path)], prompt_key="prompt", answer_key="answer", what="data.train_files")
+    assert ds["answer"] == ["1", "2"]
+
+
+def test_local_missing_column_names_file_and_columns(tmp_path):
+    f = tmp_path / "train.jsonl"
+    f.write_text(json.dumps({"prompt": "x", "solution": "1"}) + "\n")
+    with pytest.raises(DataError) as e:
+        load_local([str(f)], prompt_key="prompt", answer_key="answer", what="data.train_files")
+    msg = str(e.value)
+    assert "train.jsonl" in msg and "'answer' not found" in msg and "solution" in msg and "data.answer_key" in msg
+
+
+def test_local_missing_file_and_bad_extension(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_local([str(tmp_path / "nope.jsonl")], prompt_key="p", answer_key="a", what="data.train_files")
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(DataError, match=".jsonl"):
+        load_local([str(tmp_path / "x.txt")], prompt_key="p", answer_key="a", what="data.train_files")
+
+
+@pytest.mark.parametrize("size, batch, split_at", [(12, 4, 3), (10, 4, 3), (7, 3, 5)])
+def test_prompt_stream_resumes_exactly(size, batch, split_at):
+    from datasets import Dataset
+    ds = Dataset.from_dict({"prompt": [f"p{i}" for i in range(size)], "answer": [str(i) for i in range(size)]})
+    straight = PromptStream(ds, seed=7)
+    expected = [straight.next_batch(batch) for _ in range(8)]
+    first = PromptStream(ds, seed=7)
+    got = [first.next_batch(batch) for _ in range(split_at)]
+    resumed = PromptStream(ds, seed=7)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    got += [resumed.next_batch(batch) for _ in range(8 - split_at)]
+    assert got == expected
+    # every epoch is a permutation: each row appears once per epoch
+    flat = [r["prompt"] for b in expected for r in b]
+    assert sorted(flat[:size]) == sorted(ds["prompt"])
+    assert flat[:size] != flat[size:2 * size]  # epochs are shuffled differently
+
+
+def test_prompt_stream_rejects_a_different_dataset():
+    from datasets import Dataset
+    ds = Dataset.from_dict({"prompt": ["a", "b"], "answer": ["1", "2"]})
+    state = PromptStream(ds, seed=1).state_dict()
+    other = PromptStream(Dataset.from_dict({"prompt": ["a"], "answer": ["1"]}), seed=1)
+    with pytest.raises(DataError, match="data cursor"):
+        other.load_state_dict(state)

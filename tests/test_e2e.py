@@ -1,0 +1,177 @@
+"""End to end through the CLI entry point: a whole run's artifacts, exact resume, one-line errors."""
+
+import json
+import subprocess
+import time
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import ROOT, read_metrics
+from trainer.cli import main
+
+REQUIRED_GRPO_METRICS = {"reward/mean", "actor/entropy", "actor/kl", "actor/loss", "perf/tokens_per_s",
+                         "rollout/response_len_mean", "actor/clipfrac_high", "actor/grad_norm", "rollout/logprob_diff"}
+
+
+def _comparable(records):
+    return [{k: v for k, v in r.items() if k != "time" and not k.startswith("perf/")} for r in records]
+
+
+def test_train_writes_config_metrics_tensorboard_plots_and_models(tiny_recipe, tmp_path):
+    run = tmp_path / "run"
+    recipe = tiny_recipe(logging={"plot": True}, grpo={"eval_every": 3, "save_every": 2})
+    assert main(["train", str(recipe), f"output_dir={run}"]) == 0
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["output_dir"] == str(run) and resolved["grpo"]["steps"] == 6
+    grpo = read_metrics(run, "grpo")
+    assert [r["step"] for r in grpo if "reward/mean" in r] == [1, 2, 3, 4, 5, 6]
+    assert REQUIRED_GRPO_METRICS <= set(grpo[0])
+    assert [r["step"] for r in grpo if "eval/accuracy" in r] == [3, 6]
+    assert [r["step"] for r in read_metrics(run, "sft")] == [1, 2, 3, 4]
+    for stage in ("sft", "grpo"):
+        assert list((run / stage / "tb").glob("events.out.tfevents.*"))
+        assert (run / stage / "curves.png").stat().st_size > 10_000
+        final = run / stage / "final"
+        AutoModelForCausalLM.from_pretrained(final)
+        assert AutoTokenizer.from_pretrained(final).decode([10, 11]) != ""
+    ckpts = sorted(p.name for p in (run / "grpo" / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000004", "step_00000006"]  # keep_last 2 of 2, 4, 6
+    assert (run / "grpo" / "checkpoints" / "latest").read_text() == "step_00000006"
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["stages"]) == {"sft", "grpo"} and summary["final_model"] == str(run / "grpo" / "final")
+
+
+@pytest.mark.parametrize("stages, num_train, stop_at", [
+    (["grpo"], 12, 3),          # step 3 ends epoch 0 exactly: 3 steps x 4 prompts = 12 rows
+    (["grpo"], 10, 3),          # a batch straddles the epoch boundary
+    (["sft", "grpo"], 16, 2),   # stop inside SFT, on its epoch boundary (2 steps x 8 = 16); resume runs both
+    (["sft", "grpo"], 16, 5),   # stop after SFT finished and one GRPO step
+], ids=["grpo-epoch-boundary", "grpo-mid-epoch", "inside-sft", "after-sft"])
+def test_resume_is_bitwise_exact(tiny_recipe, tmp_path, stages, num_train, stop_at):
+    recipe = tiny_recipe(stages=stages, data={"num_train": num_train})
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["train", str(recipe), f"output_dir={straight}"]) == 0
+    assert main(["train", str(recipe), f"output_dir={resumed}", "--stop-after-steps", str(stop_at)]) == 0
+    assert not (resumed / stages[-1] / "final").exists()
+    t_resume = time.time()
+    assert main(["resume", str(resumed)]) == 0
+    # steps up to the stop were not run again: their records predate the resume, later ones follow it
+    done = [(stage, r["step"], r["time"]) for stage in stages for r in read_metrics(resumed, stage)]
+    before = [t < t_resume for _, _, t in done]
+    assert sum(before) == stop_at and before == sorted(before, reverse=True), done
+    for stage in stages:
+        a, b = _comparable(read_metrics(straight, stage)), _comparable(read_metrics(resumed, stage))
+        assert a == b, f"{stage}: metrics differ after resume"
+    assert any("actor/loss" in r for r in read_metrics(resumed, "grpo"))
+    wa = AutoModelForCausalLM.from_pretrained(straight / stages[-1] / "final").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(resumed / stages[-1] / "final").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_crash_during_checkpoint_then_resume(tiny_recipe, tmp_path):
+    """SIGKILL inside the second checkpoint write: `latest` still names the first, and resume finishes the run with
+    the same metrics as an uninterrupted run."""
+    recipe = tiny_recipe(stages=["grpo"], grpo={"save_every": 2})
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert main(["train", str(recipe), f"output_dir={straight}"]) == 0
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+import trainer.checkpoint as ck
+original = ck.save_training_state
+calls = []
+def dying(path, state):
+    calls.append(path)
+    if len(calls) == 2:
+        (path / "trainer_state.json").write_text('{{"half": ')
+        os.kill(os.getpid(), signal.SIGKILL)
+    original(path, state)
+ck.save_training_state = dying
+import trainer.stage
+trainer.stage.save_training_state = dying
+from trainer.cli import main
+main(["train", {str(recipe)!r}, "output_dir={crashed}"])
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    ckpts = crashed / "grpo" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000002"
+    assert (ckpts / "step_00000004.tmp").is_dir() and not (ckpts / "step_00000004").exists()
+    t_resume = time.time()
+    assert main(["resume", str(crashed)]) == 0
+    assert not (ckpts / "step_00000004.tmp").exists()
+    assert [r["step"] for r in read_metrics(crashed, "grpo") if r["time"] > t_resume] == [3, 4, 5, 6]
+    assert _comparable(read_metrics(straight, "grpo")) == _comparable(read_metrics(crashed, "grpo"))
+
+
+def _cli(args, cwd=ROOT):
+    exe = Path(sys.executable).parent / "tokenwise"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd)
+
+
+def _assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("tokenwise: error:")]
+    assert len(errors) == 1, proc.stderr
+    for f in fragments:
+        assert f in errors[0], errors[0]
+
+
+def test_malformed_recipe_is_one_line_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grpo:\n  steps: 3\n  prompts_per_stpe: 4\n")
+    _assert_one_line_error(_cli(["train", str(bad)]), str(bad), "grpo.prompts_per_stpe", "grpo.prompts_per_step")
+    _assert_one_line_error(_cli(["check", str(bad)]), "did you mean")
+
+
+def test_dataset_without_answer_is_one_line_error(tiny_recipe, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "1+1=", "solution": "2"}\n' * 4)
+    recipe = tiny_recipe()
+    cfg = yaml.safe_load(recipe.read_text())
+    cfg["data"] = {"type": "local", "train_files": [str(data)], "heldout_size": 1}
+    recipe.write_text(yaml.safe_dump(cfg))
+    _assert_one_line_error(_cli(["train", str(recipe), f"output_dir={tmp_path / 'run'}"]),
+                           "train.jsonl", "'answer' not found", "data.answer_key")
+
+
+def test_missing_model_dir_is_one_line_error(tiny_recipe, tmp_path):
+    recipe = tiny_recipe()
+    cfg = yaml.safe_load(recipe.read_text())
+    cfg["model"] = {"type": "pretrained", "path": str(tmp_path / "no_such_model")}
+    recipe.write_text(yaml.safe_dump(cfg))
+    _assert_one_line_error(_cli(["train", str(recipe), f"output_dir={tmp_path / 'run'}"]),
+                           "model.path", "no_such_model", "does not exist")
+
+
+def test_raising_reward_fails_the_step_naming_reward_and_prompt(tiny_recipe, tmp_path):
+    reward = tmp_path / "my_rewards.py"
+    reward.write_text("def picky(*, prompt, response, answer, truncated):\n"
+                      "    raise ValueError('cannot score ' + prompt)\n")
+    recipe = tiny_recipe(stages=["grpo"])
+    cfg = yaml.safe_load(recipe.read_text())
+    cfg["rewards"] = [{"type": "python", "function": f"{reward}:picky"}]
+    recipe.write_text(yaml.safe_dump(cfg))
+    proc = _cli(["train", str(recipe), f"output_dir={tmp_path / 'run'}"])
+    _assert_one_line_error(proc, "reward 'picky'", "ValueError", "on prompt '")
+
+
+def test_train_refuses_an_existing_run_folder(tiny_recipe, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("{}")
+    _assert_one_line_error(_cli(["train", str(tiny_recipe()), f"output_dir={run}"]), "already exists",
+                           "tokenwise resume")
+
+
+def test_check_prints_resolved_config(tmp_path):
+    proc = _cli(["check", "recipes/quickstart.yaml", "grpo.steps=5"])
+    assert proc.returncode == 0, proc.stderr
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["grpo"]["steps"] == 5 and cfg["model"]["type"] == "builtin"

@@ -1,0 +1,136 @@
+"""The learner and the rollout engine on a tiny real model."""
+
+import pytest
+import torch
+
+from models.builtin import save_builtin
+from rl.algorithm import Algorithm
+from rl.data import arithmetic_task
+from rl.rewards import compute_rewards
+from trainer.config import config_from_dict
+from trainer.learner import Learner, token_logprobs_entropy, warmup_cosine
+from trainer.loading import PromptFormatter, load_causal_lm, load_tokenizer
+from trainer.rollout import build_rollout
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    save_builtin(d, seed=0, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                 max_position_embeddings=64)
+    return d
+
+
+def _setup(tiny_dir, *, micro_batch_size=64, **cfg_sections):
+    cfg = config_from_dict(cfg_sections)
+    tok = load_tokenizer(tiny_dir)
+    algo = Algorithm(cfg.algorithm)
+    learner = Learner(tiny_dir, tok, optim=cfg.grpo.optim, total_updates=100, device=CPU, dtype=torch.float32,
+                      micro_batch_size=micro_batch_size, temperature=cfg.rollout.temperature, algorithm=algo,
+                      reference_dir=tiny_dir if algo.needs_reference else None)
+    fmt = PromptFormatter(tok, system_prompt=None, use_chat_template=True)
+    engine = build_rollout(cfg.rollout, model=load_causal_lm(tiny_dir, dtype=torch.float32, device=CPU),
+                           tokenizer=tok, formatter=fmt)
+    return cfg, algo, learner, engine
+
+
+def _rows(n, seed=0):
+    return arithmetic_task(num_train=n, num_heldout=4, min_digits=1, max_digits=2, ops=["+"], seed=seed)["train"].to_list()
+
+
+def test_token_logprobs_entropy_matches_float64_reference():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 17, generator=g) * 3
+    labels = torch.randint(0, 17, (3, 5), generator=g)
+    logp, ent = token_logprobs_entropy(logits, labels)
+    ref = torch.log_softmax(logits.double(), -1)
+    torch.testing.assert_close(logp.double(), ref.gather(-1, labels[..., None]).squeeze(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent.double(), -(ref.exp() * ref).sum(-1), atol=1e-5, rtol=0)
+
+
+def test_warmup_cosine_schedule():
+    f = warmup_cosine(4, 14, 0.1)
+    assert [f(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(9) == pytest.approx(0.55) and f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+
+
+def test_rollout_batch_shapes_masks_and_logprobs(tiny_dir):
+    torch.manual_seed(0)
+    cfg, algo, learner, engine = _setup(tiny_dir, rollout={"max_new_tokens": 6, "batch_size": 8})
+    rows = _rows(5)
+    out = engine.generate(rows, n=3)  # 15 sequences over two generate calls of 8 and 7
+    assert out.response_ids.shape[0] == 15 and out.prompt_ids.shape[0] == 15
+    assert out.prompts == [r["prompt"] for r in rows for _ in range(3)]
+    eos = learner.tokenizer.eos_token_id
+    for ids, mask, trunc in zip(out.response_ids, out.response_mask, out.truncated):
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any()  # a prefix
+        assert (ids[n - 1] == eos) != bool(trunc)       # ends in EOS unless truncated
+        assert not (ids[:n - 1] == eos).any()
+    # the learner's recomputed log-probs equal the sampler's (same weights, temperature 1, no top-p/k)
+    batch = learner.score(algo.make_batch(out, torch.zeros(15)))
+    torch.testing.assert_close(batch.old_logprobs, out.rollout_logprobs, atol=2e-5, rtol=0)
+    assert (batch.old_entropy[out.response_mask == 0] == 0).all()
+
+
+def test_temperature_is_applied_to_learner_logprobs(tiny_dir):
+    torch.manual_seed(1)
+    cfg, algo, learner, engine = _setup(tiny_dir, rollout={"temperature": 0.7, "max_new_tokens": 4})
+    out = engine.generate(_rows(4), n=2)
+    batch = learner.score(algo.make_batch(out, torch.zeros(8)))
+    torch.testing.assert_close(batch.old_logprobs, out.rollout_logprobs, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("micro", [4, 2])
+def test_micro_batching_gives_the_same_update(tiny_dir, micro):
+    """token-mean divides by the whole mini-batch's token count, so 1, 2 or 4 micro-batches update identically."""
+    torch.manual_seed(0)
+    _, algo, full, engine = _setup(tiny_dir, micro_batch_size=8, algorithm={"kl": {"coef": 0.1}})
+    out = engine.generate(_rows(2), n=4)
+    rewards = torch.arange(8, dtype=torch.float32) % 3
+    batch = full.score(algo.make_batch(out, rewards))
+    _, _, split, _ = _setup(tiny_dir, micro_batch_size=8 // micro, algorithm={"kl": {"coef": 0.1}})
+    m_full = full.train_step(batch, ppo_epochs=1, mini_batches=1)
+    m_split = split.train_step(batch, ppo_epochs=1, mini_batches=1)
+    for (name, a), b in zip(full.model.named_parameters(), split.model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    assert m_full["actor/loss"] == pytest.approx(m_split["actor/loss"], abs=1e-6)
+
+
+def test_load_weights_changes_rollout_outputs(tiny_dir):
+    _, algo, learner, engine = _setup(tiny_dir)
+    rows = _rows(4)
+    before = engine.generate(rows, n=1, greedy=True).responses
+    with torch.no_grad():
+        for p in learner.model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    engine.load_weights(learner.weights(), version=7)
+    after = engine.generate(rows, n=1, greedy=True)
+    assert after.policy_version == 7 and after.responses != before
+    ref = learner.model.generate(**learner.tokenizer([engine.format(r["prompt"]) for r in rows[:1]],
+                                                     return_tensors="pt", add_special_tokens=False),
+                                 do_sample=False, max_new_tokens=engine.max_new_tokens,
+                                 eos_token_id=engine.eos_ids, pad_token_id=engine.pad_id)
+    assert learner.tokenizer.decode(ref[0], skip_special_tokens=True).endswith(after.responses[0])
+
+
+def test_grpo_raises_the_reward_it_is_given(tiny_dir):
+    """From a random init, GRPO must learn what the reward asks: responses that start with the digit 7."""
+    torch.manual_seed(0)
+    cfg, algo, learner, engine = _setup(tiny_dir, grpo={"optim": {"lr": 1e-2}}, rollout={"max_new_tokens": 3})
+
+    def starts_with_7(*, prompt, response, answer, truncated):
+        return float(response.startswith("7"))
+
+    rows = _rows(8)
+    curve = []
+    for _ in range(30):
+        out = engine.generate(rows, n=8)
+        rewards, _ = compute_rewards([("seven", 1.0, starts_with_7)], prompts=out.prompts, responses=out.responses,
+                                     answers=out.answers, truncated=out.truncated.tolist())
+        learner.train_step(learner.score(algo.make_batch(out, rewards)), ppo_epochs=1, mini_batches=2)
+        engine.load_weights(learner.weights(), version=learner.version)
+        curve.append(rewards.mean().item())
+    assert sum(curve[:3]) / 3 < 0.1 and sum(curve[-3:]) / 3 > 0.8, curve

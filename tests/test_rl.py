@@ -1,0 +1,147 @@
+"""Hand-computed checks of the RL pieces (rl/ is pure torch)."""
+
+import math
+
+import pytest
+import torch
+
+from rl.advantages import grpo
+from rl.algorithm import Algorithm
+from rl.errors import RewardError
+from rl.losses import k3, ppo_clip, token_mean
+from rl.rewards import compute_rewards, exact_answer, extract_answer, format_reward, load_function
+from rl.types import RolloutBatch
+from trainer.config import config_from_dict
+
+S3 = 1 / math.sqrt(3)  # 0.5773503
+
+
+def test_grpo_advantage_hand_computed():
+    # group 1: rewards 1,0,0 -> mean 1/3, unbiased std sqrt(1/3) -> A = 2/sqrt(3), -1/sqrt(3), -1/sqrt(3)
+    # group 2: rewards .5,1,0 -> mean .5, unbiased std .5 -> A = 0, 1, -1
+    adv = grpo(torch.tensor([1.0, 0.0, 0.0, 0.5, 1.0, 0.0]), 3, eps=1e-6)
+    expected = torch.tensor([2 * S3, -S3, -S3, 0.0, 1.0, -1.0])
+    torch.testing.assert_close(adv, expected, atol=1e-5, rtol=0)
+
+
+def test_grpo_equal_rewards_give_zero_and_group_of_one_gives_reward():
+    assert torch.equal(grpo(torch.tensor([0.7, 0.7, 0.7]), 3), torch.zeros(3))
+    assert torch.equal(grpo(torch.tensor([0.3, -2.0]), 1), torch.tensor([0.3, -2.0]))
+
+
+def test_ppo_clip_hand_computed():
+    ratio = torch.tensor([[1.5, 0.5, 1.0, 5.0]])
+    adv = torch.tensor([[1.0, -1.0, 2.0, -1.0]])
+    old = torch.zeros(1, 4)
+    mask = torch.ones(1, 4)
+    loss, stats = ppo_clip(ratio.log(), old, adv, mask, clip_low=0.2, clip_high=0.2)
+    # max(-A r, -A clip(r)): max(-1.5,-1.2)=-1.2; max(.5,.8)=.8; -2; max(5, 1.2)=5
+    torch.testing.assert_close(loss, torch.tensor([[-1.2, 0.8, -2.0, 5.0]]), atol=1e-6, rtol=0)
+    assert stats["actor/clipfrac_high"].item() == 1  # r=1.5 with A>0
+    assert stats["actor/clipfrac_low"].item() == 1   # r=0.5 with A<0
+    dual, _ = ppo_clip(ratio.log(), old, adv, mask, clip_low=0.2, clip_high=0.2, dual_clip=3.0)
+    torch.testing.assert_close(dual, torch.tensor([[-1.2, 0.8, -2.0, 3.0]]), atol=1e-6, rtol=0)
+
+
+def test_k3_hand_computed_and_nonnegative():
+    d = torch.tensor([math.log(2.0), 0.0, -math.log(2.0)])
+    # exp(-d) - 1 + d: 0.5 - 1 + ln2 = 0.19315; 0; 2 - 1 - ln2 = 0.30685
+    torch.testing.assert_close(k3(d, torch.zeros(3)), torch.tensor([0.1931472, 0.0, 0.3068528]), atol=1e-6, rtol=0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, generator=g) * 5
+    assert (k3(x, torch.zeros(1000)) >= 0).all()
+
+
+def test_token_mean_uses_given_count():
+    loss = torch.tensor([[1.0, 2.0, 100.0], [3.0, 100.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert token_mean(loss, mask, num_tokens=3).item() == pytest.approx(2.0)
+    assert token_mean(loss, mask, num_tokens=6).item() == pytest.approx(1.0)
+
+
+def _rollouts(rewards_lengths, group_size):
+    B = len(rewards_lengths)
+    T = max(n for n in rewards_lengths)
+    mask = torch.zeros(B, T)
+    for i, n in enumerate(rewards_lengths):
+        mask[i, :n] = 1
+    return RolloutBatch(
+        prompt_ids=torch.ones(B, 2, dtype=torch.long), prompt_mask=torch.ones(B, 2, dtype=torch.long),
+        response_ids=torch.ones(B, T, dtype=torch.long), response_mask=mask, rollout_logprobs=torch.zeros(B, T),
+        truncated=torch.zeros(B, dtype=torch.bool), prompts=["p"] * B, answers=["a"] * B, responses=["r"] * B,
+        group_size=group_size, policy_version=0)
+
+
+def test_grpo_step_loss_and_gradient_on_2x3_batch():
+    """2 prompts x 3 samples, rewards [1,0,0 | .5,1,0], lengths [1,2,3 | 2,1,3], ratio 1, no KL.
+    token-mean loss = -sum_i A_i len_i / 12 = -(2/sqrt3 - 2/sqrt3 - 3/sqrt3 + 0 + 1 - 3) / 12 = 0.3110042,
+    and d loss / d logp_(i,t) = -A_i / 12 on valid tokens."""
+    algo = Algorithm(config_from_dict({}).algorithm)
+    rollouts = _rollouts([1, 2, 3, 2, 1, 3], group_size=3)
+    batch = algo.make_batch(rollouts, torch.tensor([1.0, 0.0, 0.0, 0.5, 1.0, 0.0]))
+    logp = torch.full((6, 3), -0.7, requires_grad=True)
+    batch.old_logprobs = logp.detach().clone()
+    loss, stats = algo.loss(logp, torch.zeros(6, 3), batch, num_tokens=12)
+    assert loss.item() == pytest.approx(0.3110042, abs=1e-6)
+    loss.backward()
+    adv = torch.tensor([2 * S3, -S3, -S3, 0.0, 1.0, -1.0])
+    torch.testing.assert_close(logp.grad, -adv[:, None] / 12 * rollouts.response_mask, atol=1e-6, rtol=0)
+    assert stats["actor/ratio_mean"].item() == pytest.approx(12.0)
+
+
+def test_kl_term_joins_the_loss_with_its_coefficient():
+    algo = Algorithm(config_from_dict({"algorithm": {"kl": {"coef": 0.5}}}).algorithm)
+    batch = algo.make_batch(_rollouts([1, 1], group_size=2), torch.tensor([1.0, 1.0]))  # A = 0
+    batch.old_logprobs = torch.zeros(2, 1)
+    batch.ref_logprobs = torch.full((2, 1), -math.log(2.0))  # d = ln 2 -> k3 = 0.1931472
+    loss, stats = algo.loss(torch.zeros(2, 1), torch.zeros(2, 1), batch, num_tokens=2)
+    assert loss.item() == pytest.approx(0.5 * 0.1931472, abs=1e-6)
+    assert stats["actor/kl"].item() == pytest.approx(2 * 0.1931472, abs=1e-6)
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("46", "46"), ("The answer is 1,234.", "1234"), ("so #### 42\nmore", "42"), ("\\boxed{-7} done", "-7"),
+    ("x = 3.0", "3"), ("no number here", None), ("#### ", None), ("-12", "-12"),
+])
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+def test_exact_and_format_rewards():
+    assert exact_answer(prompt="1+1=", response="2", answer="2", truncated=False) == 1.0
+    assert exact_answer(prompt="1+1=", response="3", answer="2", truncated=False) == 0.0
+    assert exact_answer(prompt="q", response="#### 1,000", answer="1000", truncated=True) == 1.0
+    assert format_reward(prompt="q", response="12", answer="1", truncated=False) == 1.0
+    assert format_reward(prompt="q", response="12", answer="1", truncated=True) == 0.0
+    assert format_reward(prompt="q", response="abc", answer="1", truncated=False) == 0.0
+
+
+def test_compute_rewards_weights_and_means():
+    specs = [("exact_answer", 1.0, exact_answer), ("format", 0.1, format_reward)]
+    total, means = compute_rewards(specs, prompts=["a", "b"], responses=["2", "x"], answers=["2", "3"],
+                                   truncated=[False, False])
+    torch.testing.assert_close(total, torch.tensor([1.1, 0.0]))
+    assert means == {"reward/exact_answer": 0.5, "reward/format": 0.5}
+
+
+def test_a_raising_reward_names_itself_and_the_prompt():
+    def broken(*, prompt, response, answer, truncated):
+        return 1 / 0
+
+    with pytest.raises(RewardError) as e:
+        compute_rewards([("broken", 1.0, broken)], prompts=["7+8="], responses=["15\nx"], answers=["15"],
+                        truncated=[False])
+    msg = str(e.value)
+    assert "reward 'broken'" in msg and "ZeroDivisionError" in msg and "'7+8='" in msg and "\n" not in msg
+
+
+def test_load_function_from_file_and_module(tmp_path):
+    f = tmp_path / "my_reward.py"
+    f.write_text("def fn(*, prompt, response, answer, truncated):\n    return float(len(response))\n")
+    fn = load_function(f"{f}:fn", what="rewards[0].function")
+    assert fn(prompt="", response="abc", answer="", truncated=False) == 3.0
+    assert load_function("rl.rewards:exact_answer", what="x") is exact_answer
+    with pytest.raises(RewardError, match=r"rewards\[0\].function: cannot load"):
+        load_function(f"{tmp_path}/missing.py:fn", what="rewards[0].function")
+    with pytest.raises(RewardError, match="AttributeError"):
+        load_function(f"{f}:nope", what="rewards[0].function")

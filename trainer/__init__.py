@@ -1,0 +1,1 @@
+"""Tokenwise trainer: processes, engines, checkpoints, logging and the CLI (`tokenwise`, `python -m trainer`)."""

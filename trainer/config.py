@@ -1,0 +1,555 @@
+"""The recipe schema: one typed tree of dataclasses, loaded from flat YAML plus `a.b=value` overrides.
+
+Every field carries a docstring in its metadata (`tokenwise schema` prints them all). Variants are chosen with a
+`type:` key (for example `data.type: arithmetic | sort | local`). Unknown keys, wrong types and out-of-range values
+are errors naming the file, the dotted key and what is allowed. Cross-field checks live in `__post_init__` and name
+the field to change. This module imports no torch, so `tokenwise check` is instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import difflib
+import types
+import typing
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from rl.errors import ConfigError
+
+
+def opt(default: Any = MISSING, doc: str = "", *, factory: Any = MISSING, choices: tuple | None = None,
+        ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field with its documentation and range checks."""
+    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------------------------------------- model
+@dataclass
+class BuiltinModel:
+    """The embedded tiny Llama-architecture decoder with a character-level tokenizer, built from this config and
+    saved with `save_pretrained` into the run folder, then loaded back like any local model."""
+    type: Literal["builtin"] = opt("builtin", "Model source: 'builtin' (tiny decoder built here) or 'pretrained'.")
+    hidden_size: int = opt(192, "Width of the residual stream.", ge=8)
+    num_layers: int = opt(4, "Number of decoder layers.", ge=1)
+    num_heads: int = opt(6, "Attention heads; must divide hidden_size.", ge=1)
+    num_kv_heads: int = opt(2, "Key/value heads (GQA); must divide num_heads.", ge=1)
+    intermediate_size: int = opt(512, "Width of the SwiGLU feed-forward layer.", ge=1)
+    max_position_embeddings: int = opt(256, "Longest sequence (prompt + response) in tokens.", ge=8)
+    dtype: Literal["auto", "float32", "bfloat16"] = opt(
+        "auto", "Parameter dtype: 'auto' is bfloat16 on CUDA and float32 on CPU (bf16 is ~25x slower on CPU).")
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.num_heads ({self.num_heads}) must divide model.hidden_size ({self.hidden_size})")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"model.num_kv_heads ({self.num_kv_heads}) must divide model.num_heads ({self.num_heads})")
+
+
+@dataclass
+class PretrainedModel:
+    """A Hugging Face causal LM in a local directory (`save_pretrained` layout), or a hub id already in the HF cache."""
+    type: Literal["pretrained"] = opt("pretrained", "Model source: 'builtin' or 'pretrained'.")
+    path: str = opt("", "Local model directory (config.json, weights, tokenizer) or a hub id present in the cache.")
+    tokenizer_path: str | None = opt(None, "Tokenizer directory if it differs from path.")
+    dtype: Literal["auto", "float32", "bfloat16"] = opt(
+        "auto", "Parameter dtype: 'auto' is bfloat16 on CUDA and float32 on CPU.")
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("model.path is required when model.type is 'pretrained' (a local HF model directory)")
+
+
+ModelConfig = Union[BuiltinModel, PretrainedModel]
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+@dataclass
+class DataCommon:
+    system_prompt: str | None = opt(None, "System message put before every prompt (chat template only).")
+    use_chat_template: bool = opt(True, "Wrap prompts with the tokenizer's chat template (plain text if it has none).")
+
+
+@dataclass
+class ArithmeticData(DataCommon):
+    """Built-in verifiable task: integer arithmetic 'a+b', generated deterministically from a seed."""
+    type: Literal["arithmetic"] = opt("arithmetic", "Data source: 'arithmetic', 'sort' (built in) or 'local' files.")
+    num_train: int = opt(20000, "Number of training problems.", ge=1)
+    num_heldout: int = opt(256, "Number of held-out problems (disjoint from train).", ge=1)
+    min_digits: int = opt(1, "Fewest digits of an operand.", ge=1, le=9)
+    max_digits: int = opt(2, "Most digits of an operand.", ge=1, le=9)
+    ops: list[str] = opt(factory=lambda: ["+"], doc="Operators to draw from.", choices=("+", "-", "*"))
+    seed: int = opt(1234, "Seed of the generator (kept apart from run.seed so the task stays fixed).", ge=0)
+
+    def __post_init__(self) -> None:
+        if self.min_digits > self.max_digits:
+            raise ConfigError(f"data.min_digits ({self.min_digits}) must be <= data.max_digits ({self.max_digits})")
+        if not self.ops:
+            raise ConfigError("data.ops must list at least one of '+', '-', '*'")
+
+
+@dataclass
+class SortData(DataCommon):
+    """Built-in verifiable task: sort a list of digits ('sort 3 9 1' -> '139')."""
+    type: Literal["sort"] = opt("sort", "Data source: 'arithmetic', 'sort' (built in) or 'local' files.")
+    num_train: int = opt(20000, "Number of training problems.", ge=1)
+    num_heldout: int = opt(256, "Number of held-out problems (disjoint from train).", ge=1)
+    min_length: int = opt(3, "Fewest digits to sort.", ge=1)
+    max_length: int = opt(6, "Most digits to sort.", ge=1, le=30)
+    seed: int = opt(1234, "Seed of the generator.", ge=0)
+
+    def __post_init__(self) -> None:
+        if self.min_length > self.max_length:
+            raise ConfigError(f"data.min_length ({self.min_length}) must be <= data.max_length ({self.max_length})")
+
+
+@dataclass
+class LocalData(DataCommon):
+    """Your own data: local jsonl/json/parquet/csv files with a prompt and an answer column. GSM8K-style answers
+    ('... #### 42') are reduced to the part after '####'."""
+    type: Literal["local"] = opt("local", "Data source: 'arithmetic', 'sort' (built in) or 'local' files.")
+    train_files: list[str] = opt(factory=list, doc="Training files (.jsonl, .json, .parquet or .csv).")
+    heldout_files: list[str] = opt(factory=list, doc="Held-out files; if empty, heldout_size rows of train are held out.")
+    heldout_size: int = opt(256, "Rows held out from train when heldout_files is empty.", ge=1)
+    prompt_key: str = opt("prompt", "Column holding the prompt text.")
+    answer_key: str = opt("answer", "Column holding the reference answer.")
+    seed: int = opt(1234, "Seed of the held-out split.", ge=0)
+
+    def __post_init__(self) -> None:
+        if not self.train_files:
+            raise ConfigError("data.train_files must list at least one file when data.type is 'local'")
+
+
+DataConfig = Union[ArithmeticData, SortData, LocalData]
+
+
+# --------------------------------------------------------------------------------------------------------- rewards
+@dataclass
+class ExactAnswerReward:
+    """1.0 when the answer extracted from the response ('#### x', '\\boxed{x}', else the last number, else the
+    stripped text) equals the reference answer, else 0.0."""
+    type: Literal["exact_answer"] = opt("exact_answer", "Reward function name.")
+    weight: float = opt(1.0, "Multiplier of this reward in the sum.")
+
+
+@dataclass
+class FormatReward:
+    """1.0 when the response ended with the end-of-turn token (not truncated) and an answer can be extracted."""
+    type: Literal["format"] = opt("format", "Reward function name.")
+    weight: float = opt(0.1, "Multiplier of this reward in the sum.")
+
+
+@dataclass
+class PythonReward:
+    """Your own reward: a function `fn(*, prompt, response, answer, truncated) -> float` named as 'module:function'
+    (importable) or 'path/to/file.py:function'."""
+    type: Literal["python"] = opt("python", "Reward function name.")
+    function: str = opt("", "Where the function lives: 'package.module:function' or 'path/to/file.py:function'.")
+    weight: float = opt(1.0, "Multiplier of this reward in the sum.")
+
+    def __post_init__(self) -> None:
+        module, _, name = self.function.rpartition(":")
+        if not module or not name:
+            raise ConfigError(f"rewards[].function must look like 'module:function' or 'file.py:function', "
+                              f"got {self.function!r}")
+
+
+RewardConfig = Union[ExactAnswerReward, FormatReward, PythonReward]
+
+
+# --------------------------------------------------------------------------------------------------------- rollout
+@dataclass
+class RolloutConfig:
+    engine: Literal["hf"] = opt("hf", "Rollout backend: 'hf' (transformers generate, CPU or GPU).")
+    temperature: float = opt(1.0, "Sampling temperature; log-probs for the loss use the same temperature.", gt=0)
+    top_p: float = opt(1.0, "Nucleus sampling mass.", gt=0, le=1)
+    top_k: int = opt(0, "Keep the k most likely tokens (0 = off).", ge=0)
+    max_new_tokens: int = opt(16, "Longest response in tokens; longer ones are truncated.", ge=1)
+    batch_size: int = opt(256, "Sequences per generate call.", ge=1)
+
+
+# ------------------------------------------------------------------------------------------------------ algorithm
+@dataclass
+class GRPOAdvantage:
+    """A_i = (R_i - mean(R_group)) / (std(R_group) + eps), broadcast to the tokens of response i; a group of one gives R."""
+    type: Literal["grpo"] = opt("grpo", "Advantage estimator.")
+    eps: float = opt(1e-6, "Added to the group std.", gt=0)
+
+
+AdvantageConfig = Union[GRPOAdvantage]
+
+
+@dataclass
+class PPOClipLoss:
+    """Per-token clipped surrogate max(-A r, -A clip(r, 1-clip_low, 1+clip_high)), optional dual clip for A < 0."""
+    type: Literal["ppo_clip"] = opt("ppo_clip", "Policy loss.")
+    clip_low: float = opt(0.2, "Lower clip range eps_low.", ge=0, lt=1)
+    clip_high: float = opt(0.2, "Upper clip range eps_high.", ge=0)
+    dual_clip: float | None = opt(None, "Dual-clip constant c (> 1) bounding the loss of negative advantages; null = off.", gt=1)
+
+
+PolicyLossConfig = Union[PPOClipLoss]
+
+
+@dataclass
+class KLConfig:
+    estimator: Literal["k3"] = opt("k3", "KL estimator to the frozen reference: k3 = exp(-d) - 1 + d, d = logp - logp_ref.")
+    coef: float = opt(0.0, "KL coefficient beta in the loss (0 = no reference model is loaded).", ge=0)
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage: AdvantageConfig = opt(factory=GRPOAdvantage, doc="Advantage estimator, by type.")
+    policy_loss: PolicyLossConfig = opt(factory=PPOClipLoss, doc="Policy loss, by type.")
+    aggregation: Literal["token-mean"] = opt(
+        "token-mean", "How per-token losses become one number: 'token-mean' divides by the mini-batch's valid tokens.")
+    kl: KLConfig = opt(factory=KLConfig, doc="KL penalty to the reference policy.")
+
+
+# --------------------------------------------------------------------------------------------------------- stages
+@dataclass
+class OptimConfig:
+    lr: float = opt(1e-3, "Peak learning rate of AdamW.", gt=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", ge=0)
+    betas: list[float] = opt(factory=lambda: [0.9, 0.999], doc="AdamW betas.")
+    warmup_steps: int = opt(0, "Linear warm-up steps.", ge=0)
+    min_lr_ratio: float = opt(0.1, "Cosine decay floor as a fraction of lr.", ge=0, le=1)
+    grad_clip: float = opt(1.0, "Clip the global grad norm to this (0 = off).", ge=0)
+
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass
+class SFTConfig:
+    steps: int = opt(300, "Optimizer steps of supervised fine-tuning.", ge=1)
+    batch_size: int = opt(64, "Examples per optimizer step.", ge=1)
+    micro_batch_size: int = opt(64, "Examples per forward/backward (gradient accumulation).", ge=1)
+    optim: OptimConfig = opt(factory=lambda: OptimConfig(lr=3e-3, warmup_steps=20), doc="Optimizer and schedule.")
+    eval_every: int = opt(0, "Held-out evaluation every N steps (0 = only at the end).", ge=0)
+    save_every: int = opt(0, "Checkpoint every N steps (0 = only at the end).", ge=0)
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"sft.micro_batch_size ({self.micro_batch_size}) must divide sft.batch_size ({self.batch_size})")
+
+
+@dataclass
+class GRPOConfig:
+    steps: int = opt(100, "Rollout-and-update steps.", ge=1)
+    prompts_per_step: int = opt(16, "Prompts drawn per step.", ge=1)
+    group_size: int = opt(8, "Responses sampled per prompt (G).", ge=1)
+    ppo_epochs: int = opt(1, "Passes over each rollout batch.", ge=1)
+    mini_batches: int = opt(1, "Optimizer steps per pass (the batch is split by prompt groups).", ge=1)
+    micro_batch_size: int = opt(64, "Sequences per forward/backward (gradient accumulation).", ge=1)
+    optim: OptimConfig = opt(factory=lambda: OptimConfig(lr=5e-4), doc="Optimizer and schedule.")
+    eval_every: int = opt(0, "Held-out evaluation every N steps (0 = only before and after).", ge=0)
+    save_every: int = opt(0, "Checkpoint every N steps (0 = only at the end).", ge=0)
+
+    def __post_init__(self) -> None:
+        if self.prompts_per_step % self.mini_batches:
+            raise ConfigError(
+                f"grpo.mini_batches ({self.mini_batches}) must divide grpo.prompts_per_step ({self.prompts_per_step})")
+
+
+# ------------------------------------------------------------------------------------------------------- plumbing
+@dataclass
+class EvalConfig:
+    num_prompts: int = opt(256, "Held-out prompts scored (greedy decoding, exact answer; rollout.batch_size per call).",
+                           ge=1)
+
+
+@dataclass
+class CheckpointConfig:
+    keep_last: int = opt(2, "Complete checkpoints kept per stage; older ones are deleted.", ge=1)
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = opt(True, "Write TensorBoard events to <run>/<stage>/tb.")
+    wandb: bool = opt(False, "Also log to Weights & Biases (needs `pip install wandb`).")
+    wandb_project: str = opt("tokenwise", "W&B project name.")
+    progress: bool = opt(True, "Show a rich progress bar.")
+    plot: bool = opt(True, "Write <run>/<stage>/curves.png at the end of a stage.")
+
+
+@dataclass
+class TrainerConfig:
+    mode: Literal["local"] = opt("local", "'local': one process, no Ray (debug mode, CPU or one GPU).")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where the model runs: 'auto' picks CUDA when available.")
+    threads: int | None = opt(None, "torch CPU threads (null = torch's default).", ge=1)
+
+
+@dataclass
+class RunConfig:
+    name: str = opt("run", "Run name; used in output_dir and logs.")
+    output_dir: str = opt("runs/{name}-{time}", "Run folder; '{name}' and '{time}' (YYYYmmdd-HHMMSS) are filled in.")
+    seed: int = opt(0, "Seed for model init, data order and sampling.", ge=0)
+    stages: list[str] = opt(factory=lambda: ["sft", "grpo"], doc="Stages in order; each starts from the previous one's model.",
+                            choices=("sft", "grpo"))
+    model: ModelConfig = opt(factory=BuiltinModel, doc="Policy model, by type.")
+    data: DataConfig = opt(factory=ArithmeticData, doc="Prompts and reference answers, by type.")
+    rewards: list[RewardConfig] = opt(factory=lambda: [ExactAnswerReward(), FormatReward()],
+                                      doc="Reward functions, summed with their weights.")
+    rollout: RolloutConfig = opt(factory=RolloutConfig, doc="Sampling of responses.")
+    algorithm: AlgorithmConfig = opt(factory=AlgorithmConfig, doc="Advantages, policy loss, KL (GRPO stage).")
+    sft: SFTConfig = opt(factory=SFTConfig, doc="Supervised warm start.")
+    grpo: GRPOConfig = opt(factory=GRPOConfig, doc="GRPO stage.")
+    eval: EvalConfig = opt(factory=EvalConfig, doc="Held-out evaluation.")
+    checkpoint: CheckpointConfig = opt(factory=CheckpointConfig, doc="Checkpoint retention.")
+    logging: LoggingConfig = opt(factory=LoggingConfig, doc="Metrics sinks and progress display.")
+    trainer: TrainerConfig = opt(factory=TrainerConfig, doc="Processes and devices.")
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ConfigError("stages must list at least one of 'sft', 'grpo'")
+        if len(set(self.stages)) != len(self.stages) or self.stages not in (["sft"], ["grpo"], ["sft", "grpo"]):
+            raise ConfigError(f"stages must be [sft], [grpo] or [sft, grpo], got {self.stages}")
+
+    def resolved_output_dir(self, now: _dt.datetime | None = None) -> Path:
+        stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+        return Path(self.output_dir.replace("{name}", self.name).replace("{time}", stamp))
+
+
+# ------------------------------------------------------------------------------------------------------- loading
+def _is_dataclass_union(tp: Any) -> bool:
+    return _is_union(tp) and all(dataclasses.is_dataclass(a) for a in typing.get_args(tp))
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType)
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if _is_union(tp):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _variant_types(tp: Any) -> dict[str, type]:
+    return {f.default: cls for cls in typing.get_args(tp) for f in dataclasses.fields(cls) if f.name == "type"}
+
+
+def _check_range(value: Any, meta: typing.Mapping, where: str) -> None:
+    choices = meta.get("choices")
+    if choices is not None:
+        for v in value if isinstance(value, list) else [value]:
+            if v not in choices:
+                raise ConfigError(f"{where}: {v!r} is not allowed; allowed values: {', '.join(map(str, choices))}")
+    if value is None or isinstance(value, (list, str, bool)):
+        return
+    for key, ok, text in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
+                          ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
+        bound = meta.get(key)
+        if bound is not None and not ok(value, bound):
+            raise ConfigError(f"{where}: {value!r} is out of range; it must be {text} {bound}")
+
+
+def _convert(value: Any, tp: Any, where: str, default: Any = MISSING) -> Any:
+    origin = typing.get_origin(tp)
+    if _is_dataclass_union(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping with a 'type' key, got {value!r}")
+        variants = _variant_types(tp)
+        kind = value.get("type", default.type if default is not MISSING else None)
+        if kind not in variants:
+            raise ConfigError(f"{where}.type: unknown type {kind!r}; allowed: {', '.join(variants)}")
+        return _build(variants[kind], value, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if _is_union(tp):  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        for a in args:
+            try:
+                return _convert(value, a, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected bool (true or false), got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '1e-6' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected float, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected str, got {value!r}")
+        return value
+    raise TypeError(f"config schema: unsupported type {tp!r} at {where}")  # a bug in this file, not user input
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            path = f"{where}.{key}" if where else str(key)
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = (f"did you mean '{(where + '.') if where else ''}{close[0]}'?" if close
+                    else f"valid keys here: {', '.join(fields)}")
+            raise ConfigError(f"unknown key '{path}'; {hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        path = f"{where}.{name}" if where else name
+        default = f.default if f.default is not MISSING else (
+            f.default_factory() if f.default_factory is not MISSING else MISSING)
+        value = _convert(data[name], hints[name], path, default)
+        _check_range(value, f.metadata, path)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{source}: '{'.'.join(parts[:i + 1])}' is not an index of a list of {len(node)}")
+            node = node[int(part)]
+            continue
+        nxt = node.get(part)
+        if nxt is None:  # a section the recipe leaves at its defaults; a list index needs the default list
+            nxt = node[part] = _default_list(parts[:i + 1]) if parts[i + 1].isdigit() else {}
+        if not isinstance(nxt, (dict, list)):
+            raise ConfigError(f"{source}: '{'.'.join(parts[:i + 1])}' is a value, not a section")
+        node = nxt
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"{source}: '{dotted}' is not an index of a list of {len(node)}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _default_list(parts: list[str]) -> Any:
+    """The default value at a dotted path of RunConfig, as plain data (for overrides like `rewards.1.weight=0.5`)."""
+    node: Any = RunConfig()
+    for part in parts:
+        node = node[int(part)] if isinstance(node, list) else getattr(node, part, None)
+    if not isinstance(node, list):
+        return {}
+    return [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in node]
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        try:
+            out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({str(e).splitlines()[0]})") from None
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a recipe, apply `a.b=value` overrides and return the validated tree. Errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe '{path}' does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(tree).__name__}")
+    return config_from_dict(tree, source=str(path), overrides=overrides)
+
+
+def config_from_dict(tree: dict, *, source: str = "<dict>", overrides: list[str] | None = None) -> RunConfig:
+    tree = yaml.safe_load(yaml.safe_dump(tree))  # a deep copy, so overrides never touch the caller's dict
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value, f"{source}: override '{key}={value}'")
+    where = f"{source} (with overrides {' '.join(overrides)})" if overrides else source
+    try:
+        return _build(RunConfig, tree, "")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=120)
+
+
+def schema_lines(cls: type = RunConfig, prefix: str = "", defaults: Any = None) -> list[str]:
+    """Every key with its type, default and doc, for `tokenwise schema` and docs/config.md."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path, tp, doc = f"{prefix}{f.name}", hints[f.name], f.metadata.get("doc", "")
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        else:
+            default = f.default if f.default is not MISSING else f.default_factory()
+        is_list = typing.get_origin(tp) is list
+        union = typing.get_args(tp)[0] if is_list else tp
+        if _is_dataclass_union(union):
+            lines.append(f"- `{path}` — {doc}")
+            sub_prefix = f"{path}[]." if is_list else f"{path}."
+            for kind, sub in _variant_types(union).items():
+                lines.append(f"  - `{sub_prefix}type: {kind}` — {' '.join((sub.__doc__ or '').split())}")
+                lines += ["    " + line for line in schema_lines(sub, sub_prefix)
+                          if not line.startswith(f"- `{sub_prefix}type`")]
+        elif dataclasses.is_dataclass(tp):
+            lines.append(f"- `{path}` — {doc}")
+            lines += schema_lines(tp, f"{path}.", default)
+        else:
+            lines.append(f"- `{path}`: {_type_name(tp)} = `{default!r}` — {doc}")
+    return lines

@@ -1,0 +1,79 @@
+"""Loading models and tokenizers from directories, devices and dtypes, and turning prompts into model text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from rl.errors import ModelLoadError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("trainer.device is 'cuda' but no CUDA device is visible; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def _check_source(path: str | Path, what: str) -> None:
+    p = Path(path)
+    looks_local = p.is_absolute() or str(path).startswith((".", "~")) or p.exists() or str(path).count("/") != 1
+    if looks_local and not p.is_dir():
+        raise ModelLoadError(f"{what}: directory '{path}' does not exist")
+
+
+def load_tokenizer(path: str | Path, *, what: str = "model.path") -> Any:
+    """AutoTokenizer from a directory, left-padding (for generation), with a pad token (the EOS if none)."""
+    _check_source(path, what)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{what}: cannot load a tokenizer from '{path}': {str(e).splitlines()[0]}") from None
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str | Path, *, dtype: torch.dtype, device: torch.device,
+                   what: str = "model.path") -> PreTrainedModel:
+    _check_source(path, what)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{what}: cannot load a causal LM from '{path}': {str(e).splitlines()[0]}") from None
+    return model.to(device)
+
+
+def eos_token_ids(tokenizer: Any, model: PreTrainedModel) -> list[int]:
+    """End-of-turn ids: the tokenizer's EOS plus the model's generation_config EOS list (Qwen has two)."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(gen if isinstance(gen, list) else [gen])
+    return sorted(i for i in ids if i is not None)
+
+
+class PromptFormatter:
+    """Data-set prompt → model input text: the chat template with an optional system turn, or the raw prompt."""
+
+    def __init__(self, tokenizer: Any, *, system_prompt: str | None, use_chat_template: bool) -> None:
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        self.chat = use_chat_template and getattr(tokenizer, "chat_template", None) is not None
+
+    def __call__(self, prompt: str) -> str:
+        if not self.chat:
+            return prompt
+        messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
+        messages.append({"role": "user", "content": prompt})
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

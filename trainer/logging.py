@@ -1,0 +1,117 @@
+"""Seeing a run: metrics.jsonl + TensorBoard (+ optional W&B), a rich progress bar, and a PNG of the curves.
+
+Metric names are stable and dotted (`reward/mean`, `actor/entropy`, `actor/kl`, `perf/tokens_per_s`,
+`rollout/response_len_mean`, `eval/accuracy`). The history lives in memory too: checkpoints store it, and a resumed
+run rewrites metrics.jsonl from it, so lines logged after the checkpoint (by the run that crashed) disappear.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from rl.errors import ConfigError
+from trainer.checkpoint import write_text_atomic
+
+console = Console(highlight=False, soft_wrap=True)
+
+
+class MetricsLogger:
+    def __init__(self, stage_dir: Path, cfg: Any, *, run_name: str, stage: str, history: Sequence[dict] = (),
+                 config: dict | None = None) -> None:
+        self.history: list[dict] = [dict(r) for r in history]
+        self.path = stage_dir / "metrics.jsonl"
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
+        self._file = open(self.path, "a")
+        self.tb = None
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            last = self.history[-1]["step"] if self.history else None
+            self.tb = SummaryWriter(str(stage_dir / "tb"), purge_step=None if last is None else last + 1)
+        self.wandb = None
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("logging.wandb is true but wandb is not installed: pip install wandb "
+                                  "(or set logging.wandb=false)") from None
+            id_file = stage_dir / "wandb_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            id_file.write_text(run_id)
+            self.wandb = wandb.init(project=cfg.wandb_project, name=f"{run_name}/{stage}", id=run_id,
+                                    resume="allow", config=config, dir=str(stage_dir))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, "time": round(time.time(), 3), **metrics}
+        self.history.append(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def plot_curves(history: Sequence[dict], path: Path, panels: Sequence[tuple[str, str]], title: str) -> Path | None:
+    """One panel per (metric, label) present in the history, against step."""
+    panels = [(k, label) for k, label in panels if any(k in r for r in history)]
+    if not panels:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (key, label) in zip(axes.flat, panels):
+        pts = [(r["step"], r[key]) for r in history if key in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None, ms=3)
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+class StepProgress:
+    """A rich progress bar with a free-text field for the latest metrics; silent when disabled."""
+
+    def __init__(self, *, enabled: bool, description: str, total: int, completed: int) -> None:
+        self.enabled = enabled
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, disable=not enabled,
+        )
+        self._task = self._progress.add_task(description, total=total, completed=completed, info="")
+
+    def __enter__(self) -> "StepProgress":
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def update(self, step: int, info: str) -> None:
+        self._progress.update(self._task, completed=step, info=info)

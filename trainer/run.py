@@ -1,0 +1,101 @@
+"""A run: prepare the base model and data, then run (or resume) each stage in order, each starting from the
+previous stage's model. `tokenwise train` and `tokenwise resume` both end up in `execute`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+import transformers
+
+from models.builtin import save_builtin
+from rl.data import arithmetic_task, local_task, sort_task
+from rl.rewards import reward_specs
+from trainer.checkpoint import publish_dir, write_text_atomic
+from trainer.config import RunConfig, DataCommon
+from trainer.controller import run_grpo
+from trainer.loading import PromptFormatter, load_tokenizer, resolve_device, resolve_dtype
+from trainer.logging import console
+from trainer.sft import run_sft
+from trainer.stage import RESULT_FILE, StageEnv, StepBudget
+
+STAGES = {"sft": run_sft, "grpo": run_grpo}
+TASKS = {"arithmetic": arithmetic_task, "sort": sort_task, "local": local_task}
+_COMMON = {f.name for f in dataclasses.fields(DataCommon)}
+
+
+def load_task(data_cfg) -> dict:
+    """{'train': Dataset, 'heldout': Dataset} for the recipe's `data:` section."""
+    params = {f.name: getattr(data_cfg, f.name) for f in dataclasses.fields(data_cfg)
+              if f.name != "type" and f.name not in _COMMON}
+    return TASKS[data_cfg.type](**params)
+
+
+def prepare_base_model(cfg: RunConfig, run_dir: Path) -> tuple[str, str]:
+    """(model dir or hub id, tokenizer dir or hub id). The built-in model is written once into run_dir/base_model."""
+    m = cfg.model
+    if m.type == "pretrained":
+        return m.path, m.tokenizer_path or m.path
+    base = run_dir / "base_model"
+    if not base.is_dir():
+        params = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in ("type", "dtype")}
+        publish_dir(lambda p: save_builtin(p, seed=cfg.seed, **params), base)
+    return str(base), str(base)
+
+
+def quiet_libraries(device: torch.device) -> None:
+    """Our progress bar and log lines only: no per-save/load bars from transformers, and DeepSpeed (imported by
+    accelerate inside save_pretrained) told it is on CPU instead of warning that it found no GPU."""
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def execute(cfg: RunConfig, run_dir: Path, *, stop_after_steps: int | None = None) -> dict | None:
+    """Run every unfinished stage; None if the step budget stopped the run early (resume continues it)."""
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    device = resolve_device(cfg.trainer.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    quiet_libraries(device)
+    model_dir, tokenizer_dir = prepare_base_model(cfg, run_dir)
+    tokenizer = load_tokenizer(tokenizer_dir, what="model.tokenizer_path" if cfg.model.type == "pretrained"
+                               and cfg.model.tokenizer_path else "model.path")
+    formatter = PromptFormatter(tokenizer, system_prompt=cfg.data.system_prompt,
+                                use_chat_template=cfg.data.use_chat_template)
+    data = load_task(cfg.data)
+    rewards = reward_specs(cfg.rewards)  # imports user reward functions now, not after the SFT stage
+    budget = StepBudget(stop_after_steps)
+    results = {}
+    for stage in cfg.stages:
+        final = run_dir / stage / "final"
+        if not final.is_dir():
+            if budget.exhausted:
+                return None
+            env = StageEnv(cfg=cfg, run_dir=run_dir, stage=stage, init_dir=Path(model_dir), tokenizer=tokenizer,
+                           formatter=formatter, data=data, device=device, dtype=dtype, rewards=rewards,
+                           budget=budget)
+            if STAGES[stage](env).stopped:
+                return None
+        results[stage] = json.loads((final / RESULT_FILE).read_text())
+        model_dir = str(final)
+    summary = {"stages": results, "final_model": model_dir}
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def print_summary(summary: dict, run_dir: Path, num_prompts: int) -> None:
+    stages = summary["stages"]
+    first = next(iter(stages.values()))
+    parts = [f"start {first['accuracy_before']:.3f}"] + [f"after {s.upper()} {r['accuracy_after']:.3f}"
+                                                          for s, r in stages.items()]
+    console.print(f"held-out accuracy (greedy, {num_prompts} prompts): " + " → ".join(parts))
+    if "grpo" in stages:
+        g = stages["grpo"]
+        console.print(f"GRPO changed held-out accuracy by {100 * (g['accuracy_after'] - g['accuracy_before']):+.1f} points")
+    console.print(f"final model: {summary['final_model']}   curves: {run_dir}/*/curves.png   "
+                  f"metrics: {run_dir}/*/metrics.jsonl")

@@ -1,0 +1,73 @@
+"""Stage `sft`: plain NLL on prompt → answer with the prompt masked, the warm start before GRPO."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from rl.data import PromptStream
+from rl.types import SFTBatch
+from trainer.evaluate import heldout_metrics
+from trainer.learner import Learner
+from trainer.logging import StepProgress, console
+from trainer.rollout import build_rollout
+from trainer.stage import StageEnv, StageResult, StageState, last_value
+
+PANELS = [("sft/loss", "SFT loss"), ("eval/accuracy", "held-out accuracy"), ("sft/lr", "learning rate")]
+
+
+def sft_batch(rows: list[dict], tokenizer: Any, formatter: Any) -> SFTBatch:
+    """[formatted prompt | answer <eos>], right-padded; the loss covers the answer and the end-of-turn token."""
+    seqs, masks = [], []
+    for row in rows:
+        prompt = tokenizer(formatter(row["prompt"]), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(str(row["answer"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        seqs.append(prompt + answer)
+        masks.append([0.0] * len(prompt) + [1.0] * len(answer))
+    L = max(map(len, seqs))
+    input_ids = torch.full((len(seqs), L), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), L), dtype=torch.long)
+    loss_mask = torch.zeros((len(seqs), L), dtype=torch.float32)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        input_ids[i, :len(s)] = torch.tensor(s)
+        attention[i, :len(s)] = 1
+        loss_mask[i, :len(s)] = torch.tensor(m)
+    return SFTBatch(input_ids, attention, loss_mask)
+
+
+def run_sft(env: StageEnv) -> StageResult:
+    cfg, s = env.cfg, env.cfg.sft
+    learner = Learner(env.init_dir, env.tokenizer, optim=s.optim, total_updates=s.steps, device=env.device,
+                      dtype=env.dtype, micro_batch_size=s.micro_batch_size)
+    stream = PromptStream(env.data["train"], seed=cfg.seed)
+    state = StageState(env, learner=learner, stream=stream)
+    # evaluation generates with the learner's own model object: no copy, no sync needed
+    engine = build_rollout(cfg.rollout, model=learner.model, tokenizer=env.tokenizer, formatter=env.formatter)
+
+    def evaluate() -> dict[str, float]:
+        return heldout_metrics(engine, env.data["heldout"], num_prompts=cfg.eval.num_prompts)
+
+    if state.step == 0:
+        state.extra["eval_before"] = evaluate()["eval/accuracy"]
+        console.print(f"sft: held-out accuracy before SFT: {state.extra['eval_before']:.3f}")
+    with StepProgress(enabled=cfg.logging.progress, description="sft", total=s.steps, completed=state.step) as bar:
+        while state.step < s.steps:
+            t0 = time.perf_counter()
+            state.step += 1
+            metrics = learner.sft_step(sft_batch(stream.next_batch(s.batch_size), env.tokenizer, env.formatter))
+            metrics["perf/tokens_per_s"] = metrics["sft/tokens"] / (time.perf_counter() - t0)
+            last = state.step == s.steps
+            if last or (s.eval_every and state.step % s.eval_every == 0):
+                metrics.update(evaluate())
+            state.log.log(state.step, metrics)
+            bar.update(state.step, f"loss {metrics['sft/loss']:.3f}  {metrics['perf/tokens_per_s']:.0f} tok/s")
+            env.budget.take()
+            if not last and s.save_every and state.step % s.save_every == 0:
+                state.save()
+            if not last and env.budget.exhausted:
+                return state.stop_here()
+    after = last_value(state.log.history, "eval/accuracy")
+    console.print(f"sft: held-out accuracy after SFT: {after:.3f}")
+    return state.finish({"accuracy_before": state.extra["eval_before"], "accuracy_after": after}, PANELS)

@@ -1,0 +1,125 @@
+"""What every stage loop (SFT, GRPO) shares: where it writes, how it resumes, how it ends."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.checkpoint import CheckpointManager, load_training_state, publish_dir, save_training_state
+from trainer.config import RunConfig, to_dict
+from trainer.logging import MetricsLogger, console, plot_curves
+
+RESULT_FILE = "result.json"
+
+
+class StepBudget:
+    """Optimizer/rollout steps this invocation may still run (`--stop-after-steps`); None means no limit."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.left = limit
+
+    def take(self) -> None:
+        if self.left is not None:
+            self.left -= 1
+
+    @property
+    def exhausted(self) -> bool:
+        return self.left is not None and self.left <= 0
+
+
+@dataclass
+class StageEnv:
+    cfg: RunConfig
+    run_dir: Path
+    stage: str                 # 'sft' | 'grpo'
+    init_dir: Path             # HF model directory the stage starts from
+    tokenizer: Any
+    formatter: Any             # trainer.loading.PromptFormatter
+    data: dict                 # {'train': Dataset, 'heldout': Dataset}
+    device: torch.device
+    dtype: torch.dtype
+    rewards: list              # [(name, weight, function)] from rl.rewards.reward_specs
+    budget: StepBudget = field(default_factory=lambda: StepBudget(None))
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.run_dir / self.stage
+
+
+@dataclass
+class StageResult:
+    stopped: bool                        # the step budget ran out before the stage finished
+    final_dir: Path | None               # the stage's model, when finished
+    metrics: dict = field(default_factory=dict)
+
+
+def last_value(history: list[dict], key: str) -> float:
+    return next(r[key] for r in reversed(history) if key in r)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class StageState:
+    """Checkpoints, resume and metrics for one stage. On construction it restores the latest checkpoint (learner,
+    data cursor, algorithm state, RNG, metric history) or seeds a fresh start."""
+
+    def __init__(self, env: StageEnv, *, learner: Any, stream: Any, algorithm: Any = None) -> None:
+        self.env, self.learner, self.stream, self.algorithm = env, learner, stream, algorithm
+        self.ckpt = CheckpointManager(env.stage_dir / "checkpoints", keep_last=env.cfg.checkpoint.keep_last)
+        latest = self.ckpt.latest()
+        self.extra: dict = {}
+        history: list[dict] = []
+        self.step = 0
+        if latest is not None:
+            learner.load(latest)
+            state = load_training_state(latest)
+            stream.load_state_dict(state["data"])
+            if algorithm is not None:
+                algorithm.load_state_dict(state["algorithm"])
+            self.step, history, self.extra = state["step"], state["history"], state["extra"]
+            console.print(f"{env.stage}: resuming from {latest} (step {self.step})")
+        else:
+            seed_everything(env.cfg.seed)
+        self.resumed_from = latest
+        self.log = MetricsLogger(env.stage_dir, env.cfg.logging, run_name=env.cfg.name, stage=env.stage,
+                                 history=history, config=to_dict(env.cfg))
+
+    def save(self) -> Path:
+        def write(path: Path) -> None:
+            self.learner.save(path)
+            save_training_state(path, {
+                "stage": self.env.stage, "step": self.step, "data": self.stream.state_dict(),
+                "algorithm": self.algorithm.state_dict() if self.algorithm is not None else {},
+                "history": self.log.history, "extra": self.extra,
+            })
+        return self.ckpt.save(self.step, write)
+
+    def stop_here(self) -> StageResult:
+        """The step budget ran out: checkpoint and hand back."""
+        self.save()
+        self.log.close()
+        return StageResult(stopped=True, final_dir=None)
+
+    def finish(self, metrics: dict, panels: list[tuple[str, str]]) -> StageResult:
+        """Last checkpoint, the stage's model as an HF directory (atomically), result.json and the curves PNG."""
+        self.save()
+
+        def write(path: Path) -> None:
+            self.learner.save_model(path)
+            (path / RESULT_FILE).write_text(json.dumps(metrics, indent=1))
+        final = publish_dir(write, self.env.stage_dir / "final")
+        if self.env.cfg.logging.plot:
+            plot_curves(self.log.history, self.env.stage_dir / "curves.png", panels,
+                        f"{self.env.cfg.name} — {self.env.stage}")
+        self.log.close()
+        return StageResult(stopped=False, final_dir=final, metrics=metrics)
