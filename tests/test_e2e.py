@@ -22,7 +22,7 @@ def _comparable(records):
     return [{k: v for k, v in r.items() if k != "time" and not k.startswith("perf/")} for r in records]
 
 
-def test_train_writes_config_metrics_tensorboard_plots_and_models(tiny_recipe, tmp_path):
+def test_train_writes_config_metrics_tensorboard_plots_and_models(tiny_recipe, tmp_path, capsys):
     run = tmp_path / "run"
     recipe = tiny_recipe(logging={"plot": True}, grpo={"eval_every": 3, "save_every": 2})
     assert main(["train", str(recipe), f"output_dir={run}"]) == 0
@@ -30,9 +30,9 @@ def test_train_writes_config_metrics_tensorboard_plots_and_models(tiny_recipe, t
     assert resolved["output_dir"] == str(run) and resolved["grpo"]["steps"] == 6
     grpo = read_metrics(run, "grpo")
     assert [r["step"] for r in grpo if "reward/mean" in r] == [1, 2, 3, 4, 5, 6]
-    assert REQUIRED_GRPO_METRICS <= set(grpo[0])
-    assert [r["step"] for r in grpo if "eval/accuracy" in r] == [3, 6]
-    assert [r["step"] for r in read_metrics(run, "sft")] == [1, 2, 3, 4]
+    assert REQUIRED_GRPO_METRICS <= set(grpo[1])
+    assert [r["step"] for r in grpo if "eval/accuracy" in r] == [0, 3, 6]  # step 0: the starting point
+    assert [r["step"] for r in read_metrics(run, "sft")] == [0, 1, 2, 3, 4]
     for stage in ("sft", "grpo"):
         assert list((run / stage / "tb").glob("events.out.tfevents.*"))
         assert (run / stage / "curves.png").stat().st_size > 10_000
@@ -44,15 +44,20 @@ def test_train_writes_config_metrics_tensorboard_plots_and_models(tiny_recipe, t
     assert (run / "grpo" / "checkpoints" / "latest").read_text() == "step_00000006"
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["stages"]) == {"sft", "grpo"} and summary["final_model"] == str(run / "grpo" / "final")
+    assert summary["stages"]["grpo"]["accuracy_after"] == grpo[-1]["eval/accuracy"]
+    capsys.readouterr()
+    assert main(["eval", str(run), "--num-prompts", "16"]) == 0
+    out = capsys.readouterr().out
+    assert str(run / "grpo" / "final") in out and "eval/accuracy" in out
 
 
-@pytest.mark.parametrize("stages, num_train, stop_at", [
-    (["grpo"], 12, 3),          # step 3 ends epoch 0 exactly: 3 steps x 4 prompts = 12 rows
-    (["grpo"], 10, 3),          # a batch straddles the epoch boundary
-    (["sft", "grpo"], 16, 2),   # stop inside SFT, on its epoch boundary (2 steps x 8 = 16); resume runs both
-    (["sft", "grpo"], 16, 5),   # stop after SFT finished and one GRPO step
+@pytest.mark.parametrize("stages, num_train, stop_at, records_before", [
+    (["grpo"], 12, 3, 4),          # step 3 ends epoch 0 exactly: 3 steps x 4 prompts = 12 rows
+    (["grpo"], 10, 3, 4),          # a batch straddles the epoch boundary
+    (["sft", "grpo"], 16, 2, 3),   # stop inside SFT, on its epoch boundary (2 steps x 8 = 16); resume runs both
+    (["sft", "grpo"], 16, 5, 7),   # stop after SFT finished (steps 0-4) and one GRPO step (steps 0-1)
 ], ids=["grpo-epoch-boundary", "grpo-mid-epoch", "inside-sft", "after-sft"])
-def test_resume_is_bitwise_exact(tiny_recipe, tmp_path, stages, num_train, stop_at):
+def test_resume_is_bitwise_exact(tiny_recipe, tmp_path, stages, num_train, stop_at, records_before):
     recipe = tiny_recipe(stages=stages, data={"num_train": num_train})
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(["train", str(recipe), f"output_dir={straight}"]) == 0
@@ -60,10 +65,11 @@ def test_resume_is_bitwise_exact(tiny_recipe, tmp_path, stages, num_train, stop_
     assert not (resumed / stages[-1] / "final").exists()
     t_resume = time.time()
     assert main(["resume", str(resumed)]) == 0
-    # steps up to the stop were not run again: their records predate the resume, later ones follow it
+    # steps up to the stop were not run again: their records (and each started stage's step-0 evaluation)
+    # predate the resume, later ones follow it
     done = [(stage, r["step"], r["time"]) for stage in stages for r in read_metrics(resumed, stage)]
     before = [t < t_resume for _, _, t in done]
-    assert sum(before) == stop_at and before == sorted(before, reverse=True), done
+    assert sum(before) == records_before and before == sorted(before, reverse=True), done
     for stage in stages:
         a, b = _comparable(read_metrics(straight, stage)), _comparable(read_metrics(resumed, stage))
         assert a == b, f"{stage}: metrics differ after resume"

@@ -37,9 +37,10 @@ def run_grpo(env: StageEnv) -> StageResult:
     def evaluate() -> dict[str, float]:
         return heldout_metrics(rollout, env.data["heldout"], num_prompts=cfg.eval.num_prompts)
 
-    if state.step == 0:
-        state.extra["eval_before"] = evaluate()["eval/accuracy"]
-        console.print(f"grpo: held-out accuracy before GRPO: {state.extra['eval_before']:.3f}")
+    if state.step == 0:  # the starting point, logged as step 0
+        state.log.log(0, evaluate())
+    before = state.log.history[0]["eval/accuracy"]
+    console.print(f"grpo: held-out accuracy before GRPO: {before:.3f}")
     with StepProgress(enabled=cfg.logging.progress, description="grpo", total=g.steps, completed=state.step) as bar:
         while state.step < g.steps:
             state.step += 1
@@ -80,5 +81,5 @@ def run_grpo(env: StageEnv) -> StageResult:
             if not last and env.budget.exhausted:
                 return state.stop_here()
     after = last_value(state.log.history, "eval/accuracy")
-    console.print(f"grpo: held-out accuracy after GRPO: {after:.3f} (before: {state.extra['eval_before']:.3f})")
-    return state.finish({"accuracy_before": state.extra["eval_before"], "accuracy_after": after}, PANELS)
+    console.print(f"grpo: held-out accuracy after GRPO: {after:.3f} (before: {before:.3f})")
+    return state.finish({"accuracy_before": before, "accuracy_after": after}, PANELS)

@@ -49,15 +49,17 @@ def run_sft(env: StageEnv) -> StageResult:
     def evaluate() -> dict[str, float]:
         return heldout_metrics(engine, env.data["heldout"], num_prompts=cfg.eval.num_prompts)
 
-    if state.step == 0:
-        state.extra["eval_before"] = evaluate()["eval/accuracy"]
-        console.print(f"sft: held-out accuracy before SFT: {state.extra['eval_before']:.3f}")
+    if state.step == 0:  # the starting point, logged as step 0
+        state.log.log(0, evaluate())
+    before = state.log.history[0]["eval/accuracy"]
+    console.print(f"sft: held-out accuracy before SFT: {before:.3f}")
     with StepProgress(enabled=cfg.logging.progress, description="sft", total=s.steps, completed=state.step) as bar:
         while state.step < s.steps:
             t0 = time.perf_counter()
             state.step += 1
-            metrics = learner.sft_step(sft_batch(stream.next_batch(s.batch_size), env.tokenizer, env.formatter))
-            metrics["perf/tokens_per_s"] = metrics["sft/tokens"] / (time.perf_counter() - t0)
+            batch = sft_batch(stream.next_batch(s.batch_size), env.tokenizer, env.formatter)
+            metrics = learner.sft_step(batch)
+            metrics["perf/tokens_per_s"] = float(batch.attention_mask.sum()) / (time.perf_counter() - t0)
             last = state.step == s.steps
             if last or (s.eval_every and state.step % s.eval_every == 0):
                 metrics.update(evaluate())
@@ -70,4 +72,4 @@ def run_sft(env: StageEnv) -> StageResult:
                 return state.stop_here()
     after = last_value(state.log.history, "eval/accuracy")
     console.print(f"sft: held-out accuracy after SFT: {after:.3f}")
-    return state.finish({"accuracy_before": state.extra["eval_before"], "accuracy_after": after}, PANELS)
+    return state.finish({"accuracy_before": before, "accuracy_after": after}, PANELS)

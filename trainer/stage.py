@@ -77,7 +77,6 @@ class StageState:
         self.env, self.learner, self.stream, self.algorithm = env, learner, stream, algorithm
         self.ckpt = CheckpointManager(env.stage_dir / "checkpoints", keep_last=env.cfg.checkpoint.keep_last)
         latest = self.ckpt.latest()
-        self.extra: dict = {}
         history: list[dict] = []
         self.step = 0
         if latest is not None:
@@ -86,7 +85,7 @@ class StageState:
             stream.load_state_dict(state["data"])
             if algorithm is not None:
                 algorithm.load_state_dict(state["algorithm"])
-            self.step, history, self.extra = state["step"], state["history"], state["extra"]
+            self.step, history = state["step"], state["history"]
             console.print(f"{env.stage}: resuming from {latest} (step {self.step})")
         else:
             seed_everything(env.cfg.seed)
@@ -100,7 +99,7 @@ class StageState:
             save_training_state(path, {
                 "stage": self.env.stage, "step": self.step, "data": self.stream.state_dict(),
                 "algorithm": self.algorithm.state_dict() if self.algorithm is not None else {},
-                "history": self.log.history, "extra": self.extra,
+                "history": self.log.history,
             })
         return self.ckpt.save(self.step, write)
 
