@@ -106,11 +106,10 @@ class StepProgress:
         )
         self._task = self._progress.add_task(description, total=total, completed=completed, info="")
 
-    def __enter__(self) -> "StepProgress":
+    def start(self) -> None:
         self._progress.start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
         self._progress.stop()
 
     def update(self, step: int, info: str) -> None:

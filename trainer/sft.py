@@ -11,9 +11,8 @@ from rl.data import PromptStream
 from rl.types import SFTBatch
 from trainer.evaluate import heldout_metrics
 from trainer.learner import Learner
-from trainer.logging import StepProgress, console
 from trainer.rollout import build_rollout
-from trainer.stage import StageEnv, StageResult, StageState, last_value
+from trainer.stage import StageEnv, StageResult, StageState
 
 PANELS = [("sft/loss", "SFT loss"), ("eval/accuracy", "held-out accuracy"), ("sft/lr", "learning rate")]
 
@@ -42,34 +41,18 @@ def run_sft(env: StageEnv) -> StageResult:
     learner = Learner(env.init_dir, env.tokenizer, optim=s.optim, total_updates=s.steps, device=env.device,
                       dtype=env.dtype, micro_batch_size=s.micro_batch_size)
     stream = PromptStream(env.data["train"], seed=cfg.seed)
-    state = StageState(env, learner=learner, stream=stream)
     # evaluation generates with the learner's own model object: no copy, no sync needed
     engine = build_rollout(cfg.rollout, model=learner.model, tokenizer=env.tokenizer, formatter=env.formatter)
-
-    def evaluate() -> dict[str, float]:
-        return heldout_metrics(engine, env.data["heldout"], num_prompts=cfg.eval.num_prompts)
-
-    if state.step == 0:  # the starting point, logged as step 0
-        state.log.log(0, evaluate())
-    before = state.log.history[0]["eval/accuracy"]
-    console.print(f"sft: held-out accuracy before SFT: {before:.3f}")
-    with StepProgress(enabled=cfg.logging.progress, description="sft", total=s.steps, completed=state.step) as bar:
-        while state.step < s.steps:
-            t0 = time.perf_counter()
-            state.step += 1
-            batch = sft_batch(stream.next_batch(s.batch_size), env.tokenizer, env.formatter)
-            metrics = learner.sft_step(batch)
-            metrics["perf/tokens_per_s"] = float(batch.attention_mask.sum()) / (time.perf_counter() - t0)
-            last = state.step == s.steps
-            if last or (s.eval_every and state.step % s.eval_every == 0):
-                metrics.update(evaluate())
-            state.log.log(state.step, metrics)
-            bar.update(state.step, f"loss {metrics['sft/loss']:.3f}  {metrics['perf/tokens_per_s']:.0f} tok/s")
-            env.budget.take()
-            if not last and s.save_every and state.step % s.save_every == 0:
-                state.save()
-            if not last and env.budget.exhausted:
-                return state.stop_here()
-    after = last_value(state.log.history, "eval/accuracy")
-    console.print(f"sft: held-out accuracy after SFT: {after:.3f}")
-    return state.finish({"accuracy_before": before, "accuracy_after": after}, PANELS)
+    state = StageState(env, learner=learner, stream=stream, total_steps=s.steps, eval_every=s.eval_every,
+                       save_every=s.save_every, evaluate=lambda: heldout_metrics(
+                           engine, env.data["heldout"], num_prompts=cfg.eval.num_prompts))
+    state.begin()
+    while state.step < s.steps:
+        t0 = time.perf_counter()
+        state.step += 1
+        batch = sft_batch(stream.next_batch(s.batch_size), env.tokenizer, env.formatter)
+        metrics = learner.sft_step(batch)
+        metrics["perf/tokens_per_s"] = float(batch.attention_mask.sum()) / (time.perf_counter() - t0)
+        if state.end_step(metrics, f"loss {metrics['sft/loss']:.3f}  {metrics['perf/tokens_per_s']:.0f} tok/s"):
+            return state.stop_here()
+    return state.finish(PANELS)

@@ -6,14 +6,14 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from trainer.checkpoint import CheckpointManager, load_training_state, publish_dir, save_training_state
 from trainer.config import RunConfig, to_dict
-from trainer.logging import MetricsLogger, console, plot_curves
+from trainer.logging import MetricsLogger, StepProgress, console, plot_curves
 
 RESULT_FILE = "result.json"
 
@@ -70,11 +70,17 @@ def seed_everything(seed: int) -> None:
 
 
 class StageState:
-    """Checkpoints, resume and metrics for one stage. On construction it restores the latest checkpoint (learner,
-    data cursor, algorithm state, RNG, metric history) or seeds a fresh start."""
+    """Checkpoints, resume, evaluation schedule, metrics and progress for one stage.
 
-    def __init__(self, env: StageEnv, *, learner: Any, stream: Any, algorithm: Any = None) -> None:
+    On construction it restores the latest checkpoint (learner, data cursor, algorithm state, RNG, metric history)
+    or seeds a fresh start. A loop then reads: `begin()`; per step `step += 1`, compute metrics, `end_step(...)`;
+    `finish(...)`."""
+
+    def __init__(self, env: StageEnv, *, learner: Any, stream: Any, evaluate: Callable[[], dict], total_steps: int,
+                 eval_every: int, save_every: int, algorithm: Any = None) -> None:
         self.env, self.learner, self.stream, self.algorithm = env, learner, stream, algorithm
+        self.evaluate, self.total_steps = evaluate, total_steps
+        self.eval_every, self.save_every = eval_every, save_every
         self.ckpt = CheckpointManager(env.stage_dir / "checkpoints", keep_last=env.cfg.checkpoint.keep_last)
         latest = self.ckpt.latest()
         history: list[dict] = []
@@ -89,9 +95,30 @@ class StageState:
             console.print(f"{env.stage}: resuming from {latest} (step {self.step})")
         else:
             seed_everything(env.cfg.seed)
-        self.resumed_from = latest
         self.log = MetricsLogger(env.stage_dir, env.cfg.logging, run_name=env.cfg.name, stage=env.stage,
                                  history=history, config=to_dict(env.cfg))
+        self.bar = StepProgress(enabled=env.cfg.logging.progress, description=env.stage, total=total_steps,
+                                completed=self.step)
+
+    def begin(self) -> None:
+        """Evaluate the starting point (logged as step 0) on a fresh start, and start the progress bar."""
+        if self.step == 0:
+            self.log.log(0, self.evaluate())
+        console.print(f"{self.env.stage}: held-out accuracy before {self.env.stage.upper()}: "
+                      f"{self.log.history[0]['eval/accuracy']:.3f}")
+        self.bar.start()
+
+    def end_step(self, metrics: dict[str, float], info: str) -> bool:
+        """Evaluate if due, log, advance the bar, checkpoint if due. True when the step budget says stop now."""
+        last = self.step == self.total_steps
+        if last or (self.eval_every and self.step % self.eval_every == 0):
+            metrics.update(self.evaluate())
+        self.log.log(self.step, metrics)
+        self.bar.update(self.step, info)
+        self.env.budget.take()
+        if not last and self.save_every and self.step % self.save_every == 0:
+            self.save()
+        return not last and self.env.budget.exhausted
 
     def save(self) -> Path:
         def write(path: Path) -> None:
@@ -105,12 +132,19 @@ class StageState:
 
     def stop_here(self) -> StageResult:
         """The step budget ran out: checkpoint and hand back."""
+        self.bar.stop()
         self.save()
         self.log.close()
         return StageResult(stopped=True, final_dir=None)
 
-    def finish(self, metrics: dict, panels: list[tuple[str, str]]) -> StageResult:
-        """Last checkpoint, the stage's model as an HF directory (atomically), result.json and the curves PNG."""
+    def finish(self, panels: list[tuple[str, str]]) -> StageResult:
+        """Last checkpoint, the stage's model as an HF directory (atomically) with result.json, the curves PNG."""
+        self.bar.stop()
+        before = self.log.history[0]["eval/accuracy"]
+        after = last_value(self.log.history, "eval/accuracy")
+        console.print(f"{self.env.stage}: held-out accuracy after {self.env.stage.upper()}: {after:.3f} "
+                      f"(before: {before:.3f})")
+        metrics = {"accuracy_before": before, "accuracy_after": after}
         self.save()
 
         def write(path: Path) -> None:
