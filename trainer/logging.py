@@ -95,6 +95,15 @@ def plot_curves(history: Sequence[dict], path: Path, panels: Sequence[tuple[str,
     return path
 
 
+_live: set["StepProgress"] = set()
+
+
+def stop_progress() -> None:
+    """Stop any running bar, so an error message printed next is not followed by a redrawn bar."""
+    for bar in list(_live):
+        bar.stop()
+
+
 class StepProgress:
     """A rich progress bar with a free-text field for the latest metrics; silent when disabled."""
 
@@ -107,9 +116,11 @@ class StepProgress:
         self._task = self._progress.add_task(description, total=total, completed=completed, info="")
 
     def start(self) -> None:
+        _live.add(self)
         self._progress.start()
 
     def stop(self) -> None:
+        _live.discard(self)
         self._progress.stop()
 
     def update(self, step: int, info: str) -> None:

@@ -18,7 +18,7 @@ from trainer.checkpoint import publish_dir, write_text_atomic
 from trainer.config import RunConfig, DataCommon
 from trainer.controller import run_grpo
 from trainer.loading import PromptFormatter, load_tokenizer, resolve_device, resolve_dtype
-from trainer.logging import console
+from trainer.logging import console, stop_progress
 from trainer.sft import run_sft
 from trainer.stage import RESULT_FILE, StageEnv, StepBudget
 
@@ -79,7 +79,11 @@ def execute(cfg: RunConfig, run_dir: Path, *, stop_after_steps: int | None = Non
             env = StageEnv(cfg=cfg, run_dir=run_dir, stage=stage, init_dir=Path(model_dir), tokenizer=tokenizer,
                            formatter=formatter, data=data, device=device, dtype=dtype, rewards=rewards,
                            budget=budget)
-            if STAGES[stage](env).stopped:
+            try:
+                result = STAGES[stage](env)
+            finally:
+                stop_progress()
+            if result.stopped:
                 return None
         results[stage] = json.loads((final / RESULT_FILE).read_text())
         model_dir = str(final)
