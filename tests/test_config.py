@@ -68,6 +68,11 @@ def test_unknown_variant_type_lists_types(tmp_path):
     assert "data.type" in msg and "arithmetic" in msg and "local" in msg
 
 
+def test_list_item_without_type_names_the_allowed_types(tmp_path):
+    msg = _error(tmp_path, "rewards:\n  - {weight: 2.0}\n")
+    assert "rewards[0]: needs a 'type' key" in msg and "exact_answer" in msg and "python" in msg
+
+
 def test_variant_keys_are_checked_per_type(tmp_path):
     msg = _error(tmp_path, "data:\n  type: local\n  train_files: [a.jsonl]\n  max_digits: 3\n")
     assert "unknown key 'data.max_digits'" in msg

@@ -134,3 +134,15 @@ def test_grpo_raises_the_reward_it_is_given(tiny_dir):
         engine.load_weights(learner.weights(), version=learner.version)
         curve.append(rewards.mean().item())
     assert sum(curve[:3]) / 3 < 0.1 and sum(curve[-3:]) / 3 > 0.8, curve
+
+
+def test_top_p_mismatch_is_visible_in_rollout_logprobs(tiny_dir):
+    """With top-p the sampler renormalises over the nucleus, so its log-probs sit at or above the learner's
+    full-distribution log-probs; the controller logs the gap as rollout/logprob_diff."""
+    torch.manual_seed(2)
+    cfg, algo, learner, engine = _setup(tiny_dir, rollout={"top_p": 0.5, "max_new_tokens": 4})
+    out = engine.generate(_rows(4), n=4)
+    batch = learner.score(algo.make_batch(out, torch.zeros(16)))
+    valid = out.response_mask > 0
+    assert (out.rollout_logprobs[valid] >= batch.old_logprobs[valid] - 1e-5).all()
+    assert (out.rollout_logprobs[valid] - batch.old_logprobs[valid]).max() > 0.01

@@ -368,6 +368,8 @@ def _convert(value: Any, tp: Any, where: str, default: Any = MISSING) -> Any:
             raise ConfigError(f"{where}: expected a mapping with a 'type' key, got {value!r}")
         variants = _variant_types(tp)
         kind = value.get("type", default.type if default is not MISSING else None)
+        if kind is None:
+            raise ConfigError(f"{where}: needs a 'type' key; allowed types: {', '.join(variants)}")
         if kind not in variants:
             raise ConfigError(f"{where}.type: unknown type {kind!r}; allowed: {', '.join(variants)}")
         return _build(variants[kind], value, where)

@@ -33,14 +33,12 @@ class HFRollout:
         self.version = version
 
     @torch.no_grad()
-    def generate(self, rows: list[dict], *, n: int, greedy: bool = False,
-                 max_new_tokens: int | None = None) -> RolloutBatch:
+    def generate(self, rows: list[dict], *, n: int, greedy: bool = False) -> RolloutBatch:
         """n responses per row (groups contiguous). Sampling uses the global torch RNG, which checkpoints save."""
         self.model.eval()
         texts = [self.format(r["prompt"]) for r in rows]
         per_call = max(1, self.batch_size // n)
-        parts = [self._generate(texts[i:i + per_call], n, greedy, max_new_tokens or self.max_new_tokens)
-                 for i in range(0, len(texts), per_call)]
+        parts = [self._generate(texts[i:i + per_call], n, greedy) for i in range(0, len(texts), per_call)]
         P = max(p[0].shape[1] for p in parts)
         T = max(p[2].shape[1] for p in parts)
         prompt_ids = torch.cat([F.pad(p[0], (P - p[0].shape[1], 0), value=self.pad_id) for p in parts])
@@ -59,16 +57,16 @@ class HFRollout:
             responses=responses, group_size=n, policy_version=self.version,
         )
 
-    def _generate(self, texts: list[str], n: int, greedy: bool, max_new_tokens: int) -> tuple[torch.Tensor, ...]:
+    def _generate(self, texts: list[str], n: int, greedy: bool) -> tuple[torch.Tensor, ...]:
         device = self.model.device
         enc = self.tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
         ids = enc["input_ids"].repeat_interleave(n, dim=0)
         mask = enc["attention_mask"].repeat_interleave(n, dim=0)
         if greedy:
-            gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens)
+            gen = GenerationConfig(do_sample=False, max_new_tokens=self.max_new_tokens)
         else:
             gen = GenerationConfig(do_sample=True, temperature=self.temperature, top_p=self.top_p,
-                                   top_k=self.top_k, max_new_tokens=max_new_tokens)
+                                   top_k=self.top_k, max_new_tokens=self.max_new_tokens)
         gen.pad_token_id, gen.eos_token_id = self.pad_id, self.eos_ids
         gen.return_dict_in_generate, gen.output_scores = True, not greedy
         out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen)
