@@ -54,13 +54,7 @@ class StageEnv:
 
 @dataclass
 class StageResult:
-    stopped: bool                        # the step budget ran out before the stage finished
-    final_dir: Path | None               # the stage's model, when finished
-    metrics: dict = field(default_factory=dict)
-
-
-def last_value(history: list[dict], key: str) -> float:
-    return next(r[key] for r in reversed(history) if key in r)
+    stopped: bool   # the step budget ran out before the stage finished; else <stage>/final/ holds its model
 
 
 def seed_everything(seed: int) -> None:
@@ -135,13 +129,13 @@ class StageState:
         self.bar.stop()
         self.save()
         self.log.close()
-        return StageResult(stopped=True, final_dir=None)
+        return StageResult(stopped=True)
 
     def finish(self, panels: list[tuple[str, str]]) -> StageResult:
         """Last checkpoint, the stage's model as an HF directory (atomically) with result.json, the curves PNG."""
         self.bar.stop()
         before = self.log.history[0]["eval/accuracy"]
-        after = last_value(self.log.history, "eval/accuracy")
+        after = next(r["eval/accuracy"] for r in reversed(self.log.history) if "eval/accuracy" in r)
         console.print(f"{self.env.stage}: held-out accuracy after {self.env.stage.upper()}: {after:.3f} "
                       f"(before: {before:.3f})")
         metrics = {"accuracy_before": before, "accuracy_after": after}
@@ -150,9 +144,9 @@ class StageState:
         def write(path: Path) -> None:
             self.learner.save_model(path)
             (path / RESULT_FILE).write_text(json.dumps(metrics, indent=1))
-        final = publish_dir(write, self.env.stage_dir / "final")
+        publish_dir(write, self.env.stage_dir / "final")
         if self.env.cfg.logging.plot:
             plot_curves(self.log.history, self.env.stage_dir / "curves.png", panels,
                         f"{self.env.cfg.name} — {self.env.stage}")
         self.log.close()
-        return StageResult(stopped=False, final_dir=final, metrics=metrics)
+        return StageResult(stopped=False)
