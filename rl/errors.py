@@ -28,3 +28,7 @@ class RewardError(TokenwiseError):
 
 class CheckpointError(TokenwiseError):
     """A run directory has no usable checkpoint or does not match the command."""
+
+
+class ClusterError(TokenwiseError):
+    """An actor died, hung past its timeout, or the cluster cannot place the actors the recipe asks for."""

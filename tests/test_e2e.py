@@ -15,11 +15,12 @@ from conftest import ROOT, read_metrics
 from trainer.cli import main
 
 REQUIRED_GRPO_METRICS = {"reward/mean", "actor/entropy", "actor/kl", "actor/loss", "perf/tokens_per_s",
-                         "rollout/response_len_mean", "actor/clipfrac_high", "actor/grad_norm", "rollout/logprob_diff"}
+                         "rollout/response_len_mean", "actor/clipfrac_high", "actor/grad_norm", "rollout/logprob_diff",
+                         "timing/generate", "timing/reward", "timing/logprob", "timing/train", "timing/sync"}
 
 
 def _comparable(records):
-    return [{k: v for k, v in r.items() if k != "time" and not k.startswith("perf/")} for r in records]
+    return [{k: v for k, v in r.items() if k != "time" and not k.startswith(("perf/", "timing/"))} for r in records]
 
 
 def test_train_writes_config_metrics_tensorboard_plots_and_models(tiny_recipe, tmp_path, capsys):

@@ -8,7 +8,7 @@ from rl.algorithm import Algorithm
 from rl.data import arithmetic_task
 from rl.rewards import compute_rewards
 from trainer.config import config_from_dict
-from trainer.learner import Learner, token_logprobs_entropy, warmup_cosine
+from trainer.learner import Learner, local_pool, token_logprobs_entropy, warmup_cosine
 from trainer.loading import PromptFormatter, load_causal_lm, load_tokenizer
 from trainer.rollout import build_rollout
 
@@ -27,9 +27,10 @@ def _setup(tiny_dir, *, micro_batch_size=64, **cfg_sections):
     cfg = config_from_dict(cfg_sections)
     tok = load_tokenizer(tiny_dir)
     algo = Algorithm(cfg.algorithm)
-    learner = Learner(tiny_dir, tok, optim=cfg.grpo.optim, total_updates=100, device=CPU, dtype=torch.float32,
-                      micro_batch_size=micro_batch_size, temperature=cfg.rollout.temperature, algorithm=algo,
-                      reference_dir=tiny_dir if algo.needs_reference else None)
+    learner = local_pool(Learner(tiny_dir, tok, optim=cfg.grpo.optim, total_updates=100, device=CPU,
+                                 dtype=torch.float32, temperature=cfg.rollout.temperature, algorithm=algo,
+                                 reference_dir=tiny_dir if algo.needs_reference else None),
+                         micro_batch_size=micro_batch_size)
     fmt = PromptFormatter(tok, system_prompt=None, use_chat_template=True)
     engine = build_rollout(cfg.rollout, model=load_causal_lm(tiny_dir, dtype=torch.float32, device=CPU),
                            tokenizer=tok, formatter=fmt)
@@ -63,7 +64,7 @@ def test_rollout_batch_shapes_masks_and_logprobs(tiny_dir):
     out = engine.generate(rows, n=3)  # 15 sequences over two generate calls of 8 and 7
     assert out.response_ids.shape[0] == 15 and out.prompt_ids.shape[0] == 15
     assert out.prompts == [r["prompt"] for r in rows for _ in range(3)]
-    eos = learner.tokenizer.eos_token_id
+    eos = learner.learner.tokenizer.eos_token_id
     for ids, mask, trunc in zip(out.response_ids, out.response_mask, out.truncated):
         n = int(mask.sum())
         assert mask[:n].all() and not mask[n:].any()  # a prefix
@@ -94,7 +95,7 @@ def test_micro_batching_gives_the_same_update(tiny_dir, micro):
     _, _, split, _ = _setup(tiny_dir, micro_batch_size=8 // micro, algorithm={"kl": {"coef": 0.1}})
     m_full = full.train_step(batch, ppo_epochs=1, mini_batches=1)
     m_split = split.train_step(batch, ppo_epochs=1, mini_batches=1)
-    for (name, a), b in zip(full.model.named_parameters(), split.model.parameters()):
+    for (name, a), b in zip(full.learner.model.named_parameters(), split.learner.model.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
     assert m_full["actor/loss"] == pytest.approx(m_split["actor/loss"], abs=1e-6)
 
@@ -104,16 +105,16 @@ def test_load_weights_changes_rollout_outputs(tiny_dir):
     rows = _rows(4)
     before = engine.generate(rows, n=1, greedy=True).responses
     with torch.no_grad():
-        for p in learner.model.parameters():
+        for p in learner.learner.model.parameters():
             p.add_(torch.randn_like(p) * 0.5)
-    engine.load_weights(learner.weights(), version=7)
+    engine.load_weights(dict(learner.learner.full_parameters()), version=7)
     after = engine.generate(rows, n=1, greedy=True)
     assert after.policy_version == 7 and after.responses != before
-    ref = learner.model.generate(**learner.tokenizer([engine.format(r["prompt"]) for r in rows[:1]],
+    ref = learner.learner.model.generate(**learner.learner.tokenizer([engine.format(r["prompt"]) for r in rows[:1]],
                                                      return_tensors="pt", add_special_tokens=False),
                                  do_sample=False, max_new_tokens=engine.max_new_tokens,
                                  eos_token_id=engine.eos_ids, pad_token_id=engine.pad_id)
-    assert learner.tokenizer.decode(ref[0], skip_special_tokens=True).endswith(after.responses[0])
+    assert learner.learner.tokenizer.decode(ref[0], skip_special_tokens=True).endswith(after.responses[0])
 
 
 def test_grpo_raises_the_reward_it_is_given(tiny_dir):
@@ -131,7 +132,7 @@ def test_grpo_raises_the_reward_it_is_given(tiny_dir):
         rewards, _ = compute_rewards([("seven", 1.0, starts_with_7)], prompts=out.prompts, responses=out.responses,
                                      answers=out.answers, truncated=out.truncated.tolist())
         learner.train_step(learner.score(algo.make_batch(out, rewards)), ppo_epochs=1, mini_batches=2)
-        engine.load_weights(learner.weights(), version=learner.version)
+        engine.load_weights(dict(learner.learner.full_parameters()), version=learner.version)
         curve.append(rewards.mean().item())
     assert sum(curve[:3]) / 3 < 0.1 and sum(curve[-3:]) / 3 > 0.8, curve
 

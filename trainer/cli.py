@@ -27,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("resume", help="continue a run from its latest checkpoint")
     r.add_argument("run_dir")
     r.add_argument("--stop-after-steps", type=int, metavar="N")
+    for cmd in (t, r):
+        cmd.add_argument("--ray-address", metavar="ADDR",
+                         help="cluster mode: attach to this Ray cluster ('auto' or host:port) instead of "
+                              "trainer.ray.address / a local Ray")
     c = sub.add_parser("check", help="validate a recipe and print the resolved config; runs nothing")
     c.add_argument("recipe")
     c.add_argument("overrides", nargs="*")
@@ -48,7 +52,7 @@ def _train(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.output_dir = str(run_dir)
     (run_dir / RESOLVED_CONFIG).write_text(to_yaml(cfg))
-    return _execute(cfg, run_dir, args.stop_after_steps)
+    return _execute(cfg, run_dir, args.stop_after_steps, args.ray_address)
 
 
 def _run_config(run_dir: Path):
@@ -57,12 +61,12 @@ def _run_config(run_dir: Path):
     return load_config(run_dir / RESOLVED_CONFIG)
 
 
-def _execute(cfg, run_dir: Path, stop_after: int | None) -> int:
+def _execute(cfg, run_dir: Path, stop_after: int | None, ray_address: str | None = None) -> int:
     from trainer.logging import console
     from trainer.run import execute, print_summary
 
     console.print(f"run folder: {run_dir}")
-    summary = execute(cfg, run_dir, stop_after_steps=stop_after)
+    summary = execute(cfg, run_dir, stop_after_steps=stop_after, ray_address=ray_address)
     if summary is None:
         console.print(f"stopped after {stop_after} steps; continue with: tokenwise resume {run_dir}")
     else:
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "resume":
             run_dir = Path(args.run_dir)
-            return _execute(_run_config(run_dir), run_dir, args.stop_after_steps)
+            return _execute(_run_config(run_dir), run_dir, args.stop_after_steps, args.ray_address)
         return _eval(args)
     except TokenwiseError as e:
         print(f"tokenwise: error: {e}", file=sys.stderr)

@@ -250,6 +250,9 @@ class GRPOConfig:
     ppo_epochs: int = opt(1, "Passes over each rollout batch.", ge=1)
     mini_batches: int = opt(1, "Optimizer steps per pass (the batch is split by prompt groups).", ge=1)
     micro_batch_size: int = opt(64, "Sequences per forward/backward (gradient accumulation).", ge=1)
+    max_tokens_per_micro_batch: int = opt(
+        0, "Also cap each micro-batch at this many padded tokens (rows x longest prompt+response); 0 = rows only.",
+        ge=0)
     optim: OptimConfig = opt(factory=lambda: OptimConfig(lr=5e-4), doc="Optimizer and schedule.")
     eval_every: int = opt(0, "Held-out evaluation every N steps (0 = only before and after).", ge=0)
     save_every: int = opt(0, "Checkpoint every N steps (0 = only at the end).", ge=0)
@@ -282,10 +285,45 @@ class LoggingConfig:
 
 
 @dataclass
+class RayConfig:
+    """Cluster mode: learner actors (DeepSpeed ZeRO, one torch.distributed group) and rollout actors on Ray."""
+    address: str | None = opt(None, "Ray cluster to attach to ('auto' or 'host:port'); null starts a local Ray "
+                                    "(`tokenwise train --ray-address` overrides).")
+    num_cpus: int | None = opt(None, "CPUs of the local Ray this run starts (null = all of this machine's).", ge=1)
+    object_store_mb: int = opt(512, "Object store size of the local Ray this run starts, in MiB.", ge=64)
+    num_learners: int = opt(1, "Learner actors (data-parallel ranks of one DeepSpeed engine).", ge=1)
+    num_rollout_workers: int = opt(1, "Rollout actors; each step's prompts are split between them.", ge=1)
+    cpus_per_learner: float = opt(1.0, "CPUs reserved per learner actor (fractions allowed).", gt=0)
+    gpus_per_learner: float = opt(0.0, "GPUs reserved per learner actor (1 on a GPU cluster).", ge=0)
+    cpus_per_rollout: float = opt(1.0, "CPUs reserved per rollout actor (fractions allowed).", gt=0)
+    gpus_per_rollout: float = opt(0.0, "GPUs reserved per rollout actor (ignored when colocate is true).", ge=0)
+    colocate: bool = opt(False, "Put rollout actor i on learner i's bundle, sharing its GPU; the engine offloads "
+                                "its weights while the learners train.")
+    zero_stage: int = opt(2, "DeepSpeed ZeRO stage of the learners.", choices=(1, 2, 3))
+    offload_optimizer: bool = opt(False, "Keep optimizer states in CPU memory (ZeRO-Offload).")
+    sync_bucket_mb: float = opt(64.0, "Weight sync sends parameters learner -> rollout in buckets of at most this "
+                                      "many MiB (a larger tensor travels alone).", gt=0)
+    max_restarts: int = opt(0, "Times over the run a dead rollout actor is replaced and its step retried; "
+                               "0 = a dead actor ends the run with an error.", ge=0)
+    call_timeout_s: float = opt(900.0, "Longest wait for any actor call; past it the run stops with an error "
+                                       "naming the actor.", gt=0)
+    start_timeout_s: float = opt(300.0, "Longest wait for actors to be placed and start.", gt=0)
+
+    def __post_init__(self) -> None:
+        if self.colocate and self.num_rollout_workers > self.num_learners:
+            raise ConfigError(f"trainer.ray.colocate puts one rollout actor beside each learner: "
+                              f"num_rollout_workers ({self.num_rollout_workers}) must be <= num_learners "
+                              f"({self.num_learners})")
+
+
+@dataclass
 class TrainerConfig:
-    mode: Literal["local"] = opt("local", "'local': one process, no Ray (debug mode, CPU or one GPU).")
+    mode: Literal["local", "ray"] = opt("local", "'local': one process, no Ray (debug mode, CPU or one GPU); "
+                                                 "'ray': learner and rollout actors on a Ray cluster (trainer.ray).")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where the model runs: 'auto' picks CUDA when available.")
-    threads: int | None = opt(None, "torch CPU threads (null = torch's default).", ge=1)
+    threads: int | None = opt(None, "torch CPU threads (null = torch's default; in ray mode each actor uses its "
+                                    "reserved CPUs).", ge=1)
+    ray: RayConfig = opt(factory=RayConfig, doc="Cluster mode settings (used when mode is 'ray').")
 
 
 @dataclass

@@ -1,15 +1,21 @@
-"""The learner: a policy under an optimizer, plus an optional frozen reference. Debug mode runs it in-process.
+"""The learner: a policy under an optimizer, plus an optional frozen reference.
 
-Coarse interface (STYLE.md §4): `score` (old/ref log-probs and entropies), `train_step` (GRPO update),
-`sft_step`, `weights` (for rollout sync), `save` / `load` (checkpoints), `save_model` (HF directory).
+`Learner` is one rank: it runs the micro-batches a plan (trainer/batching.py) gives it and returns token sums.
+Its optimizer is `TorchOptimizer` in debug mode (AdamW in-process) or trainer/distributed.py's DeepSpeed engine in
+cluster mode. `LearnerPool` is what the stage loops call (STYLE.md §4 coarse interface: `score`, `train_step`,
+`sft_step`, `save` / `load`, `save_model`, `version`): it plans the batch for N ranks, fans the work out through a
+`fanout(method, per_rank_args)` callable (in-process for one local rank, a Ray WorkerGroup in cluster mode), and
+combines the sums into metrics.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import math
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
+from rl.errors import CheckpointError
 from rl.types import RolloutBatch, SFTBatch, TrainBatch
+from trainer.batching import Micro, Update, gather_rows, plan_rows, plan_sft, plan_updates, row_tokens
 from trainer.loading import load_causal_lm
 
 
@@ -55,26 +63,76 @@ def trim(batch: RolloutBatch) -> RolloutBatch:
     return type(batch)(**out)
 
 
-class Learner:
-    def __init__(self, model_dir: str | Path, tokenizer: Any, *, optim: Any, total_updates: int,
-                 device: torch.device, dtype: torch.dtype, micro_batch_size: int, temperature: float = 1.0,
-                 algorithm: Any = None, reference_dir: str | Path | None = None) -> None:
-        self.model = load_causal_lm(model_dir, dtype=dtype, device=device)
-        self.model.train()
-        self.tokenizer = tokenizer
-        self.device, self.dtype = device, dtype
-        self.micro_batch_size = micro_batch_size
-        self.temperature = temperature
-        self.algorithm = algorithm
-        self.reference = None
-        if reference_dir is not None:
-            self.reference = load_causal_lm(reference_dir, dtype=dtype, device=device).eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
+class TorchOptimizer:
+    """Debug mode: AdamW + warm-up/cosine schedule + global grad-norm clipping on an in-process model."""
+
+    def __init__(self, model: torch.nn.Module, optim: Any, total_updates: int) -> None:
+        self.module = self.forward_module = model
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
                                            weight_decay=optim.weight_decay)
         self.scheduler = LambdaLR(self.optimizer, warmup_cosine(optim.warmup_steps, total_updates, optim.min_lr_ratio))
         self.grad_clip = optim.grad_clip
-        self.version = 0  # GRPO updates applied; stamped on rollouts as the policy version
-        self._keep_arg = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+
+    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from ((k, v.detach()) for k, v in self.module.state_dict().items())
+
+    def save(self, path: Path, *, rank: int) -> None:
+        torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
+
+    def load(self, path: Path, *, device: torch.device, dtype: torch.dtype) -> None:
+        saved = load_causal_lm(path / "model", dtype=dtype, device=device, what=f"checkpoint {path}")
+        self.module.load_state_dict(saved.state_dict(), strict=True)
+        del saved
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+
+
+class Learner:
+    """One rank's policy, optimizer and reference. `world_size` > 1 means its gradients are averaged over the
+    ranks (DeepSpeed), so each loss is multiplied by world_size to make the average a sum."""
+
+    def __init__(self, model_dir: str | Path, tokenizer: Any, *, optim: Any, total_updates: int,
+                 device: torch.device, dtype: torch.dtype, temperature: float = 1.0, algorithm: Any = None,
+                 reference_dir: str | Path | None = None, rank: int = 0, world_size: int = 1,
+                 distributed: Any = None) -> None:
+        """`distributed`: None for debug mode, else a trainer.distributed.DeepSpeedSpec (ZeRO stage, offload)."""
+        model = load_causal_lm(model_dir, dtype=dtype, device=device)
+        model.train()
+        self.tokenizer = tokenizer
+        self.device, self.dtype = device, dtype
+        self.temperature = temperature
+        self.algorithm = algorithm
+        self.rank, self.world_size = rank, world_size
+        reference = None
+        if reference_dir is not None:
+            reference = load_causal_lm(reference_dir, dtype=dtype, device=device).eval().requires_grad_(False)
+        if distributed is None:
+            self.opt = TorchOptimizer(model, optim, total_updates)
+            self.reference = reference
+        else:
+            from trainer.distributed import DeepSpeedOptimizer, frozen_reference
+            self.opt = DeepSpeedOptimizer(model, optim, total_updates, spec=distributed, dtype=dtype)
+            self.reference = frozen_reference(reference, spec=distributed, dtype=dtype) if reference is not None else None
+        self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.opt.module
 
     # ------------------------------------------------------------------------------------------------ forward
     def _forward(self, model: torch.nn.Module, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,103 +148,179 @@ class Learner:
         return logp, ent
 
     @torch.no_grad()
-    def _no_grad_pass(self, model: torch.nn.Module, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _no_grad_pass(self, model: torch.nn.Module, batch: RolloutBatch,
+                      micros: list[Micro]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[rows of the weight-1 micro-batches, T] log-probs and entropies, masked; padding passes run and are dropped."""
         logps, ents = [], []
         T = batch.response_ids.shape[1]
-        for start in range(0, len(batch), self.micro_batch_size):
-            micro = trim(batch.select(slice(start, start + self.micro_batch_size)))
-            logp, ent = self._forward(model, micro)
-            pad = T - logp.shape[1]
-            logps.append(F.pad(logp.float().cpu(), (0, pad)))
-            ents.append(F.pad(ent.float().cpu(), (0, pad)))
-        mask = batch.response_mask
-        return torch.cat(logps) * mask, torch.cat(ents) * mask
+        for micro in micros:
+            part = batch.select(micro.rows)
+            logp, ent = self._forward(model, trim(part))
+            if micro.weight:
+                pad = T - logp.shape[1]
+                logps.append(F.pad(logp.float().cpu(), (0, pad)) * part.response_mask)
+                ents.append(F.pad(ent.float().cpu(), (0, pad)) * part.response_mask)
+        if not logps:
+            return torch.zeros(0, T), torch.zeros(0, T)
+        return torch.cat(logps), torch.cat(ents)
+
+    def score(self, batch: TrainBatch, micros: list[Micro]) -> dict[str, torch.Tensor | None]:
+        """Old-policy log-probs/entropies and reference log-probs for the rows of `micros` (in their order)."""
+        was_training = self.model.training
+        self.model.eval()
+        old_logp, old_ent = self._no_grad_pass(self.opt.forward_module, batch, micros)
+        self.model.train(was_training)
+        ref_logp = self._no_grad_pass(self.reference, batch, micros)[0] if self.reference is not None else None
+        return {"old_logprobs": old_logp, "old_entropy": old_ent, "ref_logprobs": ref_logp}
+
+    # ------------------------------------------------------------------------------------------------ updates
+    def train(self, batch: TrainBatch, updates: list[Update]) -> dict[str, Any]:
+        """Run this rank's share of a GRPO step: per update, forward/backward each micro-batch (loss already divided
+        by the mini-batch's global token count), then one optimizer step. Returns token sums, grad norms, lrs."""
+        self.model.train()
+        sums: dict[str, float] = defaultdict(float)
+        grad_norms, lrs = [], []
+        for update in updates:
+            lrs.append(self.opt.lr())
+            for i, micro in enumerate(update.micros):
+                part = trim(batch.select(micro.rows)).to(self.device)
+                logp, ent = self._forward(self.opt.forward_module, part)
+                loss, stats = self.algorithm.loss(logp, ent, part, num_tokens=update.num_tokens)
+                self.opt.backward(loss * (micro.weight * self.world_size), last=i == len(update.micros) - 1)
+                if micro.weight:
+                    for k, v in stats.items():
+                        sums[k] += float(v)
+                    sums["actor/loss"] += float(loss.detach()) * update.num_tokens
+            grad_norms.append(self.opt.step())
+        return {"sums": dict(sums), "grad_norms": grad_norms, "lrs": lrs}
+
+    def sft(self, batch: SFTBatch, update: Update) -> dict[str, Any]:
+        """This rank's share of one SFT step: token-mean NLL over the global target-token count."""
+        self.model.train()
+        total = 0.0
+        lr = self.opt.lr()
+        for i, micro in enumerate(update.micros):
+            part = batch.select(micro.rows)
+            ids, attn = part.input_ids.to(self.device), part.attention_mask.to(self.device)
+            logits = self.opt.forward_module(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
+            nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            loss = (nll * part.loss_mask[:, 1:].to(self.device)).sum() / update.num_tokens
+            self.opt.backward(loss * (micro.weight * self.world_size), last=i == len(update.micros) - 1)
+            total += float(loss.detach()) * micro.weight
+        return {"loss": total, "grad_norm": self.opt.step(), "lr": lr}
+
+    # ------------------------------------------------------------------------------------------------- state
+    def full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor) for every weight of the policy; under ZeRO-3 every rank must iterate together."""
+        return self.opt.full_parameters()
+
+    def save_model(self, path: Path) -> None:
+        """A Hugging Face directory (safetensors + config + tokenizer) that `from_pretrained` loads; collective under
+        ZeRO-3, written by rank 0."""
+        state = {k: v.cpu().clone() if self.world_size > 1 else v for k, v in self.full_parameters()}
+        if self.rank == 0:
+            self.model.save_pretrained(path, state_dict=state)
+            self.tokenizer.save_pretrained(path)
+
+    def save(self, path: Path) -> None:
+        self.save_model(path / "model")
+        self.opt.save(path, rank=self.rank)
+
+    def load(self, path: Path) -> None:
+        self.opt.load(path, device=self.device, dtype=self.dtype)
+
+
+def _localize(batch: Any, micros: list[Micro]) -> tuple[Any, list[Micro]]:
+    """The rows a rank needs, and its micro-batches re-indexed into them (what travels to an actor)."""
+    rows = sorted({r for m in micros for r in m.rows})
+    where = {r: i for i, r in enumerate(rows)}
+    return batch.select(rows), [Micro([where[r] for r in m.rows], m.weight) for m in micros]
+
+
+class LearnerPool:
+    """The learner ranks as one: plans each batch for `world` ranks, calls them through `fanout`, merges."""
+
+    def __init__(self, fanout: Callable[[str, list[tuple]], list[Any]], *, world: int, micro_batch_size: int,
+                 max_tokens_per_micro_batch: int = 0) -> None:
+        self.fanout = fanout
+        self.world = world
+        self.micro_batch_size = micro_batch_size
+        self.max_tokens = max_tokens_per_micro_batch
+        self.version = 0  # GRPO updates applied; stamped on rollouts as the policy version
+        self.backend = "torch"  # what wrote the optimizer state: 'torch' or 'deepspeed-zero<stage>'
 
     def score(self, batch: TrainBatch) -> TrainBatch:
         """Fill old_logprobs / old_entropy (current policy, no grad) and ref_logprobs (reference, if any)."""
-        was_training = self.model.training
-        self.model.eval()
-        old_logp, old_ent = self._no_grad_pass(self.model, batch)
-        self.model.train(was_training)
-        ref_logp = self._no_grad_pass(self.reference, batch)[0] if self.reference is not None else None
-        return dataclasses.replace(batch, old_logprobs=old_logp, old_entropy=old_ent, ref_logprobs=ref_logp)
-
-    # ------------------------------------------------------------------------------------------------ updates
-    def _apply_update(self) -> float:
-        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        plans = plan_rows(list(range(len(batch))), row_tokens(batch), world=self.world,
+                          max_rows=self.micro_batch_size, max_tokens=self.max_tokens)
+        args = [_localize(batch, micros) for micros in plans]
+        outs = self.fanout("score", args)
+        kept = [[r for m in micros if m.weight for r in m.rows] for micros in plans]
+        fields = {}
+        for name in ("old_logprobs", "old_entropy", "ref_logprobs"):
+            if outs[0][name] is not None:
+                fields[name] = gather_rows([(rows, o[name]) for rows, o in zip(kept, outs)], len(batch))
+        return dataclasses.replace(batch, **fields)
 
     def train_step(self, batch: TrainBatch, *, ppo_epochs: int, mini_batches: int) -> dict[str, float]:
-        """ppo_epochs passes; each splits the batch by prompt groups into mini_batches optimizer steps, each
-        accumulated over micro-batches. The loss of every micro-batch is divided by its mini-batch's token count."""
-        self.model.train()
-        G = batch.group_size
-        groups = len(batch) // G
+        """ppo_epochs passes; each splits the batch by prompt groups into mini_batches optimizer steps. Every
+        micro-batch's loss is divided by its mini-batch's token count over all ranks (token-mean)."""
+        plans = plan_updates(batch, world=self.world, ppo_epochs=ppo_epochs, mini_batches=mini_batches,
+                             max_rows=self.micro_batch_size, max_tokens=self.max_tokens)
+        args = []
+        for updates in plans:
+            sub, micros = _localize(batch, [m for u in updates for m in u.micros])
+            it = iter(micros)
+            args.append((sub, [Update([next(it) for _ in u.micros], u.num_tokens) for u in updates]))
+        outs = self.fanout("train", args)
+        tokens = sum(u.num_tokens for u in plans[0])
         sums: dict[str, float] = defaultdict(float)
-        tokens, grad_norms, lrs = 0, [], []
-        for _ in range(ppo_epochs):
-            for m in range(mini_batches):
-                lo, hi = m * groups // mini_batches, (m + 1) * groups // mini_batches
-                mini = batch.select(slice(lo * G, hi * G))
-                num_tokens = max(1, int(mini.response_mask.sum()))
-                lrs.append(self.scheduler.get_last_lr()[0])
-                for start in range(0, len(mini), self.micro_batch_size):
-                    micro = trim(mini.select(slice(start, start + self.micro_batch_size))).to(self.device)
-                    logp, ent = self._forward(self.model, micro)
-                    loss, stats = self.algorithm.loss(logp, ent, micro, num_tokens=num_tokens)
-                    loss.backward()
-                    for k, v in stats.items():
-                        sums[k] += float(v)
-                    sums["actor/loss"] += float(loss.detach()) * num_tokens
-                tokens += num_tokens
-                grad_norms.append(self._apply_update())
+        for o in outs:
+            for k, v in o["sums"].items():
+                sums[k] += v
         self.version += 1
         metrics = {k: v / tokens for k, v in sums.items()}
-        metrics.update({"actor/grad_norm": sum(grad_norms) / len(grad_norms), "actor/lr": lrs[-1],
+        grad_norms = outs[0]["grad_norms"]
+        metrics.update({"actor/grad_norm": sum(grad_norms) / len(grad_norms), "actor/lr": outs[0]["lrs"][-1],
                         "actor/updates": float(len(grad_norms))})
         return metrics
 
     def sft_step(self, batch: SFTBatch) -> dict[str, float]:
-        """One optimizer step of token-mean NLL over the batch's target tokens, micro-batched."""
-        self.model.train()
-        num_tokens = max(1, int(batch.loss_mask[:, 1:].sum()))
-        total = 0.0
-        lr = self.scheduler.get_last_lr()[0]
-        for start in range(0, len(batch), self.micro_batch_size):
-            micro = batch.select(slice(start, start + self.micro_batch_size))
-            ids, attn = micro.input_ids.to(self.device), micro.attention_mask.to(self.device)
-            logits = self.model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
-            nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            loss = (nll * micro.loss_mask[:, 1:].to(self.device)).sum() / num_tokens
-            loss.backward()
-            total += float(loss.detach())
-        grad_norm = self._apply_update()
-        return {"sft/loss": total, "sft/grad_norm": grad_norm, "sft/lr": lr, "sft/tokens": float(num_tokens)}
-
-    # ------------------------------------------------------------------------------------------------- state
-    def weights(self) -> dict[str, torch.Tensor]:
-        """The policy's parameters for the rollout engine (views, not copies: the engine copies on load)."""
-        return {k: v.detach() for k, v in self.model.state_dict().items()}
+        """One optimizer step of token-mean NLL over the batch's target tokens, split over ranks and micro-batches."""
+        updates = plan_sft(batch, world=self.world, max_rows=self.micro_batch_size)
+        args = []
+        for u in updates:
+            sub, micros = _localize(batch, u.micros)
+            args.append((sub, Update(micros, u.num_tokens)))
+        outs = self.fanout("sft", args)
+        return {"sft/loss": sum(o["loss"] for o in outs), "sft/grad_norm": outs[0]["grad_norm"],
+                "sft/lr": outs[0]["lr"], "sft/tokens": float(updates[0].num_tokens)}
 
     def save_model(self, path: Path) -> None:
-        """A Hugging Face directory (safetensors + config + tokenizer) that `from_pretrained` loads."""
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        self.fanout("save_model", [(path,)] * self.world)
 
     def save(self, path: Path) -> None:
-        self.save_model(path / "model")
-        torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
-        torch.save({"scheduler": self.scheduler.state_dict(), "version": self.version}, path / "scheduler.pt")
+        self.fanout("save", [(path,)] * self.world)
+        (path / "learner.json").write_text(json.dumps({"version": self.version, "world_size": self.world,
+                                                       "backend": self.backend}))
 
     def load(self, path: Path) -> None:
-        saved = load_causal_lm(path / "model", dtype=self.dtype, device=self.device, what=f"checkpoint {path}")
-        self.model.load_state_dict(saved.state_dict(), strict=True)
-        del saved
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
-        sched = torch.load(path / "scheduler.pt", weights_only=True)
-        self.scheduler.load_state_dict(sched["scheduler"])
-        self.version = sched["version"]
+        meta = json.loads((path / "learner.json").read_text())
+        if (meta["world_size"], meta["backend"]) != (self.world, self.backend):
+            raise CheckpointError(
+                f"checkpoint {path} holds optimizer state of {meta['world_size']} learner rank(s) ({meta['backend']}) "
+                f"but this run has {self.world} ({self.backend}); sharded optimizer states cannot be re-split. Resume "
+                f"with the same trainer.mode, trainer.ray.num_learners and trainer.ray.zero_stage, or start a new run "
+                f"from its consolidated weights: model.type=pretrained model.path={path / 'model'}")
+        self.fanout("load", [(path,)] * self.world)
+        self.version = meta["version"]
+
+
+def local_pool(learner: Learner, *, micro_batch_size: int, max_tokens_per_micro_batch: int = 0) -> LearnerPool:
+    """Debug mode: one in-process rank."""
+    def fanout(method: str, args: list[tuple]) -> list[Any]:
+        return [getattr(learner, method)(*args[0])]
+    pool = LearnerPool(fanout, world=1, micro_batch_size=micro_batch_size,
+                       max_tokens_per_micro_batch=max_tokens_per_micro_batch)
+    pool.learner = learner
+    return pool

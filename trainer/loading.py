@@ -11,7 +11,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from rl.errors import ModelLoadError
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, *, cluster_gpus: float | None = None) -> torch.device:
+    """`cluster_gpus`: in cluster mode the actors' devices follow trainer.ray.gpus_per_learner, not this machine."""
+    if cluster_gpus is not None:
+        if name == "cpu" or (name == "auto" and cluster_gpus == 0):
+            return torch.device("cpu")
+        if cluster_gpus == 0:
+            raise ModelLoadError("trainer.device is 'cuda' but trainer.ray.gpus_per_learner is 0; "
+                                 "give the learners GPUs or use trainer.device: cpu")
+        return torch.device("cuda")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

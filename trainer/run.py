@@ -55,11 +55,22 @@ def quiet_libraries(device: torch.device) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def execute(cfg: RunConfig, run_dir: Path, *, stop_after_steps: int | None = None) -> dict | None:
-    """Run every unfinished stage; None if the step budget stopped the run early (resume continues it)."""
+def execute(cfg: RunConfig, run_dir: Path, *, stop_after_steps: int | None = None,
+            ray_address: str | None = None) -> dict | None:
+    """Run every unfinished stage; None if the step budget stopped the run early (resume continues it).
+    In cluster mode (trainer.mode: ray) inside a Ray session: `ray_address` or trainer.ray.address, else local."""
+    if cfg.trainer.mode == "ray":
+        from trainer.cluster import ray_session
+        with ray_session(cfg.trainer.ray, ray_address):
+            return _execute(cfg, run_dir, stop_after_steps)
+    return _execute(cfg, run_dir, stop_after_steps)
+
+
+def _execute(cfg: RunConfig, run_dir: Path, stop_after_steps: int | None) -> dict | None:
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    device = resolve_device(cfg.trainer.device)
+    device = resolve_device(cfg.trainer.device, cluster_gpus=cfg.trainer.ray.gpus_per_learner
+                            if cfg.trainer.mode == "ray" else None)
     dtype = resolve_dtype(cfg.model.dtype, device)
     quiet_libraries(device)
     model_dir, tokenizer_dir = prepare_base_model(cfg, run_dir)
@@ -77,6 +88,7 @@ def execute(cfg: RunConfig, run_dir: Path, *, stop_after_steps: int | None = Non
             if budget.exhausted:
                 return None
             env = StageEnv(cfg=cfg, run_dir=run_dir, stage=stage, init_dir=Path(model_dir), tokenizer=tokenizer,
+                           tokenizer_dir=Path(tokenizer_dir),
                            formatter=formatter, data=data, device=device, dtype=dtype, rewards=rewards,
                            budget=budget)
             try:

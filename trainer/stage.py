@@ -39,6 +39,7 @@ class StageEnv:
     run_dir: Path
     stage: str                 # 'sft' | 'grpo'
     init_dir: Path             # HF model directory the stage starts from
+    tokenizer_dir: Path        # where actors load the tokenizer from
     tokenizer: Any
     formatter: Any             # trainer.loading.PromptFormatter
     data: dict                 # {'train': Dataset, 'heldout': Dataset}
@@ -150,3 +151,15 @@ class StageState:
                         f"{self.env.cfg.name} — {self.env.stage}")
         self.log.close()
         return StageResult(stopped=False)
+
+
+def stage_failure(env: StageEnv, failure: Exception, state: "StageState | None") -> Exception:
+    """The one-paragraph error for a dead or hung actor: who, when, and what of the run is safe."""
+    from rl.errors import ClusterError
+    step = f"step {state.step}" if state is not None else "start-up"
+    latest = state.ckpt.latest() if state is not None else None
+    kept = f"the last good checkpoint {latest} is intact" if latest else "no checkpoint of this stage was written yet"
+    hint = (" Set trainer.ray.max_restarts > 0 to replace a dead rollout actor and retry its step."
+            if getattr(failure, "role", "") == "rollout" else "")
+    return ClusterError(f"{env.stage}: {failure} during {step}. The run stopped; {kept}; continue with "
+                        f"`tokenwise resume {env.run_dir}`.{hint}")

@@ -12,8 +12,28 @@ from rl.types import RolloutBatch
 from trainer.loading import PromptFormatter, eos_token_ids
 
 
+def concat_rollouts(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """One batch from several (prompts left-padded, responses right-padded to the longest); groups stay contiguous."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(p.prompt_ids.shape[1] for p in parts)
+    T = max(p.response_ids.shape[1] for p in parts)
+    return RolloutBatch(
+        prompt_ids=torch.cat([F.pad(p.prompt_ids, (P - p.prompt_ids.shape[1], 0), value=pad_id) for p in parts]),
+        prompt_mask=torch.cat([F.pad(p.prompt_mask, (P - p.prompt_mask.shape[1], 0), value=0) for p in parts]),
+        response_ids=torch.cat([F.pad(p.response_ids, (0, T - p.response_ids.shape[1]), value=pad_id) for p in parts]),
+        response_mask=torch.cat([F.pad(p.response_mask, (0, T - p.response_mask.shape[1])) for p in parts]),
+        rollout_logprobs=torch.cat([F.pad(p.rollout_logprobs, (0, T - p.rollout_logprobs.shape[1])) for p in parts]),
+        truncated=torch.cat([p.truncated for p in parts]),
+        prompts=[x for p in parts for x in p.prompts], answers=[x for p in parts for x in p.answers],
+        responses=[x for p in parts for x in p.responses], group_size=parts[0].group_size,
+        policy_version=min(p.policy_version for p in parts),
+    )
+
+
 class HFRollout:
-    """generate(rows, n) → RolloutBatch; load_weights(state_dict, version) swaps the policy in place."""
+    """generate(rows, n, seed) → RolloutBatch. Weights arrive in buckets: begin_sync(), load_bucket(named tensors)...,
+    finish_sync(version); load_weights(state_dict, version) does all three."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: Any, formatter: PromptFormatter, *, temperature: float,
                  top_p: float, top_k: int, max_new_tokens: int, batch_size: int) -> None:
@@ -26,38 +46,59 @@ class HFRollout:
         self.eos_ids = eos_token_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id
         self.version = 0
+        self._pending: set[str] = set()
+        self._home = model.device
+
+    def begin_sync(self) -> None:
+        self._pending = set(self.model.state_dict().keys())
 
     @torch.no_grad()
-    def load_weights(self, state_dict: dict[str, torch.Tensor], *, version: int) -> None:
-        self.model.load_state_dict(state_dict, strict=True)
+    def load_bucket(self, tensors: dict[str, torch.Tensor]) -> None:
+        unknown = set(tensors) - self._pending
+        if unknown:
+            raise KeyError(f"weight sync: the rollout model has no (or already received) weights {sorted(unknown)[:5]}")
+        self.model.load_state_dict(tensors, strict=False)
+        self._pending -= set(tensors)
+
+    def finish_sync(self, version: int) -> None:
+        if self._pending:
+            raise KeyError(f"weight sync ended without weights {sorted(self._pending)[:5]} "
+                           f"({len(self._pending)} missing)")
         self.version = version
 
-    @torch.no_grad()
-    def generate(self, rows: list[dict], *, n: int, greedy: bool = False) -> RolloutBatch:
-        """n responses per row (groups contiguous). Sampling uses the global torch RNG, which checkpoints save."""
-        self.model.eval()
-        texts = [self.format(r["prompt"]) for r in rows]
-        per_call = max(1, self.batch_size // n)
-        parts = [self._generate(texts[i:i + per_call], n, greedy) for i in range(0, len(texts), per_call)]
-        P = max(p[0].shape[1] for p in parts)
-        T = max(p[2].shape[1] for p in parts)
-        prompt_ids = torch.cat([F.pad(p[0], (P - p[0].shape[1], 0), value=self.pad_id) for p in parts])
-        prompt_mask = torch.cat([F.pad(p[1], (P - p[1].shape[1], 0), value=0) for p in parts])
-        response_ids = torch.cat([F.pad(p[2], (0, T - p[2].shape[1]), value=self.pad_id) for p in parts])
-        response_mask = torch.cat([F.pad(p[3], (0, T - p[3].shape[1]), value=0.0) for p in parts])
-        logprobs = torch.cat([F.pad(p[4], (0, T - p[4].shape[1]), value=0.0) for p in parts])
-        is_eos = torch.isin(response_ids, torch.tensor(self.eos_ids)) & (response_mask > 0)
-        content = response_mask.bool() & ~is_eos
-        responses = [self.tokenizer.decode(ids[keep], skip_special_tokens=True)
-                     for ids, keep in zip(response_ids, content)]
-        return RolloutBatch(
-            prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids, response_mask=response_mask,
-            rollout_logprobs=logprobs, truncated=~is_eos.any(dim=1),
-            prompts=[r["prompt"] for r in rows for _ in range(n)], answers=[str(r["answer"]) for r in rows for _ in range(n)],
-            responses=responses, group_size=n, policy_version=self.version,
-        )
+    def load_weights(self, state_dict: dict[str, torch.Tensor], *, version: int) -> None:
+        self.begin_sync()
+        self.load_bucket(state_dict)
+        self.finish_sync(version)
 
-    def _generate(self, texts: list[str], n: int, greedy: bool) -> tuple[torch.Tensor, ...]:
+    def sleep(self) -> None:
+        """Free the accelerator for colocated learners (weights to CPU); a no-op on CPU."""
+        if self._home.type != "cpu":
+            self.model.to("cpu")
+
+    def wake_up(self) -> None:
+        if self._home.type != "cpu":
+            self.model.to(self._home)
+
+    @torch.no_grad()
+    def generate(self, rows: list[dict], *, n: int, greedy: bool = False, seed: int | None = None) -> RolloutBatch:
+        """n responses per row (groups contiguous). With `seed`, sampling draws from a generator seeded with it
+        (the same rows, weights and seed give the same responses in any process); else from the global RNG."""
+        if seed is None:
+            return self._generate_all(rows, n, greedy)
+        devices = [self._home] if self._home.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return self._generate_all(rows, n, greedy)
+
+    def _generate_all(self, rows: list[dict], n: int, greedy: bool) -> RolloutBatch:
+        self.model.eval()
+        per_call = max(1, self.batch_size // n)
+        return concat_rollouts([self._generate(rows[i:i + per_call], n, greedy)
+                                for i in range(0, len(rows), per_call)], self.pad_id)
+
+    def _generate(self, rows: list[dict], n: int, greedy: bool) -> RolloutBatch:
+        texts = [self.format(r["prompt"]) for r in rows]
         device = self.model.device
         enc = self.tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
         ids = enc["input_ids"].repeat_interleave(n, dim=0)
@@ -80,4 +121,13 @@ class HFRollout:
             scores = torch.stack(out.scores, dim=1).float().cpu()
             logprobs = scores.log_softmax(-1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
             logprobs = logprobs.masked_fill(response_mask == 0, 0.0)
-        return ids, mask, response, response_mask, logprobs
+        is_eos = is_eos & (response_mask > 0)
+        content = response_mask.bool() & ~is_eos
+        return RolloutBatch(
+            prompt_ids=ids, prompt_mask=mask, response_ids=response, response_mask=response_mask,
+            rollout_logprobs=logprobs, truncated=~is_eos.any(dim=1),
+            prompts=[r["prompt"] for r in rows for _ in range(n)], answers=[str(r["answer"]) for r in rows for _ in range(n)],
+            responses=[self.tokenizer.decode(ids_[keep], skip_special_tokens=True)
+                       for ids_, keep in zip(response, content)],
+            group_size=n, policy_version=self.version,
+        )

@@ -1,0 +1,82 @@
+"""The learner and rollout workers a stage loop holds, in either process layout, behind one interface:
+
+    workers.pool                      LearnerPool: score / train_step / sft_step / save / load / save_model / version
+    workers.generate(rows, n=, greedy=, step=)   RolloutBatch; sampling seeded by (run seed, step, shard)
+    workers.sync(step=)               learner weights → rollout engine(s), stamped with pool.version
+    workers.sleep_rollouts() / wake_rollouts()   colocated engines give the GPU to the learners while they train
+    workers.restarts                  rollout actors replaced so far (cluster mode)
+    workers.close()
+
+`LocalWorkers` is debug mode (one process); trainer/cluster.py's `RayWorkers` is cluster mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rl.types import RolloutBatch
+from trainer.learner import Learner, local_pool
+from trainer.loading import load_causal_lm
+from trainer.rollout import build_rollout
+
+
+class ActorFailed(Exception):
+    """A call on one actor raised, the actor process died, or the call outlived its timeout."""
+
+    def __init__(self, role: str, rank: int, method: str, cause: str) -> None:
+        super().__init__(f"{role} actor {rank} failed in {method}(): {cause}")
+        self.role, self.rank, self.method, self.cause = role, rank, method, cause
+
+
+def step_seed(seed: int, step: int, shard: int) -> int:
+    """The sampling seed of rollout shard `shard` at `step`: the same in debug and cluster mode, so a retried step
+    (or a run on one rollout actor) draws the same samples."""
+    return (seed * 1_000_003 + step) * 1_009 + shard
+
+
+class LocalWorkers:
+    """Debug mode: one in-process learner rank and one rollout engine (its own model copy, or with
+    `share_model` the learner's model itself, so syncing is free)."""
+
+    restarts = 0
+
+    def __init__(self, env: Any, *, learner_kwargs: dict, micro_batch_size: int, max_tokens: int = 0,
+                 share_model: bool = False) -> None:
+        self.env = env
+        self.learner = Learner(tokenizer=env.tokenizer, **learner_kwargs)
+        self.pool = local_pool(self.learner, micro_batch_size=micro_batch_size, max_tokens_per_micro_batch=max_tokens)
+        self.shared = share_model
+        model = self.learner.model if share_model else load_causal_lm(env.init_dir, dtype=env.dtype, device=env.device)
+        self.engine = build_rollout(env.cfg.rollout, model=model, tokenizer=env.tokenizer, formatter=env.formatter)
+
+    def generate(self, rows: list[dict], *, n: int, greedy: bool = False, step: int | None = None) -> RolloutBatch:
+        seed = None if greedy or step is None else step_seed(self.env.cfg.seed, step, 0)
+        return self.engine.generate(rows, n=n, greedy=greedy, seed=seed)
+
+    def sync(self, *, step: int | None = None) -> None:
+        if self.shared:
+            self.engine.version = self.pool.version
+        else:
+            self.engine.load_weights(dict(self.learner.full_parameters()), version=self.pool.version)
+
+    def sleep_rollouts(self) -> None:
+        pass
+
+    def wake_rollouts(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def build_workers(env: Any, *, learner_kwargs: dict, micro_batch_size: int, max_tokens: int = 0,
+                  share_model: bool = False) -> Any:
+    """LocalWorkers for trainer.mode 'local', RayWorkers for 'ray' (learner_kwargs: trainer.learner.Learner's)."""
+    if env.cfg.trainer.mode == "ray":
+        from trainer.cluster import RayWorkers
+        from trainer.distributed import DeepSpeedSpec
+        r = env.cfg.trainer.ray
+        learner_kwargs = dict(learner_kwargs, distributed=DeepSpeedSpec(r.zero_stage, r.offload_optimizer))
+        return RayWorkers(env, learner_kwargs=learner_kwargs, micro_batch_size=micro_batch_size, max_tokens=max_tokens)
+    return LocalWorkers(env, learner_kwargs=learner_kwargs, micro_batch_size=micro_batch_size, max_tokens=max_tokens,
+                        share_model=share_model)
