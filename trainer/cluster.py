@@ -42,16 +42,11 @@ def ray_session(cfg: Any, address: str | None) -> Iterator[None]:
         yield
         return
     address = address or cfg.address
-    env = dict(ACTOR_ENV)
-    env.update({k: v for k, v in os.environ.items() if k.startswith(("HF_", "TRANSFORMERS_", "TOKENWISE_"))})
     try:
         if address:
-            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+            ray.init(address=address, runtime_env={"env_vars": _actor_env()})
         else:
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-            ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False,
-                     object_store_memory=cfg.object_store_mb * 2 ** 20, runtime_env={"env_vars": env},
-                     log_to_driver=True, configure_logging=False)
+            start_local_ray(num_cpus=cfg.num_cpus or os.cpu_count(), object_store_mb=cfg.object_store_mb)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ClusterError(f"cannot {'attach to the Ray cluster at ' + repr(address) if address else 'start a local Ray'}: "
                            f"{e}. Start one with `ray start --head` or leave trainer.ray.address empty") from None
@@ -61,8 +56,30 @@ def ray_session(cfg: Any, address: str | None) -> Iterator[None]:
         ray.shutdown()
 
 
-def _threads(num_cpus: float) -> None:
+def _actor_env() -> dict[str, str]:
+    env = dict(ACTOR_ENV)
+    env.update({k: v for k, v in os.environ.items() if k.startswith(("HF_", "TRANSFORMERS_", "TOKENWISE_"))})
+    return env
+
+
+def start_local_ray(*, num_cpus: int, object_store_mb: int) -> None:
+    """A single-node Ray on this machine: no dashboard, a capped object store, actors offline like the driver."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_mb * 2 ** 20,
+             runtime_env={"env_vars": _actor_env()}, configure_logging=False)
+
+
+def _actor_setup(num_cpus: float) -> None:
+    """Threads per the CPUs reserved; no per-load progress bars or deprecation chatter in the driver's log."""
+    import logging
+    import warnings
+    import transformers
     torch.set_num_threads(max(1, int(num_cpus)))
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
 class RolloutWorker:
@@ -70,7 +87,7 @@ class RolloutWorker:
 
     def __init__(self, rollout_cfg: Any, model_dir: str, tokenizer_dir: str, formatter_kwargs: dict, device: str,
                  dtype: str, num_cpus: float) -> None:
-        _threads(num_cpus)
+        _actor_setup(num_cpus)
         from trainer.loading import PromptFormatter, load_causal_lm, load_tokenizer
         from trainer.rollout import build_rollout
         tok = load_tokenizer(tokenizer_dir)
@@ -105,7 +122,7 @@ class LearnerWorker:
     """One learner rank: joins the learners' process group, then holds a DeepSpeed-backed Learner."""
 
     def __init__(self, rank: int, world_size: int, num_cpus: float) -> None:
-        _threads(num_cpus)
+        _actor_setup(num_cpus)
         self.rank, self.world_size = rank, world_size
         self.learner = None
 
@@ -154,12 +171,13 @@ class LearnerWorker:
         collective; rank 0 sends). Rollout actors that fail are skipped and reported, so the ranks stay in step."""
         failed: dict[int, str] = {}
         alive = dict(enumerate(rollouts)) if self.rank == 0 else {}
+        deadline = time.monotonic() + timeout_s  # for the whole sync, so the controller's wait (2x) outlasts it
 
         def call_all(method: str, *args: Any) -> None:
             refs = {i: getattr(a, method).remote(*args) for i, a in alive.items() if i not in failed}
             for i, ref in refs.items():
                 try:
-                    ray.get(ref, timeout=timeout_s)
+                    ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
                 except Exception as e:  # noqa: BLE001 — any failure of that actor is reported to the controller
                     failed[i] = _describe(e)
 
@@ -215,24 +233,30 @@ class WorkerGroup:
     def __len__(self) -> int:
         return len(self.actors)
 
-    def wait(self, refs: list[Any], method: str, ranks: list[int] | None = None) -> list[Any]:
-        """Results in order; the first failing rank raises ActorFailed (dead, raised, or past the timeout)."""
-        ranks = list(range(len(refs))) if ranks is None else ranks
-        deadline = time.monotonic() + self.timeout_s
+    def wait(self, refs: list[Any], method: str, timeout_s: float | None = None) -> list[Any]:
+        """Results in rank order; the first failing rank raises ActorFailed (dead, raised, or past the timeout)."""
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
         out = []
-        for rank, ref in zip(ranks, refs):
+        for rank, ref in enumerate(refs):
             try:
                 out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
             except Exception as e:  # noqa: BLE001
                 raise ActorFailed(self.role, rank, method, _describe(e)) from None
         return out
 
-    def call(self, method: str, per_rank_args: list[tuple]) -> list[Any]:
+    def call(self, method: str, per_rank_args: list[tuple], timeout_s: float | None = None) -> list[Any]:
         refs = [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_rank_args)]
-        return self.wait(refs, method)
+        return self.wait(refs, method, timeout_s)
 
-    def call_all(self, method: str, *args: Any) -> list[Any]:
-        return self.call(method, [args] * len(self.actors))
+    def call_all(self, method: str, *args: Any, timeout_s: float | None = None) -> list[Any]:
+        return self.call(method, [args] * len(self.actors), timeout_s)
+
+    def ready(self, rank: int, timeout_s: float) -> None:
+        """Block until actor `rank` is constructed (its __init__ ran), or raise ActorFailed."""
+        try:
+            ray.get(self.actors[rank].pid.remote(), timeout=timeout_s)
+        except Exception as e:  # noqa: BLE001
+            raise ActorFailed(self.role, rank, "__init__", _describe(e)) from None
 
     def restart(self, rank: int) -> None:
         with contextlib.suppress(Exception):
@@ -288,8 +312,10 @@ class RayWorkers:
             num_gpus=rollout_gpus, timeout_s=r.call_timeout_s, namespace_prefix=prefix,
             init_args=lambda rank: (env.cfg.rollout, str(env.init_dir), str(env.tokenizer_dir), formatter_kwargs,
                                     device, str(env.dtype).removeprefix("torch."), r.cpus_per_rollout))
-        master = self.learners.wait([self.learners.actors[0].address.remote()], "address")[0]
-        self.learners.call_all("setup", master, learner_kwargs, str(env.tokenizer_dir), r.call_timeout_s)
+        master = self.learners.wait([self.learners.actors[0].address.remote()], "address", r.start_timeout_s)[0]
+        self.learners.call_all("setup", master, learner_kwargs, str(env.tokenizer_dir), r.call_timeout_s,
+                               timeout_s=r.start_timeout_s)
+        self.rollouts.call_all("pid", timeout_s=r.start_timeout_s)  # constructed (model loaded) before any timed call
         self.pool = LearnerPool(self._fanout, world=r.num_learners, micro_batch_size=micro_batch_size,
                                 max_tokens_per_micro_batch=max_tokens)
         self.pool.backend = f"deepspeed-zero{r.zero_stage}"
@@ -322,7 +348,8 @@ class RayWorkers:
             refs = [a.push_weights.remote([self.rollouts.actors[i] for i in targets] if rank == 0 else [],
                                           self.pool.version, self.bucket_bytes, self.cfg.call_timeout_s)
                     for rank, a in enumerate(self.learners.actors)]
-            result = self.learners.wait(refs, "push_weights")[0]
+            result = self.learners.wait(refs, "push_weights", 2 * self.cfg.call_timeout_s)[0]
+            self.last_sync_buckets = result["buckets"]
             failed = {targets[i]: cause for i, cause in result["failed"].items()}
             for rank, cause in failed.items():
                 self._recover(ActorFailed("rollout", rank, "sync", cause), step, resync=False)
@@ -337,6 +364,7 @@ class RayWorkers:
         console.print(f"[yellow]rollout actor {failure.rank} failed at step {step} ({failure.cause}); restarting it "
                       f"({self.restarts_left} restart(s) left) and retrying[/yellow]")
         self.rollouts.restart(failure.rank)
+        self.rollouts.ready(failure.rank, self.cfg.start_timeout_s)
         if resync:
             self.sync(step=step)
 
