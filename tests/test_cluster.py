@@ -214,3 +214,16 @@ def test_hung_rollout_actor_times_out_instead_of_hanging(local_ray, recipe_for, 
     assert time.monotonic() - t0 < 120
     err = capsys.readouterr().err
     assert "rollout actor 0" in err and "call timeout" in err and "during step 2" in err
+
+
+def test_actors_that_do_not_fit_the_cluster_are_a_clear_error(local_ray, recipe_for, tmp_path, capsys):
+    recipe = recipe_for("too-big", "ray", trainer={"ray": {"num_learners": 4, "cpus_per_learner": 1.0,
+                                                           "start_timeout_s": 3}})
+    capsys.readouterr()
+    assert main(["train", str(recipe), f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot place the actors" in err and "num_learners" in err
+    deadline = time.monotonic() + 10
+    while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU") == 2  # the placement group was given back

@@ -159,3 +159,14 @@ def test_config_names_match_registries():
     assert sorted(typing.get_args(typing.get_type_hints(c.AlgorithmConfig)["aggregation"])) == AGGREGATIONS.names()
     assert sorted(typing.get_args(typing.get_type_hints(c.KLConfig)["estimator"])) == KL_ESTIMATORS.names()
     assert sorted(set(types_of(c.RewardConfig)) - {"python"}) == REWARDS.names()
+
+
+def test_ray_section_is_validated():
+    cfg = config_from_dict({"trainer": {"mode": "ray", "ray": {"num_learners": 2, "zero_stage": 3}}})
+    assert cfg.trainer.ray.num_learners == 2 and cfg.trainer.ray.zero_stage == 3
+    with pytest.raises(ConfigError, match="zero_stage: 4 is not allowed; allowed values: 1, 2, 3"):
+        config_from_dict({"trainer": {"ray": {"zero_stage": 4}}})
+    with pytest.raises(ConfigError, match="num_rollout_workers .3. must be <= num_learners .2."):
+        config_from_dict({"trainer": {"ray": {"colocate": True, "num_learners": 2, "num_rollout_workers": 3}}})
+    with pytest.raises(ConfigError, match="trainer.mode"):
+        config_from_dict({"trainer": {"mode": "slurm"}})

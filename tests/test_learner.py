@@ -23,14 +23,14 @@ def tiny_dir(tmp_path_factory):
     return d
 
 
-def _setup(tiny_dir, *, micro_batch_size=64, **cfg_sections):
+def _setup(tiny_dir, *, micro_batch_size=64, max_tokens=0, **cfg_sections):
     cfg = config_from_dict(cfg_sections)
     tok = load_tokenizer(tiny_dir)
     algo = Algorithm(cfg.algorithm)
     learner = local_pool(Learner(tiny_dir, tok, optim=cfg.grpo.optim, total_updates=100, device=CPU,
                                  dtype=torch.float32, temperature=cfg.rollout.temperature, algorithm=algo,
                                  reference_dir=tiny_dir if algo.needs_reference else None),
-                         micro_batch_size=micro_batch_size)
+                         micro_batch_size=micro_batch_size, max_tokens_per_micro_batch=max_tokens)
     fmt = PromptFormatter(tok, system_prompt=None, use_chat_template=True)
     engine = build_rollout(cfg.rollout, model=load_causal_lm(tiny_dir, dtype=torch.float32, device=CPU),
                            tokenizer=tok, formatter=fmt)
@@ -84,15 +84,17 @@ def test_temperature_is_applied_to_learner_logprobs(tiny_dir):
     torch.testing.assert_close(batch.old_logprobs, out.rollout_logprobs, atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize("micro", [4, 2])
-def test_micro_batching_gives_the_same_update(tiny_dir, micro):
-    """token-mean divides by the whole mini-batch's token count, so 1, 2 or 4 micro-batches update identically."""
+@pytest.mark.parametrize("micro, max_tokens", [(4, 0), (2, 0), (1, 30)])
+def test_micro_batching_gives_the_same_update(tiny_dir, micro, max_tokens):
+    """token-mean divides by the whole mini-batch's token count, so 1, 2, 4 or token-budgeted micro-batches update
+    identically."""
     torch.manual_seed(0)
     _, algo, full, engine = _setup(tiny_dir, micro_batch_size=8, algorithm={"kl": {"coef": 0.1}})
     out = engine.generate(_rows(2), n=4)
     rewards = torch.arange(8, dtype=torch.float32) % 3
     batch = full.score(algo.make_batch(out, rewards))
-    _, _, split, _ = _setup(tiny_dir, micro_batch_size=8 // micro, algorithm={"kl": {"coef": 0.1}})
+    _, _, split, _ = _setup(tiny_dir, micro_batch_size=8 // micro, max_tokens=max_tokens,
+                            algorithm={"kl": {"coef": 0.1}})
     m_full = full.train_step(batch, ppo_epochs=1, mini_batches=1)
     m_split = split.train_step(batch, ppo_epochs=1, mini_batches=1)
     for (name, a), b in zip(full.learner.model.named_parameters(), split.learner.model.parameters()):

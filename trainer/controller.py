@@ -81,6 +81,6 @@ def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, st
         "timing/train": t_train - t_score, "timing/sync": t_sync - t_train, "timing/step": t_sync - t0,
         "perf/tokens_per_s": n_tokens / (t_sync - t0),
     })
-    info = (f"reward {metrics['reward/mean']:.3f}  loss {metrics['actor/loss']:+.4f}  gen {t_gen - t0:.1f}s  "
-            f"lp {t_score - t_reward:.1f}s  train {t_train - t_score:.1f}s  sync {t_sync - t_train:.2f}s")
+    info = (f"reward {metrics['reward/mean']:.3f} loss {metrics['actor/loss']:+.4f} | gen {t_gen - t0:.1f} "
+            f"lp {t_score - t_reward:.1f} train {t_train - t_score:.1f} sync {t_sync - t_train:.2f}s")
     return metrics, info

@@ -217,7 +217,10 @@ class Learner:
     def save_model(self, path: Path) -> None:
         """A Hugging Face directory (safetensors + config + tokenizer) that `from_pretrained` loads; collective under
         ZeRO-3, written by rank 0."""
-        state = {k: v.cpu().clone() if self.world_size > 1 else v for k, v in self.full_parameters()}
+        state = {}
+        for k, v in self.full_parameters():  # every rank iterates (ZeRO-3 gathers are collective); rank 0 keeps
+            if self.rank == 0:
+                state[k] = v.cpu().clone() if self.world_size > 1 else v
         if self.rank == 0:
             self.model.save_pretrained(path, state_dict=state)
             self.tokenizer.save_pretrained(path)
