@@ -11,8 +11,8 @@ from rl.algorithm import Algorithm
 from rl.data import PromptStream
 from rl.rewards import compute_rewards
 from trainer.evaluate import heldout_metrics
-from trainer.stage import StageEnv, StageResult, StageState, stage_failure
-from trainer.workers import ActorFailed, build_workers
+from trainer.stage import StageEnv, StageResult, StageState, run_stage
+from trainer.workers import build_workers
 
 PANELS = [("reward/mean", "reward"), ("rollout/response_len_mean", "response length (tokens)"),
           ("actor/entropy", "entropy"), ("actor/kl", "KL to reference"), ("eval/accuracy", "held-out accuracy")]
@@ -22,31 +22,18 @@ def run_grpo(env: StageEnv) -> StageResult:
     cfg, g = env.cfg, env.cfg.grpo
     algo = Algorithm(cfg.algorithm)
     data = PromptStream(env.data["train"], seed=cfg.seed)
-    workers = state = None
-    try:
-        workers = build_workers(env, micro_batch_size=g.micro_batch_size, max_tokens=g.max_tokens_per_micro_batch,
-                                learner_kwargs=dict(
-                                    model_dir=env.init_dir, optim=g.optim, device=env.device, dtype=env.dtype,
-                                    total_updates=g.steps * g.ppo_epochs * g.mini_batches,
-                                    temperature=cfg.rollout.temperature, algorithm=algo,
-                                    reference_dir=env.init_dir if algo.needs_reference else None))
-        learner = workers.pool
-        state = StageState(env, learner=learner, stream=data, algorithm=algo, total_steps=g.steps,
-                           eval_every=g.eval_every, save_every=g.save_every, evaluate=lambda: heldout_metrics(
-                               workers, env.data["heldout"], num_prompts=cfg.eval.num_prompts))
-        workers.sync(step=state.step)
-        state.begin()
-        while state.step < g.steps:
-            state.step += 1
-            metrics, info = grpo_step(env, workers, algo, data, step=state.step)
-            if state.end_step(metrics, info):
-                return state.stop_here()
-        return state.finish(PANELS)
-    except ActorFailed as failure:
-        raise stage_failure(env, failure, state) from None
-    finally:
-        if workers is not None:
-            workers.close()
+    return run_stage(
+        env, panels=PANELS,
+        make_workers=lambda: build_workers(
+            env, micro_batch_size=g.micro_batch_size, max_tokens=g.max_tokens_per_micro_batch, learner_kwargs=dict(
+                model_dir=env.init_dir, optim=g.optim, device=env.device, dtype=env.dtype,
+                total_updates=g.steps * g.ppo_epochs * g.mini_batches, temperature=cfg.rollout.temperature,
+                algorithm=algo, reference_dir=env.init_dir if algo.needs_reference else None)),
+        make_state=lambda workers: StageState(
+            env, learner=workers.pool, stream=data, algorithm=algo, total_steps=g.steps, eval_every=g.eval_every,
+            save_every=g.save_every, evaluate=lambda: heldout_metrics(workers, env.data["heldout"],
+                                                                      num_prompts=cfg.eval.num_prompts)),
+        step=lambda workers, step: grpo_step(env, workers, algo, data, step=step))
 
 
 def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, step: int) -> tuple[dict, str]:
@@ -81,6 +68,6 @@ def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, st
         "timing/train": t_train - t_score, "timing/sync": t_sync - t_train, "timing/step": t_sync - t0,
         "perf/tokens_per_s": n_tokens / (t_sync - t0),
     })
-    info = (f"reward {metrics['reward/mean']:.3f} loss {metrics['actor/loss']:+.4f} | gen {t_gen - t0:.1f} "
-            f"lp {t_score - t_reward:.1f} train {t_train - t_score:.1f} sync {t_sync - t_train:.2f}s")
+    info = (f"reward {metrics['reward/mean']:.3f} | gen {t_gen - t0:.1f} lp {t_score - t_reward:.1f} "
+            f"train {t_train - t_score:.1f} sync {t_sync - t_train:.2f} s")
     return metrics, info

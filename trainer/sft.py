@@ -10,8 +10,8 @@ import torch
 from rl.data import PromptStream
 from rl.types import SFTBatch
 from trainer.evaluate import heldout_metrics
-from trainer.stage import StageEnv, StageResult, StageState, stage_failure
-from trainer.workers import ActorFailed, build_workers
+from trainer.stage import StageEnv, StageResult, StageState, run_stage
+from trainer.workers import build_workers
 
 PANELS = [("sft/loss", "SFT loss"), ("eval/accuracy", "held-out accuracy"), ("sft/lr", "learning rate")]
 
@@ -38,29 +38,22 @@ def sft_batch(rows: list[dict], tokenizer: Any, formatter: Any) -> SFTBatch:
 def run_sft(env: StageEnv) -> StageResult:
     cfg, s = env.cfg, env.cfg.sft
     stream = PromptStream(env.data["train"], seed=cfg.seed)
-    workers = state = None
-    try:
-        # debug mode evaluates with the learner's own model object (share_model): no copy, no sync cost
-        workers = build_workers(env, micro_batch_size=s.micro_batch_size, share_model=True, learner_kwargs=dict(
-            model_dir=env.init_dir, optim=s.optim, total_updates=s.steps, device=env.device, dtype=env.dtype))
 
+    def make_state(workers) -> StageState:
         def evaluate() -> dict:
             workers.sync()
             return heldout_metrics(workers, env.data["heldout"], num_prompts=cfg.eval.num_prompts)
-        state = StageState(env, learner=workers.pool, stream=stream, total_steps=s.steps, eval_every=s.eval_every,
-                           save_every=s.save_every, evaluate=evaluate)
-        state.begin()
-        while state.step < s.steps:
-            t0 = time.perf_counter()
-            state.step += 1
-            batch = sft_batch(stream.next_batch(s.batch_size), env.tokenizer, env.formatter)
-            metrics = workers.pool.sft_step(batch)
-            metrics["perf/tokens_per_s"] = float(batch.attention_mask.sum()) / (time.perf_counter() - t0)
-            if state.end_step(metrics, f"loss {metrics['sft/loss']:.3f}  {metrics['perf/tokens_per_s']:.0f} tok/s"):
-                return state.stop_here()
-        return state.finish(PANELS)
-    except ActorFailed as failure:
-        raise stage_failure(env, failure, state) from None
-    finally:
-        if workers is not None:
-            workers.close()
+        return StageState(env, learner=workers.pool, stream=stream, total_steps=s.steps, eval_every=s.eval_every,
+                          save_every=s.save_every, evaluate=evaluate)
+
+    def step(workers, _: int) -> tuple[dict, str]:
+        t0 = time.perf_counter()
+        batch = sft_batch(stream.next_batch(s.batch_size), env.tokenizer, env.formatter)
+        metrics = workers.pool.sft_step(batch)
+        metrics["perf/tokens_per_s"] = float(batch.attention_mask.sum()) / (time.perf_counter() - t0)
+        return metrics, f"loss {metrics['sft/loss']:.3f}  {metrics['perf/tokens_per_s']:.0f} tok/s"
+
+    # debug mode evaluates with the learner's own model object (share_model): no copy, no sync cost
+    return run_stage(env, make_state=make_state, step=step, panels=PANELS, make_workers=lambda: build_workers(
+        env, micro_batch_size=s.micro_batch_size, share_model=True, learner_kwargs=dict(
+            model_dir=env.init_dir, optim=s.optim, total_updates=s.steps, device=env.device, dtype=env.dtype)))

@@ -153,6 +153,31 @@ class StageState:
         return StageResult(stopped=False)
 
 
+def run_stage(env: StageEnv, *, make_workers: Callable[[], Any], make_state: Callable[[Any], "StageState"],
+              step: Callable[[Any, int], tuple[dict, str]], panels: list[tuple[str, str]]) -> StageResult:
+    """The frame of every stage loop: start the workers, restore or start the state, bring the rollout engines
+    to the learner's weights, then `step(workers, n) -> (metrics, progress text)` until done or out of budget.
+    A failed actor becomes one paragraph naming it and the step; the workers are always shut down."""
+    from trainer.workers import ActorFailed
+    workers = state = None
+    try:
+        workers = make_workers()
+        state = make_state(workers)
+        workers.sync(step=state.step)
+        state.begin()
+        while state.step < state.total_steps:
+            state.step += 1
+            metrics, info = step(workers, state.step)
+            if state.end_step(metrics, info):
+                return state.stop_here()
+        return state.finish(panels)
+    except ActorFailed as failure:
+        raise stage_failure(env, failure, state) from None
+    finally:
+        if workers is not None:
+            workers.close()
+
+
 def stage_failure(env: StageEnv, failure: Exception, state: "StageState | None") -> Exception:
     """The one-paragraph error for a dead or hung actor: who, when, and what of the run is safe."""
     from rl.errors import ClusterError
