@@ -24,12 +24,14 @@ class Algorithm:
 
     `cfg` is trainer.config.AlgorithmConfig (duck-typed here, so rl/ does not import the trainer)."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, *, max_response_len: int | None = None) -> None:
+        """max_response_len: the rollout's max_new_tokens (the constant of seq-mean-token-sum-norm)."""
         self.advantage = _piece(ADVANTAGES, cfg.advantage)
         self.policy_loss = _piece(POLICY_LOSSES, cfg.policy_loss)
         self.aggregate = AGGREGATIONS.get(cfg.aggregation)
         self.kl = KL_ESTIMATORS.get(cfg.kl.estimator)
         self.kl_coef = cfg.kl.coef
+        self.max_response_len = max_response_len
 
     @property
     def needs_reference(self) -> bool:
@@ -41,16 +43,18 @@ class Algorithm:
                                         advantages=adv_B[:, None] * rollouts.response_mask)
 
     def loss(self, logp_BT: Tensor, entropy_BT: Tensor, batch: TrainBatch, *,
-             num_tokens: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """Scalar loss of one micro-batch, already divided by the mini-batch's token count, and token-summed
-        statistics (the learner divides them by the token count)."""
+             num_tokens: int, num_seqs: int = 1) -> tuple[Tensor, dict[str, Tensor]]:
+        """Scalar loss of one micro-batch: its share of the mini-batch loss, normalised by the mini-batch's token /
+        response counts (num_tokens, num_seqs) as the aggregation says, and token-summed statistics (the learner
+        divides them by the token count)."""
         mask = batch.response_mask
         pg_BT, stats = self.policy_loss(logp_BT, batch.old_logprobs, batch.advantages, mask)
-        loss = self.aggregate(pg_BT, mask, num_tokens=num_tokens)
+        counts = {"num_tokens": num_tokens, "num_seqs": num_seqs, "max_len": self.max_response_len}
+        loss = self.aggregate(pg_BT, mask, **counts)
         stats["actor/pg_loss"] = (pg_BT.detach() * mask).sum()
         if self.needs_reference:
             kl_BT = self.kl(logp_BT, batch.ref_logprobs)
-            loss = loss + self.kl_coef * self.aggregate(kl_BT, mask, num_tokens=num_tokens)
+            loss = loss + self.kl_coef * self.aggregate(kl_BT, mask, **counts)
             stats["actor/kl"] = (kl_BT.detach() * mask).sum()
         stats["actor/entropy"] = (entropy_BT.detach() * mask).sum()
         return loss, stats

@@ -44,8 +44,57 @@ def k3(logp_BT: Tensor, ref_logp_BT: Tensor) -> Tensor:
     return (torch.exp(-d) - 1.0 + d).clamp(-10.0, 10.0)
 
 
+@KL_ESTIMATORS.register("k1")
+def k1(logp_BT: Tensor, ref_logp_BT: Tensor) -> Tensor:
+    """k1 = d = logp - ref_logp (clamped ±20): unbiased for KL(pi || ref) but can be negative per token."""
+    return log_ratio(logp_BT, ref_logp_BT)
+
+
+@KL_ESTIMATORS.register("k2")
+def k2(logp_BT: Tensor, ref_logp_BT: Tensor) -> Tensor:
+    """k2 = d^2 / 2: biased, >= 0; its gradient d * grad(logp) is the gradient of the true KL's second-order term."""
+    return 0.5 * log_ratio(logp_BT, ref_logp_BT) ** 2
+
+
+@KL_ESTIMATORS.register("k3+")
+def k3_plus(logp_BT: Tensor, ref_logp_BT: Tensor) -> Tensor:
+    """k3+ = k2 - sg(k2) + sg(k3): the value of k3 (unbiased, >= 0) with the gradient of k2 (unbiased gradient)."""
+    v2 = k2(logp_BT, ref_logp_BT)
+    return v2 - v2.detach() + k3(logp_BT, ref_logp_BT).detach()
+
+
+# Aggregations turn per-token losses of ONE micro-batch into its share of the mini-batch loss. The counts they divide
+# by (num_tokens: valid tokens, num_seqs: responses) are those of the WHOLE mini-batch over all micro-batches and
+# data-parallel ranks, so splitting a mini-batch never changes the update. Rows without valid tokens add nothing.
+
 @AGGREGATIONS.register("token-mean")
-def token_mean(loss_BT: Tensor, mask_BT: Tensor, *, num_tokens: int | Tensor) -> Tensor:
-    """sum(L * m) / num_tokens, where num_tokens counts the valid tokens of the WHOLE mini-batch (all micro-batches
-    and, in cluster mode, all data-parallel ranks), so gradient accumulation does not change the update."""
+def token_mean(loss_BT: Tensor, mask_BT: Tensor, *, num_tokens: int | Tensor, num_seqs: int = 1,
+               max_len: int | None = None) -> Tensor:
+    """sum_{i,t} L m / num_tokens: every valid token weighs the same (long responses weigh more)."""
     return (loss_BT * mask_BT).sum() / num_tokens
+
+
+@AGGREGATIONS.register("seq-mean-token-mean")
+def seq_mean_token_mean(loss_BT: Tensor, mask_BT: Tensor, *, num_tokens: int | Tensor, num_seqs: int = 1,
+                        max_len: int | None = None) -> Tensor:
+    """sum_i (sum_t L m / sum_t m_i) / num_seqs: mean over each response's tokens, then over responses (original
+    GRPO; every response weighs the same)."""
+    per_seq = (loss_BT * mask_BT).sum(1) / mask_BT.sum(1).clamp(min=1)
+    return per_seq.sum() / num_seqs
+
+
+@AGGREGATIONS.register("seq-mean-token-sum")
+def seq_mean_token_sum(loss_BT: Tensor, mask_BT: Tensor, *, num_tokens: int | Tensor, num_seqs: int = 1,
+                       max_len: int | None = None) -> Tensor:
+    """sum_{i,t} L m / num_seqs: token sums per response, averaged over responses."""
+    return (loss_BT * mask_BT).sum() / num_seqs
+
+
+@AGGREGATIONS.register("seq-mean-token-sum-norm")
+def seq_mean_token_sum_norm(loss_BT: Tensor, mask_BT: Tensor, *, num_tokens: int | Tensor, num_seqs: int = 1,
+                            max_len: int | None = None) -> Tensor:
+    """sum_{i,t} L m / (max_len * num_seqs): token sums per response divided by a constant, the longest allowed
+    response (rollout.max_new_tokens), then averaged over responses (Dr. GRPO: no length bias)."""
+    if not max_len:
+        raise ValueError("seq-mean-token-sum-norm needs max_len (the rollout's max_new_tokens)")
+    return (loss_BT * mask_BT).sum() / (max_len * num_seqs)

@@ -26,7 +26,7 @@ def tiny_dir(tmp_path_factory):
 def _setup(tiny_dir, *, micro_batch_size=64, max_tokens=0, **cfg_sections):
     cfg = config_from_dict(cfg_sections)
     tok = load_tokenizer(tiny_dir)
-    algo = Algorithm(cfg.algorithm)
+    algo = Algorithm(cfg.algorithm, max_response_len=cfg.rollout.max_new_tokens)
     learner = local_pool(Learner(tiny_dir, tok, optim=cfg.grpo.optim, total_updates=100, device=CPU,
                                  dtype=torch.float32, temperature=cfg.rollout.temperature, algorithm=algo,
                                  reference_dir=tiny_dir if algo.needs_reference else None),
@@ -84,17 +84,20 @@ def test_temperature_is_applied_to_learner_logprobs(tiny_dir):
     torch.testing.assert_close(batch.old_logprobs, out.rollout_logprobs, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                         "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("micro, max_tokens", [(4, 0), (2, 0), (1, 30)])
-def test_micro_batching_gives_the_same_update(tiny_dir, micro, max_tokens):
-    """token-mean divides by the whole mini-batch's token count, so 1, 2, 4 or token-budgeted micro-batches update
+def test_micro_batching_gives_the_same_update(tiny_dir, micro, max_tokens, aggregation):
+    """Every aggregation divides by the whole mini-batch's counts, so 1, 2, 4 or token-budgeted micro-batches update
     identically."""
     torch.manual_seed(0)
-    _, algo, full, engine = _setup(tiny_dir, micro_batch_size=8, algorithm={"kl": {"coef": 0.1}})
+    _, algo, full, engine = _setup(tiny_dir, micro_batch_size=8,
+                                   algorithm={"kl": {"coef": 0.1}, "aggregation": aggregation})
     out = engine.generate(_rows(2), n=4)
     rewards = torch.arange(8, dtype=torch.float32) % 3
     batch = full.score(algo.make_batch(out, rewards))
     _, _, split, _ = _setup(tiny_dir, micro_batch_size=8 // micro, max_tokens=max_tokens,
-                            algorithm={"kl": {"coef": 0.1}})
+                            algorithm={"kl": {"coef": 0.1}, "aggregation": aggregation})
     m_full = full.train_step(batch, ppo_epochs=1, mini_batches=1)
     m_split = split.train_step(batch, ppo_epochs=1, mini_batches=1)
     for (name, a), b in zip(full.learner.model.named_parameters(), split.learner.model.parameters()):

@@ -59,6 +59,52 @@ def test_token_mean_uses_given_count():
     assert token_mean(loss, mask, num_tokens=6).item() == pytest.approx(1.0)
 
 
+def test_dr_grpo_and_rloo_hand_computed():
+    from rl.advantages import dr_grpo, rloo
+    r = torch.tensor([1.0, 0.0, 0.0, 0.5, 1.0, 0.0])
+    # Dr. GRPO: minus the group mean (1/3 and 1/2), no std
+    torch.testing.assert_close(dr_grpo(r, 3), torch.tensor([2 / 3, -1 / 3, -1 / 3, 0.0, 0.5, -0.5]))
+    # RLOO: minus the mean of the OTHER two rewards
+    torch.testing.assert_close(rloo(r, 3), torch.tensor([1.0, -0.5, -0.5, 0.0, 0.75, -0.75]))
+    # RLOO = G/(G-1) x Dr. GRPO on random rewards; a group of one keeps R
+    x = torch.randn(40, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(rloo(x, 8), dr_grpo(x, 8) * 8 / 7, atol=1e-6, rtol=0)
+    assert torch.equal(rloo(r, 1), r) and torch.equal(dr_grpo(r, 1), r)
+
+
+def test_kl_estimators_hand_computed_and_k3_plus_has_k2_gradient():
+    from rl.losses import k1, k2, k3_plus
+    d = torch.tensor([math.log(2.0), 0.0, -math.log(2.0)])
+    ref = torch.zeros(3)
+    torch.testing.assert_close(k1(d, ref), torch.tensor([0.6931472, 0.0, -0.6931472]))
+    torch.testing.assert_close(k2(d, ref), torch.tensor([0.2402265, 0.0, 0.2402265]))
+    g = torch.Generator().manual_seed(1)
+    logp = (torch.randn(500, generator=g) * 3).requires_grad_(True)
+    ref = torch.randn(500, generator=g) * 3
+    plus = k3_plus(logp, ref)
+    torch.testing.assert_close(plus.detach(), k3(logp.detach(), ref))  # value of k3 ...
+    (grad_plus,) = torch.autograd.grad(plus.sum(), logp)
+    (grad_k2,) = torch.autograd.grad(k2(logp, ref).sum(), logp)
+    torch.testing.assert_close(grad_plus, grad_k2)                      # ... gradient of k2
+    assert (plus >= 0).all()
+
+
+def test_aggregations_hand_computed():
+    from rl.losses import AGGREGATIONS
+    loss = torch.tensor([[1.0, 2.0, 100.0], [3.0, 100.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    agg = {name: AGGREGATIONS.get(name) for name in AGGREGATIONS.names()}
+    counts = {"num_tokens": 3, "num_seqs": 2, "max_len": 4}
+    assert agg["token-mean"](loss, mask, **counts).item() == pytest.approx(2.0)            # (1+2+3)/3
+    assert agg["seq-mean-token-mean"](loss, mask, **counts).item() == pytest.approx(2.25)  # (1.5+3)/2
+    assert agg["seq-mean-token-sum"](loss, mask, **counts).item() == pytest.approx(3.0)    # (3+3)/2
+    assert agg["seq-mean-token-sum-norm"](loss, mask, **counts).item() == pytest.approx(0.75)  # 6/(4*2)
+    # the counts are the mini-batch's: the same rows inside a 4-response mini-batch contribute half
+    assert agg["seq-mean-token-mean"](loss, mask, num_tokens=6, num_seqs=4).item() == pytest.approx(1.125)
+    with pytest.raises(ValueError, match="max_len"):
+        agg["seq-mean-token-sum-norm"](loss, mask, num_tokens=3, num_seqs=2)
+
+
 def _rollouts(rewards_lengths, group_size):
     B = len(rewards_lengths)
     T = max(n for n in rewards_lengths)

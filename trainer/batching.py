@@ -25,6 +25,7 @@ class Update:
     (over all ranks), which token-mean divides by."""
     micros: list[Micro]
     num_tokens: int
+    num_seqs: int = 1  # responses in the whole mini-batch (the seq-mean aggregations divide by it)
 
 
 def row_tokens(batch: Any) -> list[int]:
@@ -96,7 +97,7 @@ def plan_updates(batch: Any, *, world: int, ppo_epochs: int, mini_batches: int, 
             num_tokens = max(1, sum(loss_tokens[r] for r in rows))
             for rank, micros in enumerate(plan_rows(rows, tokens, world=world, max_rows=max_rows,
                                                     max_tokens=max_tokens)):
-                plans[rank].append(Update(micros, num_tokens))
+                plans[rank].append(Update(micros, num_tokens, len(rows)))
     return plans
 
 

@@ -183,7 +183,19 @@ class GRPOAdvantage:
     eps: float = opt(1e-6, "Added to the group std.", gt=0)
 
 
-AdvantageConfig = Union[GRPOAdvantage]
+@dataclass
+class DrGRPOAdvantage:
+    """Dr. GRPO: A_i = R_i - mean(R_group), no std division (pair with aggregation seq-mean-token-sum-norm)."""
+    type: Literal["dr_grpo"] = opt("dr_grpo", "Advantage estimator.")
+
+
+@dataclass
+class RLOOAdvantage:
+    """RLOO: A_i = R_i - mean of the other G-1 rewards of the group."""
+    type: Literal["rloo"] = opt("rloo", "Advantage estimator.")
+
+
+AdvantageConfig = Union[GRPOAdvantage, DrGRPOAdvantage, RLOOAdvantage]
 
 
 @dataclass
@@ -200,7 +212,9 @@ PolicyLossConfig = Union[PPOClipLoss]
 
 @dataclass
 class KLConfig:
-    estimator: Literal["k3"] = opt("k3", "KL estimator to the frozen reference: k3 = exp(-d) - 1 + d, d = logp - logp_ref.")
+    estimator: Literal["k1", "k2", "k3", "k3+"] = opt(
+        "k3", "KL estimator to the frozen reference, d = logp - logp_ref: k1 = d; k2 = d^2/2; k3 = exp(-d) - 1 + d; "
+              "k3+ = k3's value with k2's gradient.")
     coef: float = opt(0.0, "KL coefficient beta in the loss (0 = no reference model is loaded).", ge=0)
 
 
@@ -208,8 +222,11 @@ class KLConfig:
 class AlgorithmConfig:
     advantage: AdvantageConfig = opt(factory=GRPOAdvantage, doc="Advantage estimator, by type.")
     policy_loss: PolicyLossConfig = opt(factory=PPOClipLoss, doc="Policy loss, by type.")
-    aggregation: Literal["token-mean"] = opt(
-        "token-mean", "How per-token losses become one number: 'token-mean' divides by the mini-batch's valid tokens.")
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = opt(
+        "token-mean", "How per-token losses become one number (counts over the whole mini-batch, all ranks): "
+                      "'token-mean' sum/valid tokens; 'seq-mean-token-mean' mean per response, then over responses; "
+                      "'seq-mean-token-sum' sum per response, mean over responses; 'seq-mean-token-sum-norm' sum per "
+                      "response / rollout.max_new_tokens, mean over responses.")
     kl: KLConfig = opt(factory=KLConfig, doc="KL penalty to the reference policy.")
 
 

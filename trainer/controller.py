@@ -20,7 +20,7 @@ PANELS = [("reward/mean", "reward"), ("rollout/response_len_mean", "response len
 
 def run_grpo(env: StageEnv) -> StageResult:
     cfg, g = env.cfg, env.cfg.grpo
-    algo = Algorithm(cfg.algorithm)
+    algo = Algorithm(cfg.algorithm, max_response_len=cfg.rollout.max_new_tokens)
     data = PromptStream(env.data["train"], seed=cfg.seed)
     return run_stage(
         env, panels=PANELS,

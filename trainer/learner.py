@@ -185,7 +185,8 @@ class Learner:
             for i, micro in enumerate(update.micros):
                 part = trim(batch.select(micro.rows)).to(self.device)
                 logp, ent = self._forward(self.opt.forward_module, part)
-                loss, stats = self.algorithm.loss(logp, ent, part, num_tokens=update.num_tokens)
+                loss, stats = self.algorithm.loss(logp, ent, part, num_tokens=update.num_tokens,
+                                                  num_seqs=update.num_seqs)
                 self.opt.backward(loss * (micro.weight * self.world_size), last=i == len(update.micros) - 1)
                 if micro.weight:
                     for k, v in stats.items():
@@ -274,7 +275,7 @@ class LearnerPool:
         for updates in plans:
             sub, micros = _localize(batch, [m for u in updates for m in u.micros])
             it = iter(micros)
-            args.append((sub, [Update([next(it) for _ in u.micros], u.num_tokens) for u in updates]))
+            args.append((sub, [Update([next(it) for _ in u.micros], u.num_tokens, u.num_seqs) for u in updates]))
         outs = self.fanout("train", args)
         tokens = sum(u.num_tokens for u in plans[0])
         sums: dict[str, float] = defaultdict(float)
