@@ -10,6 +10,7 @@ from torch import Tensor
 
 from rl.advantages import ADVANTAGES
 from rl.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+from rl.shaping import TOKEN_SHAPERS, shaped_rewards
 from rl.types import RolloutBatch, TrainBatch
 
 
@@ -32,15 +33,29 @@ class Algorithm:
         self.kl = KL_ESTIMATORS.get(cfg.kl.estimator)
         self.kl_coef = cfg.kl.coef
         self.max_response_len = max_response_len
+        self.entropy_coef = cfg.entropy_coef
+        self.overlong = cfg.overlong
+        self.token_shapers = [_piece(TOKEN_SHAPERS, c) for c in cfg.token_shapers]
 
     @property
     def needs_reference(self) -> bool:
         return self.kl_coef > 0
 
     def make_batch(self, rollouts: RolloutBatch, rewards_B: Tensor) -> TrainBatch:
+        """Shape the rewards (overlong penalty), then advantages; `rewards` of the batch are the shaped ones."""
+        rewards_B = shaped_rewards(rollouts, rewards_B, max_len=self.max_response_len, buffer=self.overlong.buffer,
+                                   factor=self.overlong.factor)
         adv_B = self.advantage(rewards_B, rollouts.group_size)
         return TrainBatch.from_rollouts(rollouts, rewards=rewards_B,
                                         advantages=adv_B[:, None] * rollouts.response_mask)
+
+    def shape(self, batch: TrainBatch) -> tuple[TrainBatch, dict[str, float]]:
+        """Token shapers over the scored step batch, in recipe order (each may narrow pg_mask)."""
+        stats: dict[str, float] = {}
+        for shaper in self.token_shapers:
+            batch, s = shaper(batch)
+            stats.update(s)
+        return batch, stats
 
     def loss(self, logp_BT: Tensor, entropy_BT: Tensor, batch: TrainBatch, *,
              num_tokens: int, num_seqs: int = 1) -> tuple[Tensor, dict[str, Tensor]]:
@@ -49,6 +64,9 @@ class Algorithm:
         divides them by the token count)."""
         mask = batch.response_mask
         pg_BT, stats = self.policy_loss(logp_BT, batch.old_logprobs, batch.advantages, mask)
+        if batch.pg_mask is not None:
+            pg_BT = pg_BT * batch.pg_mask
+            stats["actor/pg_token_frac"] = batch.pg_mask.detach().mul(mask).sum()
         counts = {"num_tokens": num_tokens, "num_seqs": num_seqs, "max_len": self.max_response_len}
         loss = self.aggregate(pg_BT, mask, **counts)
         stats["actor/pg_loss"] = (pg_BT.detach() * mask).sum()
@@ -56,6 +74,8 @@ class Algorithm:
             kl_BT = self.kl(logp_BT, batch.ref_logprobs)
             loss = loss + self.kl_coef * self.aggregate(kl_BT, mask, **counts)
             stats["actor/kl"] = (kl_BT.detach() * mask).sum()
+        if self.entropy_coef:
+            loss = loss - self.entropy_coef * self.aggregate(entropy_BT, mask, **counts)
         stats["actor/entropy"] = (entropy_BT.detach() * mask).sum()
         return loss, stats
 

@@ -28,13 +28,46 @@ def ppo_clip(logp_BT: Tensor, old_logp_BT: Tensor, adv_BT: Tensor, mask_BT: Tens
     loss = torch.maximum(unclipped, clipped)
     if dual_clip is not None:
         loss = torch.where(adv_BT < 0, torch.minimum(loss, -adv_BT * dual_clip), loss)
+    return loss, _clip_stats(ratio, adv_BT, mask_BT, clip_low, clip_high)
+
+
+def _clip_stats(ratio: Tensor, adv: Tensor, mask: Tensor, clip_low: float, clip_high: float) -> dict[str, Tensor]:
     with torch.no_grad():
-        stats = {
-            "actor/clipfrac_low": ((ratio < 1.0 - clip_low) & (adv_BT < 0)).float().mul(mask_BT).sum(),
-            "actor/clipfrac_high": ((ratio > 1.0 + clip_high) & (adv_BT > 0)).float().mul(mask_BT).sum(),
-            "actor/ratio_mean": ratio.mul(mask_BT).sum(),
+        return {
+            "actor/clipfrac_low": ((ratio < 1.0 - clip_low) & (adv < 0)).float().mul(mask).sum(),
+            "actor/clipfrac_high": ((ratio > 1.0 + clip_high) & (adv > 0)).float().mul(mask).sum(),
+            "actor/ratio_mean": ratio.mul(mask).sum(),
         }
-    return loss, stats
+
+
+def _seq_mean_log_ratio(logp_BT: Tensor, old_logp_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """mean_t delta_{i,t} over each response's valid tokens, [B, 1]."""
+    delta = log_ratio(logp_BT, old_logp_BT) * mask_BT
+    return delta.sum(1, keepdim=True) / mask_BT.sum(1, keepdim=True).clamp(min=1)
+
+
+@POLICY_LOSSES.register("gspo")
+def gspo(logp_BT: Tensor, old_logp_BT: Tensor, adv_BT: Tensor, mask_BT: Tensor, *, clip_low: float,
+         clip_high: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """GSPO: sequence ratio s_i = exp(mean_t delta_{i,t}), L_i = max(-A_i s_i, -A_i clip(s_i, 1-clip_low, 1+clip_high)),
+    broadcast to the response's tokens (pair with seq-mean-token-mean so each response counts once). A_i is the
+    response's advantage (its first valid token's; sequence-level estimators give every token the same)."""
+    s_B1 = torch.exp(_seq_mean_log_ratio(logp_BT, old_logp_BT, mask_BT).clamp(-20.0, 20.0))
+    adv_B1 = (adv_BT * mask_BT).sum(1, keepdim=True) / mask_BT.sum(1, keepdim=True).clamp(min=1)
+    loss_B1 = torch.maximum(-adv_B1 * s_B1, -adv_B1 * s_B1.clamp(1.0 - clip_low, 1.0 + clip_high))
+    ratio_BT = s_B1.expand_as(logp_BT)
+    return loss_B1.expand_as(logp_BT), _clip_stats(ratio_BT, adv_B1.expand_as(logp_BT), mask_BT, clip_low, clip_high)
+
+
+@POLICY_LOSSES.register("gspo_token")
+def gspo_token(logp_BT: Tensor, old_logp_BT: Tensor, adv_BT: Tensor, mask_BT: Tensor, *, clip_low: float,
+               clip_high: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """GSPO-token: log s_{i,t} = logp_t - sg(logp_t) + sg(mean_t delta_{i,t}): the value of the sequence ratio with a
+    per-token gradient, so per-token advantages A_{i,t} flow; L = max(-A s, -A clip(s, 1-clip_low, 1+clip_high))."""
+    log_s = logp_BT - logp_BT.detach() + _seq_mean_log_ratio(logp_BT, old_logp_BT, mask_BT).detach()
+    s_BT = torch.exp(log_s.clamp(-20.0, 20.0))
+    loss = torch.maximum(-adv_BT * s_BT, -adv_BT * s_BT.clamp(1.0 - clip_low, 1.0 + clip_high))
+    return loss, _clip_stats(s_BT, adv_BT, mask_BT, clip_low, clip_high)
 
 
 @KL_ESTIMATORS.register("k3")

@@ -61,6 +61,7 @@ class TrainBatch(RolloutBatch):
     old_logprobs: Tensor | None = None   # [B, T] float32, learner log-probs before the update
     ref_logprobs: Tensor | None = None   # [B, T] float32, reference-policy log-probs (None without KL)
     old_entropy: Tensor | None = None    # [B, T] float32, token entropy of the old policy
+    pg_mask: Tensor | None = None        # [B, T] float32, 1 where the policy-gradient term applies (token shapers)
 
     @classmethod
     def from_rollouts(cls, rollouts: RolloutBatch, **extra: Tensor | None) -> "TrainBatch":

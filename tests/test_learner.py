@@ -84,20 +84,28 @@ def test_temperature_is_applied_to_learner_logprobs(tiny_dir):
     torch.testing.assert_close(batch.old_logprobs, out.rollout_logprobs, atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                                         "seq-mean-token-sum-norm"])
+ALGOS = {agg: {"aggregation": agg} for agg in ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                                "seq-mean-token-sum-norm"]}
+ALGOS.update({
+    "gspo": {"aggregation": "seq-mean-token-mean", "policy_loss": {"type": "gspo", "clip_low": 0.01, "clip_high": 0.01}},
+    "gspo_token": {"policy_loss": {"type": "gspo_token"}, "kl": {"estimator": "k3+", "coef": 0.1}},
+    "forking+entropy": {"token_shapers": [{"type": "forking", "rho": 0.3}], "entropy_coef": 0.01,
+                        "advantage": {"type": "rloo"}, "kl": {"estimator": "k2", "coef": 0.1}},
+})
+
+
+@pytest.mark.parametrize("algorithm", list(ALGOS))
 @pytest.mark.parametrize("micro, max_tokens", [(4, 0), (2, 0), (1, 30)])
-def test_micro_batching_gives_the_same_update(tiny_dir, micro, max_tokens, aggregation):
-    """Every aggregation divides by the whole mini-batch's counts, so 1, 2, 4 or token-budgeted micro-batches update
-    identically."""
+def test_micro_batching_gives_the_same_update(tiny_dir, micro, max_tokens, algorithm):
+    """Every aggregation divides by the whole mini-batch's counts and shapers see the whole step, so 1, 2, 4 or
+    token-budgeted micro-batches update identically, for every loss, aggregation, KL estimator and shaper."""
     torch.manual_seed(0)
-    _, algo, full, engine = _setup(tiny_dir, micro_batch_size=8,
-                                   algorithm={"kl": {"coef": 0.1}, "aggregation": aggregation})
+    spec = {"kl": {"coef": 0.1}, **ALGOS[algorithm]}
+    _, algo, full, engine = _setup(tiny_dir, micro_batch_size=8, algorithm=spec)
     out = engine.generate(_rows(2), n=4)
     rewards = torch.arange(8, dtype=torch.float32) % 3
-    batch = full.score(algo.make_batch(out, rewards))
-    _, _, split, _ = _setup(tiny_dir, micro_batch_size=8 // micro, max_tokens=max_tokens,
-                            algorithm={"kl": {"coef": 0.1}, "aggregation": aggregation})
+    batch, _ = algo.shape(full.score(algo.make_batch(out, rewards)))
+    _, _, split, _ = _setup(tiny_dir, micro_batch_size=8 // micro, max_tokens=max_tokens, algorithm=spec)
     m_full = full.train_step(batch, ppo_epochs=1, mini_batches=1)
     m_split = split.train_step(batch, ppo_epochs=1, mini_batches=1)
     for (name, a), b in zip(full.learner.model.named_parameters(), split.learner.model.parameters()):

@@ -10,7 +10,7 @@ from rl.algorithm import Algorithm
 from rl.errors import RewardError
 from rl.losses import k3, ppo_clip, token_mean
 from rl.rewards import compute_rewards, exact_answer, extract_answer, format_reward, load_function
-from rl.types import RolloutBatch
+from rl.types import RolloutBatch, TrainBatch
 from trainer.config import config_from_dict
 
 S3 = 1 / math.sqrt(3)  # 0.5773503
@@ -191,3 +191,86 @@ def test_load_function_from_file_and_module(tmp_path):
         load_function(f"{tmp_path}/missing.py:fn", what="rewards[0].function")
     with pytest.raises(RewardError, match="AttributeError"):
         load_function(f"{f}:nope", what="rewards[0].function")
+
+
+def test_gspo_hand_computed_loss_and_gradient():
+    from rl.losses import gspo
+    old = torch.zeros(2, 3)
+    logp = torch.tensor([[0.1, 0.3, 9.0], [0.1, 0.3, 9.0]], requires_grad=True)  # third token is padding
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    adv = torch.tensor([[1.0], [-1.0]]) * mask
+    loss, stats = gspo(logp, old, adv, mask, clip_low=3e-4, clip_high=4e-4)
+    s = math.exp(0.2)  # exp(mean(0.1, 0.3)) = 1.2214
+    # A>0: max(-s, -1.0004) = -1.0004 (clipped, no gradient); A<0: max(s, 1.0004) = s (gradient s/2 per token)
+    torch.testing.assert_close(loss[:, 0], torch.tensor([-1.0004, s]))
+    assert torch.equal(loss[:, 0], loss[:, 1])  # one value per response, broadcast
+    (loss[:, :1].sum()).backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.0, 0.0], [s / 2, s / 2, 0.0]]))
+    assert stats["actor/clipfrac_high"].item() == 2  # both tokens of the clipped A>0 response
+
+
+def test_gspo_token_with_uniform_token_ratios_equals_ppo_clip():
+    from rl.losses import gspo_token
+    g = torch.Generator().manual_seed(3)
+    old = torch.randn(4, 5, generator=g)
+    c = torch.tensor([[0.3], [-0.2], [1e-4], [-1e-4]])  # the same log-ratio on every token of a response
+    adv = torch.randn(4, 5, generator=g)
+    mask = torch.ones(4, 5)
+    lp1 = (old + c).requires_grad_(True)
+    lp2 = (old + c).requires_grad_(True)
+    l1, _ = gspo_token(lp1, old, adv, mask, clip_low=0.2, clip_high=0.2)
+    l2, _ = ppo_clip(lp2, old, adv, mask, clip_low=0.2, clip_high=0.2)
+    torch.testing.assert_close(l1, l2)
+    l1.sum().backward()
+    l2.sum().backward()
+    torch.testing.assert_close(lp1.grad, lp2.grad)
+
+
+def test_overlong_penalty_hand_computed():
+    from rl.shaping import overlong_penalty
+    lengths = torch.tensor([3, 4, 5, 8, 8])
+    truncated = torch.tensor([False, False, False, False, True])
+    # L = 8, Lc = 4: free up to 4 tokens, then (4 - |y|)/4, truncated -> -1
+    torch.testing.assert_close(overlong_penalty(lengths, truncated, max_len=8, buffer=4, factor=1.0),
+                               torch.tensor([0.0, 0.0, -0.25, -1.0, -1.0]))
+
+
+def _scored(entropies, lengths):
+    batch = TrainBatch.from_rollouts(_rollouts(lengths, group_size=len(lengths)))
+    ent = torch.zeros(batch.response_mask.shape)
+    ent[batch.response_mask > 0] = torch.tensor(entropies)
+    batch.old_entropy = ent
+    return batch
+
+
+def test_forking_tokens_keep_the_top_rho_fraction():
+    from rl.shaping import forking_tokens
+    batch = _scored([0.5, 2.0, 1.0, 2.0, 0.1], [2, 3])  # row 0: 0.5 2.0 | row 1: 1.0 2.0 0.1
+    out, stats = forking_tokens(batch, rho=0.4)       # ceil(0.4 * 5) = 2: the two 2.0 tokens
+    assert out.pg_mask.tolist() == [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]
+    out, stats = forking_tokens(batch, rho=0.5)       # ceil(2.5) = 3: add the 1.0
+    assert out.pg_mask.tolist() == [[0.0, 1.0, 0.0], [1.0, 1.0, 0.0]]
+    assert stats["shaping/forking_kept_frac"] == pytest.approx(0.6) and stats["shaping/forking_entropy_threshold"] == 1.0
+    g = torch.Generator().manual_seed(0)
+    for rho in (0.05, 0.2, 0.33, 1.0):
+        lengths = torch.randint(1, 9, (16,), generator=g).tolist()
+        b = _scored(torch.rand(sum(lengths), generator=g).tolist(), lengths)
+        kept = forking_tokens(b, rho=rho)[0].pg_mask
+        assert int(kept.sum()) == math.ceil(rho * sum(lengths)) and not (kept * (1 - b.response_mask)).any()
+
+
+def test_pg_mask_and_entropy_bonus_in_the_loss():
+    """Masked tokens lose their policy-gradient term but still count in the denominator; the entropy bonus subtracts
+    coef x aggregated entropy."""
+    algo = Algorithm(config_from_dict({"algorithm": {"entropy_coef": 0.1}}).algorithm)
+    batch = algo.make_batch(_rollouts([2, 2], group_size=2), torch.tensor([1.0, 0.0]))  # A = +-1/sqrt2
+    logp = torch.zeros(2, 2, requires_grad=True)
+    batch.old_logprobs = torch.zeros(2, 2)
+    batch.pg_mask = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    ent = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    loss, stats = algo.loss(logp, ent, batch, num_tokens=4)
+    a = 1 / math.sqrt(2) / (1 + 1e-6 * math.sqrt(2))  # (1 - 0.5) / (std 0.7071 + 1e-6)
+    assert loss.item() == pytest.approx(-a / 4 - 0.1 * 10 / 4, abs=1e-6)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-a / 4, 0.0], [0.0, 0.0]]))
+    assert stats["actor/pg_token_frac"].item() == 1.0

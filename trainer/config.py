@@ -207,7 +207,42 @@ class PPOClipLoss:
     dual_clip: float | None = opt(None, "Dual-clip constant c (> 1) bounding the loss of negative advantages; null = off.", gt=1)
 
 
-PolicyLossConfig = Union[PPOClipLoss]
+@dataclass
+class GSPOLoss:
+    """GSPO: sequence ratio s_i = exp(mean_t(logp - logp_old)), clipped surrogate per response (pair with
+    aggregation seq-mean-token-mean)."""
+    type: Literal["gspo"] = opt("gspo", "Policy loss.")
+    clip_low: float = opt(3e-4, "Lower clip range of the sequence ratio.", ge=0, lt=1)
+    clip_high: float = opt(4e-4, "Upper clip range of the sequence ratio.", ge=0)
+
+
+@dataclass
+class GSPOTokenLoss:
+    """GSPO-token: the sequence ratio's value with a per-token gradient, so per-token advantages flow."""
+    type: Literal["gspo_token"] = opt("gspo_token", "Policy loss.")
+    clip_low: float = opt(3e-4, "Lower clip range of the sequence ratio.", ge=0, lt=1)
+    clip_high: float = opt(4e-4, "Upper clip range of the sequence ratio.", ge=0)
+
+
+PolicyLossConfig = Union[PPOClipLoss, GSPOLoss, GSPOTokenLoss]
+
+
+@dataclass
+class OverlongConfig:
+    buffer: int = opt(0, "DAPO overlong shaping: buffer Lc in tokens before rollout.max_new_tokens where the reward "
+                         "falls linearly to -factor (truncated responses get -factor); 0 = off.", ge=0)
+    factor: float = opt(1.0, "Largest overlong penalty.", ge=0)
+
+
+@dataclass
+class ForkingTokens:
+    """High-entropy ("forking") tokens: the policy-gradient term only on the ceil(rho N) highest-entropy valid tokens
+    of the step (old-policy entropy); the loss denominators still count every valid token."""
+    type: Literal["forking"] = opt("forking", "Token shaper.")
+    rho: float = opt(0.2, "Fraction of valid tokens kept.", gt=0, le=1)
+
+
+TokenShaperConfig = Union[ForkingTokens]
 
 
 @dataclass
@@ -228,6 +263,9 @@ class AlgorithmConfig:
                       "'seq-mean-token-sum' sum per response, mean over responses; 'seq-mean-token-sum-norm' sum per "
                       "response / rollout.max_new_tokens, mean over responses.")
     kl: KLConfig = opt(factory=KLConfig, doc="KL penalty to the reference policy.")
+    entropy_coef: float = opt(0.0, "Entropy bonus: minus this times the aggregated token entropy joins the loss.", ge=0)
+    overlong: OverlongConfig = opt(factory=OverlongConfig, doc="DAPO overlong reward shaping.")
+    token_shapers: list[TokenShaperConfig] = opt(factory=list, doc="Token shapers applied after scoring, in order.")
 
 
 # --------------------------------------------------------------------------------------------------------- stages
@@ -368,6 +406,9 @@ class RunConfig:
             raise ConfigError("stages must list at least one of 'sft', 'grpo'")
         if len(set(self.stages)) != len(self.stages) or self.stages not in (["sft"], ["grpo"], ["sft", "grpo"]):
             raise ConfigError(f"stages must be [sft], [grpo] or [sft, grpo], got {self.stages}")
+        if self.algorithm.overlong.buffer >= self.rollout.max_new_tokens:
+            raise ConfigError(f"algorithm.overlong.buffer ({self.algorithm.overlong.buffer}) must be smaller than "
+                              f"rollout.max_new_tokens ({self.rollout.max_new_tokens})")
 
     def resolved_output_dir(self, now: _dt.datetime | None = None) -> Path:
         stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")

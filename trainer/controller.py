@@ -45,7 +45,7 @@ def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, st
     rewards, reward_stats = compute_rewards(env.rewards, prompts=rollouts.prompts, responses=rollouts.responses,
                                             answers=rollouts.answers, truncated=rollouts.truncated.tolist())
     t_reward = time.perf_counter()
-    batch = learner.score(algo.make_batch(rollouts, rewards))
+    batch, shaping_stats = algo.shape(learner.score(algo.make_batch(rollouts, rewards)))
     t_score = time.perf_counter()
     workers.sleep_rollouts()
     metrics = learner.train_step(batch, ppo_epochs=g.ppo_epochs, mini_batches=g.mini_batches)
@@ -56,6 +56,9 @@ def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, st
     mask = batch.response_mask
     n_tokens = float(mask.sum() + batch.prompt_mask.sum())
     metrics.update(reward_stats)
+    metrics.update(shaping_stats)
+    if algo.overlong.buffer:
+        metrics["reward/overlong_penalty"] = (batch.rewards - rewards).mean().item()
     metrics.update({
         "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
         "advantage/abs_mean": (batch.advantages.abs().sum() / mask.sum()).item(),
