@@ -51,3 +51,19 @@ def tiny_recipe(tmp_path):
 
 def read_metrics(run_dir: Path, stage: str) -> list[dict]:
     return [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
+
+
+def stage_env(cfg, run_dir: Path, stage: str = "grpo"):
+    """The StageEnv trainer/run.py builds for `cfg` (a RunConfig) on CPU, rewards included."""
+    import torch
+    from rl.rewards import reward_specs
+    from trainer.loading import PromptFormatter, load_tokenizer
+    from trainer.run import load_task, prepare_base_model
+    from trainer.stage import StageEnv
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_dir, tok_dir = prepare_base_model(cfg, run_dir)
+    tok = load_tokenizer(tok_dir)
+    return StageEnv(cfg=cfg, run_dir=run_dir, stage=stage, init_dir=Path(model_dir), tokenizer_dir=Path(tok_dir),
+                    tokenizer=tok, formatter=PromptFormatter(tok, system_prompt=None, use_chat_template=True),
+                    data=load_task(cfg.data), device=torch.device("cpu"), dtype=torch.float32,
+                    rewards=reward_specs(cfg.rewards))

@@ -14,8 +14,9 @@ import ray
 import torch
 import yaml
 
-from conftest import TINY, _merge, read_metrics
+from conftest import TINY, _merge, read_metrics, stage_env
 from trainer.cli import main
+from trainer.config import load_config
 
 pytestmark = pytest.mark.distributed
 
@@ -88,21 +89,6 @@ def test_two_learners_match_debug_mode(local_ray, recipe_for, debug_run, tmp_pat
         torch.testing.assert_close(wa[k], wb[k], atol=2e-5, rtol=0, msg=k)
 
 
-def _env(recipe: Path, run_dir: Path):
-    """The StageEnv run.py would build for the recipe's grpo stage."""
-    from trainer.config import load_config
-    from trainer.loading import PromptFormatter, load_tokenizer
-    from trainer.run import load_task, prepare_base_model
-    from trainer.stage import StageEnv
-    cfg = load_config(recipe)
-    run_dir.mkdir(parents=True)
-    model_dir, tok_dir = prepare_base_model(cfg, run_dir)
-    tok = load_tokenizer(tok_dir)
-    return StageEnv(cfg=cfg, run_dir=run_dir, stage="grpo", init_dir=Path(model_dir), tokenizer_dir=Path(tok_dir),
-                    tokenizer=tok, formatter=PromptFormatter(tok, system_prompt=None, use_chat_template=True),
-                    data=load_task(cfg.data), device=torch.device("cpu"), dtype=torch.float32, rewards=[])
-
-
 def test_after_sync_rollout_generates_like_the_learners_weights(local_ray, recipe_for, tmp_path):
     """Bucketed sync (buckets far smaller than the model) under ZeRO-3: the rollout actor's greedy generations equal
     those of an HF model holding the learners' consolidated weights, and differ from the starting model's."""
@@ -113,7 +99,7 @@ def test_after_sync_rollout_generates_like_the_learners_weights(local_ray, recip
     from trainer.rollout import build_rollout
     recipe = recipe_for("sync", "ray", grpo={"optim": {"lr": 0.05}},
                         trainer={"ray": {"zero_stage": 3, "sync_bucket_mb": 0.002}})
-    env = _env(recipe, tmp_path / "run")
+    env = stage_env(load_config(recipe), tmp_path / "run")
     algo = Algorithm(env.cfg.algorithm)
     workers = RayWorkers(env, micro_batch_size=4, learner_kwargs=dict(
         model_dir=env.init_dir, optim=env.cfg.grpo.optim, device=env.device, dtype=env.dtype, total_updates=10,

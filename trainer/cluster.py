@@ -324,20 +324,21 @@ class RayWorkers:
         return self.learners.call(method, per_rank_args)
 
     # ------------------------------------------------------------------------------------------------ rollout
-    def generate(self, rows: list[dict], *, n: int, greedy: bool = False, step: int | None = None) -> RolloutBatch:
-        """Prompts split into contiguous shards, one per rollout actor; shard k samples with step_seed(.., k)."""
+    def generate(self, rows: list[dict], *, n: int, greedy: bool = False, step: int | None = None,
+                 round: int = 0) -> RolloutBatch:
+        """Prompts split into contiguous shards, one per rollout actor; shard k samples with step_seed(.., k, round)."""
         while True:
             try:
-                return self._generate(rows, n, greedy, step)
+                return self._generate(rows, n, greedy, step, round)
             except ActorFailed as failure:
                 self._recover(failure, step)
 
-    def _generate(self, rows: list[dict], n: int, greedy: bool, step: int | None) -> RolloutBatch:
+    def _generate(self, rows: list[dict], n: int, greedy: bool, step: int | None, round: int) -> RolloutBatch:
         from trainer.rollout.hf import concat_rollouts
         M = min(len(self.rollouts), len(rows))
         shards = [rows[k * len(rows) // M:(k + 1) * len(rows) // M] for k in range(M)]
         refs = [self.rollouts.actors[k].generate.remote(
-            shards[k], n, greedy, None if greedy or step is None else step_seed(self.env.cfg.seed, step, k))
+            shards[k], n, greedy, None if greedy or step is None else step_seed(self.env.cfg.seed, step, k, round))
             for k in range(M)]
         return concat_rollouts(self.rollouts.wait(refs, "generate"), self.env.tokenizer.pad_token_id)
 

@@ -235,6 +235,13 @@ class OverlongConfig:
 
 
 @dataclass
+class DynamicSampling:
+    max_rounds: int = opt(0, "DAPO dynamic sampling: drop groups whose rewards are all equal and generate again (for "
+                             "fresh prompts) until grpo.prompts_per_step informative groups are collected or this many "
+                             "rounds ran; 0 = off.", ge=0)
+
+
+@dataclass
 class ForkingTokens:
     """High-entropy ("forking") tokens: the policy-gradient term only on the ceil(rho N) highest-entropy valid tokens
     of the step (old-policy entropy); the loss denominators still count every valid token."""
@@ -265,6 +272,7 @@ class AlgorithmConfig:
     kl: KLConfig = opt(factory=KLConfig, doc="KL penalty to the reference policy.")
     entropy_coef: float = opt(0.0, "Entropy bonus: minus this times the aggregated token entropy joins the loss.", ge=0)
     overlong: OverlongConfig = opt(factory=OverlongConfig, doc="DAPO overlong reward shaping.")
+    dynamic_sampling: DynamicSampling = opt(factory=DynamicSampling, doc="DAPO dynamic sampling.")
     token_shapers: list[TokenShaperConfig] = opt(factory=list, doc="Token shapers applied after scoring, in order.")
 
 

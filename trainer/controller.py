@@ -7,9 +7,15 @@ from __future__ import annotations
 
 import time
 
+import torch
+from torch import Tensor
+
 from rl.algorithm import Algorithm
 from rl.data import PromptStream
 from rl.rewards import compute_rewards
+from rl.shaping import informative_groups
+from rl.types import RolloutBatch
+from trainer.rollout.hf import concat_rollouts
 from trainer.evaluate import heldout_metrics
 from trainer.stage import StageEnv, StageResult, StageState, run_stage
 from trainer.workers import build_workers
@@ -39,38 +45,74 @@ def run_grpo(env: StageEnv) -> StageResult:
 def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, step: int) -> tuple[dict, str]:
     g, learner = env.cfg.grpo, workers.pool
     t0 = time.perf_counter()
-    prompts = data.next_batch(g.prompts_per_step)
-    rollouts = workers.generate(prompts, n=g.group_size, step=step)
-    t_gen = time.perf_counter()
-    rewards, reward_stats = compute_rewards(env.rewards, prompts=rollouts.prompts, responses=rollouts.responses,
-                                            answers=rollouts.answers, truncated=rollouts.truncated.tolist())
+    rollouts, rewards, metrics, t_gen = sample(env, workers, data, step=step)
     t_reward = time.perf_counter()
     batch, shaping_stats = algo.shape(learner.score(algo.make_batch(rollouts, rewards)))
     t_score = time.perf_counter()
     workers.sleep_rollouts()
-    metrics = learner.train_step(batch, ppo_epochs=g.ppo_epochs, mini_batches=g.mini_batches)
+    metrics.update(learner.train_step(batch, ppo_epochs=g.ppo_epochs,
+                                      mini_batches=min(g.mini_batches, len(batch) // batch.group_size)))
     workers.wake_rollouts()
     t_train = time.perf_counter()
     workers.sync(step=step)
     t_sync = time.perf_counter()
     mask = batch.response_mask
     n_tokens = float(mask.sum() + batch.prompt_mask.sum())
-    metrics.update(reward_stats)
     metrics.update(shaping_stats)
     if algo.overlong.buffer:
         metrics["reward/overlong_penalty"] = (batch.rewards - rewards).mean().item()
     metrics.update({
-        "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
         "advantage/abs_mean": (batch.advantages.abs().sum() / mask.sum()).item(),
         "rollout/response_len_mean": mask.sum(1).mean().item(),
         "rollout/truncated_frac": rollouts.truncated.float().mean().item(),
         "rollout/logprob_diff": ((batch.old_logprobs - batch.rollout_logprobs).abs().sum() / mask.sum()).item(),
         "rollout/policy_lag": float(learner.version - 1 - rollouts.policy_version),
         "rollout/actor_restarts": float(workers.restarts),
-        "timing/generate": t_gen - t0, "timing/reward": t_reward - t_gen, "timing/logprob": t_score - t_reward,
+        "timing/generate": t_gen, "timing/reward": t_reward - t0 - t_gen, "timing/logprob": t_score - t_reward,
         "timing/train": t_train - t_score, "timing/sync": t_sync - t_train, "timing/step": t_sync - t0,
         "perf/tokens_per_s": n_tokens / (t_sync - t0),
     })
-    info = (f"reward {metrics['reward/mean']:.3f} | gen {t_gen - t0:.1f} lp {t_score - t_reward:.1f} "
+    info = (f"reward {metrics['reward/mean']:.3f} | gen {t_gen:.1f} lp {t_score - t_reward:.1f} "
             f"train {t_train - t_score:.1f} sync {t_sync - t_train:.2f} s")
     return metrics, info
+
+
+def sample(env: StageEnv, workers, data: PromptStream, *, step: int) -> tuple[RolloutBatch, Tensor, dict, float]:
+    """Rollouts and rewards for one step: one generation round, or under dynamic sampling rounds of fresh prompts
+    until prompts_per_step groups with unequal rewards are collected (or max_rounds ran; then the informative groups
+    found, or the last round whole if there were none). Returns (rollouts, rewards, stats, seconds generating)."""
+    g, ds = env.cfg.grpo, env.cfg.algorithm.dynamic_sampling
+    parts, rewards_parts, reward_stats, seconds, informative, drawn = [], [], [], 0.0, 0, []
+    for round in range(max(1, ds.max_rounds)):
+        t0 = time.perf_counter()
+        rollouts = workers.generate(data.next_batch(g.prompts_per_step), n=g.group_size, step=step, round=round)
+        seconds += time.perf_counter() - t0
+        rewards, stats = compute_rewards(env.rewards, prompts=rollouts.prompts, responses=rollouts.responses,
+                                         answers=rollouts.answers, truncated=rollouts.truncated.tolist())
+        reward_stats.append(stats)
+        drawn.append(rewards)
+        if ds.max_rounds:
+            keep = informative_groups(rewards, g.group_size)
+            informative += int(keep.sum())
+            rows = keep.repeat_interleave(g.group_size).nonzero().squeeze(1).tolist()
+            if rows:
+                parts.append(rollouts.select(rows))
+                rewards_parts.append(rewards[rows])
+            if informative >= g.prompts_per_step:
+                break
+        else:
+            parts, rewards_parts = [rollouts], [rewards]
+    if not parts:
+        parts, rewards_parts = [rollouts], [rewards]
+    batch = concat_rollouts(parts, env.tokenizer.pad_token_id)
+    rewards = torch.cat(rewards_parts)
+    rows = min(len(batch), g.prompts_per_step * g.group_size)
+    batch, rewards = batch.select(slice(0, rows)), rewards[:rows]
+    stats = {k: sum(s[k] for s in reward_stats) / len(reward_stats) for k in reward_stats[0]}
+    everything = torch.cat(drawn)  # reward statistics of all responses drawn, not only of those trained on
+    stats.update({"reward/mean": everything.mean().item(),
+                  "reward/std": everything.std().item() if len(everything) > 1 else 0.0})
+    if ds.max_rounds:
+        stats.update({"sampling/rounds": float(len(reward_stats)),
+                      "sampling/informative_frac": informative * g.group_size / len(everything)})
+    return batch, rewards, stats, seconds

@@ -1,7 +1,7 @@
 """The learner and rollout workers a stage loop holds, in either process layout, behind one interface:
 
     workers.pool                      LearnerPool: score / train_step / sft_step / save / load / save_model / version
-    workers.generate(rows, n=, greedy=, step=)   RolloutBatch; sampling seeded by (run seed, step, shard)
+    workers.generate(rows, n=, greedy=, step=, round=)   RolloutBatch; sampling seeded by (seed, step, shard, round)
     workers.sync(step=)               learner weights → rollout engine(s), stamped with pool.version
     workers.sleep_rollouts() / wake_rollouts()   colocated engines give the GPU to the learners while they train
     workers.restarts                  rollout actors replaced so far (cluster mode)
@@ -28,10 +28,10 @@ class ActorFailed(Exception):
         self.role, self.rank, self.method, self.cause = role, rank, method, cause
 
 
-def step_seed(seed: int, step: int, shard: int) -> int:
-    """The sampling seed of rollout shard `shard` at `step`: the same in debug and cluster mode, so a retried step
-    (or a run on one rollout actor) draws the same samples."""
-    return (seed * 1_000_003 + step) * 1_009 + shard
+def step_seed(seed: int, step: int, shard: int, round: int = 0) -> int:
+    """The sampling seed of rollout shard `shard` at `step` (generation round `round` under dynamic sampling): the
+    same in debug and cluster mode, so a retried step (or a run on one rollout actor) draws the same samples."""
+    return (seed * 1_000_003 + step) * 1_009 + shard + round * 7_919_000_003
 
 
 class LocalWorkers:
@@ -49,8 +49,9 @@ class LocalWorkers:
         model = self.learner.model if share_model else load_causal_lm(env.init_dir, dtype=env.dtype, device=env.device)
         self.engine = build_rollout(env.cfg.rollout, model=model, tokenizer=env.tokenizer, formatter=env.formatter)
 
-    def generate(self, rows: list[dict], *, n: int, greedy: bool = False, step: int | None = None) -> RolloutBatch:
-        seed = None if greedy or step is None else step_seed(self.env.cfg.seed, step, 0)
+    def generate(self, rows: list[dict], *, n: int, greedy: bool = False, step: int | None = None,
+                 round: int = 0) -> RolloutBatch:
+        seed = None if greedy or step is None else step_seed(self.env.cfg.seed, step, 0, round)
         return self.engine.generate(rows, n=n, greedy=greedy, seed=seed)
 
     def sync(self, *, step: int | None = None) -> None:
