@@ -10,7 +10,8 @@ from torch import Tensor
 
 from rl.advantages import ADVANTAGES
 from rl.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
-from rl.shaping import TOKEN_SHAPERS, shaped_rewards
+from rl import d3s  # noqa: F401  (registers the D³S sample filter and token shaper)
+from rl.shaping import SAMPLE_FILTERS, TOKEN_SHAPERS, shaped_rewards
 from rl.types import RolloutBatch, TrainBatch
 
 
@@ -36,6 +37,7 @@ class Algorithm:
         self.entropy_coef = cfg.entropy_coef
         self.overlong = cfg.overlong
         self.token_shapers = [_piece(TOKEN_SHAPERS, c) for c in cfg.token_shapers]
+        self.sample_filters = [_piece(SAMPLE_FILTERS, c) for c in cfg.sample_filters]
 
     @property
     def needs_reference(self) -> bool:
@@ -49,11 +51,20 @@ class Algorithm:
         return TrainBatch.from_rollouts(rollouts, rewards=rewards_B,
                                         advantages=adv_B[:, None] * rollouts.response_mask)
 
-    def shape(self, batch: TrainBatch) -> tuple[TrainBatch, dict[str, float]]:
+    def filter(self, batch: TrainBatch, *, progress: float = 0.0) -> tuple[TrainBatch, dict[str, float]]:
+        """Sample filters (e.g. D³S) on the batch with advantages, before scoring; progress in [0, 1] drives
+        schedules."""
+        return self._chain(self.sample_filters, batch, progress)
+
+    def shape(self, batch: TrainBatch, *, progress: float = 0.0) -> tuple[TrainBatch, dict[str, float]]:
         """Token shapers over the scored step batch, in recipe order (each may narrow pg_mask)."""
+        return self._chain(self.token_shapers, batch, progress)
+
+    @staticmethod
+    def _chain(pieces: list, batch: TrainBatch, progress: float) -> tuple[TrainBatch, dict[str, float]]:
         stats: dict[str, float] = {}
-        for shaper in self.token_shapers:
-            batch, s = shaper(batch)
+        for piece in pieces:
+            batch, s = piece(batch, progress=progress)
             stats.update(s)
         return batch, stats
 

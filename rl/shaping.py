@@ -1,6 +1,7 @@
 """Reward shapers (before advantages) and token shapers (after scoring, before the update); ALGORITHMS.md §2.
 
-A token shaper sees the scored batch (old-policy log-probs and entropies over the whole step) and returns it with a
+A sample filter sees the batch with advantages (before scoring) and returns a subset of its responses. A token shaper
+sees the scored batch (old-policy log-probs and entropies over the whole step) and returns it with a
 `pg_mask` [B, T]: 1 where the policy-gradient term applies. Aggregation denominators stay the valid-token counts.
 """
 
@@ -16,6 +17,7 @@ from rl.registry import Registry
 from rl.types import RolloutBatch, TrainBatch
 
 TOKEN_SHAPERS: Registry = Registry("token shaper")
+SAMPLE_FILTERS: Registry = Registry("sample filter")
 
 
 def overlong_penalty(lengths_B: Tensor, truncated_B: Tensor, *, max_len: int, buffer: int, factor: float) -> Tensor:
@@ -38,9 +40,10 @@ def shaped_rewards(rollouts: RolloutBatch, rewards_B: Tensor, *, max_len: int | 
 
 
 @TOKEN_SHAPERS.register("forking")
-def forking_tokens(batch: TrainBatch, *, rho: float) -> tuple[TrainBatch, dict[str, float]]:
+def forking_tokens(batch: TrainBatch, *, rho: float, progress: float = 0.0) -> tuple[TrainBatch, dict[str, float]]:
     """High-entropy ("forking") tokens: keep the policy-gradient term only on the ceil(rho * N) valid tokens of the
-    step's batch with the highest old-policy entropy (ties: earlier token first), N = valid tokens."""
+    step's batch with the highest old-policy entropy (ties: earlier token first), N = valid tokens. (Training
+    progress, given to every shaper, is unused.)"""
     mask = batch.response_mask > 0
     n = int(mask.sum())
     keep = math.ceil(rho * n)

@@ -158,6 +158,8 @@ def test_config_names_match_registries():
     assert types_of(c.PolicyLossConfig) == POLICY_LOSSES.names()
     from rl.shaping import TOKEN_SHAPERS
     assert types_of(c.TokenShaperConfig) == TOKEN_SHAPERS.names()
+    from rl.shaping import SAMPLE_FILTERS
+    assert types_of(c.SampleFilterConfig) == SAMPLE_FILTERS.names()
     assert sorted(typing.get_args(typing.get_type_hints(c.AlgorithmConfig)["aggregation"])) == AGGREGATIONS.names()
     assert sorted(typing.get_args(typing.get_type_hints(c.KLConfig)["estimator"])) == KL_ESTIMATORS.names()
     assert sorted(set(types_of(c.RewardConfig)) - {"python"}) == REWARDS.names()

@@ -91,6 +91,8 @@ ALGOS.update({
     "gspo_token": {"policy_loss": {"type": "gspo_token"}, "kl": {"estimator": "k3+", "coef": 0.1}},
     "forking+entropy": {"token_shapers": [{"type": "forking", "rho": 0.3}], "entropy_coef": 0.01,
                         "advantage": {"type": "rloo"}, "kl": {"estimator": "k2", "coef": 0.1}},
+    "d3s": {"sample_filters": [{"type": "d3s", "n_init": 0.5}], "token_shapers": [{"type": "d3s_token", "k_init": 0.3}],
+            "kl": {"estimator": "k1", "coef": 0.1}},
 })
 
 
@@ -104,7 +106,8 @@ def test_micro_batching_gives_the_same_update(tiny_dir, micro, max_tokens, algor
     _, algo, full, engine = _setup(tiny_dir, micro_batch_size=8, algorithm=spec)
     out = engine.generate(_rows(2), n=4)
     rewards = torch.arange(8, dtype=torch.float32) % 3
-    batch, _ = algo.shape(full.score(algo.make_batch(out, rewards)))
+    batch, _ = algo.filter(algo.make_batch(out, rewards), progress=0.5)
+    batch, _ = algo.shape(full.score(batch), progress=0.5)
     _, _, split, _ = _setup(tiny_dir, micro_batch_size=8 // micro, max_tokens=max_tokens, algorithm=spec)
     m_full = full.train_step(batch, ppo_epochs=1, mini_batches=1)
     m_split = split.train_step(batch, ppo_epochs=1, mini_batches=1)

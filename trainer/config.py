@@ -249,7 +249,28 @@ class ForkingTokens:
     rho: float = opt(0.2, "Fraction of valid tokens kept.", gt=0, le=1)
 
 
-TokenShaperConfig = Union[ForkingTokens]
+@dataclass
+class D3STokens:
+    """D³S token level: the policy gradient only on the ceil(k N) valid tokens with the largest |A| x H; k follows
+    (1 - p) k_init + p k_final over training progress p."""
+    type: Literal["d3s_token"] = opt("d3s_token", "Token shaper.")
+    k_init: float = opt(0.2, "Fraction of tokens kept at the start.", gt=0, le=1)
+    k_final: float = opt(1.0, "Fraction of tokens kept at the end.", gt=0, le=1)
+
+
+TokenShaperConfig = Union[ForkingTokens, D3STokens]
+
+
+@dataclass
+class D3SSamples:
+    """D³S sample level: per group, keep the round(n G) responses whose advantages have the largest variance
+    (groups with all-zero advantages drop out); n follows (1 - p) n_init + p n_final over training progress p."""
+    type: Literal["d3s"] = opt("d3s", "Sample filter.")
+    n_init: float = opt(0.5, "Fraction of each group kept at the start.", gt=0, le=1)
+    n_final: float = opt(1.0, "Fraction of each group kept at the end.", gt=0, le=1)
+
+
+SampleFilterConfig = Union[D3SSamples]
 
 
 @dataclass
@@ -273,6 +294,7 @@ class AlgorithmConfig:
     entropy_coef: float = opt(0.0, "Entropy bonus: minus this times the aggregated token entropy joins the loss.", ge=0)
     overlong: OverlongConfig = opt(factory=OverlongConfig, doc="DAPO overlong reward shaping.")
     dynamic_sampling: DynamicSampling = opt(factory=DynamicSampling, doc="DAPO dynamic sampling.")
+    sample_filters: list[SampleFilterConfig] = opt(factory=list, doc="Sample filters applied before scoring, in order.")
     token_shapers: list[TokenShaperConfig] = opt(factory=list, doc="Token shapers applied after scoring, in order.")
 
 

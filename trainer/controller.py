@@ -47,7 +47,13 @@ def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, st
     t0 = time.perf_counter()
     rollouts, rewards, metrics, t_gen = sample(env, workers, data, step=step)
     t_reward = time.perf_counter()
-    batch, shaping_stats = algo.shape(learner.score(algo.make_batch(rollouts, rewards)))
+    progress = (step - 1) / max(1, g.steps - 1)  # drives shaping schedules: 0 at the first step, 1 at the last
+    made = algo.make_batch(rollouts, rewards)
+    if algo.overlong.buffer:
+        metrics["reward/overlong_penalty"] = (made.rewards - rewards).mean().item()
+    batch, shaping_stats = algo.filter(made, progress=progress)
+    batch, token_stats = algo.shape(learner.score(batch), progress=progress)
+    shaping_stats.update(token_stats)
     t_score = time.perf_counter()
     workers.sleep_rollouts()
     metrics.update(learner.train_step(batch, ppo_epochs=g.ppo_epochs,
@@ -59,8 +65,6 @@ def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, st
     mask = batch.response_mask
     n_tokens = float(mask.sum() + batch.prompt_mask.sum())
     metrics.update(shaping_stats)
-    if algo.overlong.buffer:
-        metrics["reward/overlong_penalty"] = (batch.rewards - rewards).mean().item()
     metrics.update({
         "advantage/abs_mean": (batch.advantages.abs().sum() / mask.sum()).item(),
         "rollout/response_len_mean": mask.sum(1).mean().item(),

@@ -1,0 +1,83 @@
+"""D³S, dual-level down-sampling (ALGORITHMS.md §4; its constants are uncertain, so all are config values).
+
+Sample level: keep the responses whose advantages have the largest variance; token level: keep the valid tokens
+with the largest |A|·H. Both fractions follow a linear schedule in training progress p ∈ [0, 1]:
+value(p) = (1 - p) · init + p · final.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor
+
+from rl.shaping import SAMPLE_FILTERS, TOKEN_SHAPERS
+from rl.types import TrainBatch
+
+
+def schedule(init: float, final: float, progress: float) -> float:
+    p = min(1.0, max(0.0, progress))
+    return (1.0 - p) * init + p * final
+
+
+def max_variance_subset(a: Tensor, n: int) -> Tensor:
+    """Indices of the size-n subset of `a` with the largest (biased) variance. The optimum is always the k largest
+    together with the n-k smallest values for some k: sort once, then scan k with prefix sums of a and a^2
+    (O(len log len)). Ties between k prefer the smaller k."""
+    m = a.numel()
+    if not 0 < n <= m:
+        raise ValueError(f"subset size {n} must be in 1..{m}")
+    v, order = torch.sort(a.double(), stable=True)
+    c1 = torch.cat([v.new_zeros(1), v.cumsum(0)])
+    c2 = torch.cat([v.new_zeros(1), (v * v).cumsum(0)])
+    k = torch.arange(n + 1)
+    s1 = c1[n - k] + (c1[m] - c1[m - k])
+    s2 = c2[n - k] + (c2[m] - c2[m - k])
+    var = s2 / n - (s1 / n) ** 2
+    best = int(torch.argmax(var))  # first maximum: smallest k
+    return torch.cat([order[:n - best], order[m - best:]]).sort().values
+
+
+def row_advantages(batch: TrainBatch) -> Tensor:
+    """[B] the advantage of each response (mean over its valid tokens)."""
+    mask = batch.response_mask
+    return (batch.advantages * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+@SAMPLE_FILTERS.register("d3s")
+def d3s_samples(batch: TrainBatch, *, progress: float, n_init: float, n_final: float) -> tuple[TrainBatch, dict]:
+    """Sample level, per group: of the groups with any non-zero advantage, keep in each the round(n * G) responses
+    (at least 1) whose advantages have the largest variance; advantages are not re-normalised. Groups stay contiguous
+    and equal-sized (group_size becomes the kept count); all-zero groups drop out (if every group is all-zero the
+    batch is kept whole)."""
+    G = batch.group_size
+    frac = schedule(n_init, n_final, progress)
+    keep_n = max(1, min(G, round(frac * G)))
+    adv_NG = row_advantages(batch).view(-1, G)
+    live = (adv_NG != 0).any(1)
+    if not live.any():
+        return batch, {"d3s/sample_frac": 1.0, "d3s/groups_kept_frac": 1.0}
+    rows = [g * G + int(i) for g in live.nonzero().squeeze(1).tolist()
+            for i in max_variance_subset(adv_NG[g], keep_n)]
+    out = dataclasses.replace(batch.select(rows), group_size=keep_n)
+    return out, {"d3s/sample_frac": len(rows) / len(batch), "d3s/groups_kept_frac": float(live.float().mean())}
+
+
+@TOKEN_SHAPERS.register("d3s_token")
+def d3s_tokens(batch: TrainBatch, *, progress: float, k_init: float, k_final: float) -> tuple[TrainBatch, dict]:
+    """Token level: keep the policy-gradient term on the ceil(k * N) valid tokens with the largest |A_{i,t}| · H_{i,t}
+    (old-policy entropy; ties: earlier token first), N = valid tokens of the step."""
+    frac = schedule(k_init, k_final, progress)
+    mask = batch.response_mask > 0
+    n = int(mask.sum())
+    keep = math.ceil(frac * n)
+    score = (batch.advantages.abs() * batch.old_entropy)[mask]
+    kept = torch.zeros(n)
+    kept[torch.sort(-score, stable=True).indices[:keep]] = 1.0
+    pg_mask = torch.zeros_like(batch.response_mask)
+    pg_mask[mask] = kept
+    if batch.pg_mask is not None:
+        pg_mask = pg_mask * batch.pg_mask
+    return dataclasses.replace(batch, pg_mask=pg_mask), {"d3s/token_frac": keep / max(1, n)}

@@ -1,0 +1,79 @@
+"""D³S: the max-variance subset selector against brute force, the sample and token levels, the schedule."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from rl.d3s import d3s_samples, d3s_tokens, max_variance_subset, schedule
+from rl.types import RolloutBatch, TrainBatch
+
+
+def _var(x):
+    x = x.double()
+    return float((x * x).mean() - x.mean() ** 2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_subset_selector_equals_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    for m in range(1, 13):
+        a = torch.randn(m, generator=g)
+        if seed % 2:
+            a = a.round()  # ties
+        for n in range(1, m + 1):
+            best = max(_var(a[list(c)]) for c in itertools.combinations(range(m), n))
+            idx = max_variance_subset(a, n)
+            assert len(idx) == n == len(set(idx.tolist()))
+            assert _var(a[idx]) == pytest.approx(best, abs=1e-12), (m, n)
+
+
+def test_subset_selector_hand_example():
+    a = torch.tensor([0.0, 5.0, 1.0, -4.0, 2.0])
+    assert max_variance_subset(a, 2).tolist() == [1, 3]     # {5, -4}
+    # {-4, 2, 5}: mean 1, variance 45/3 - 1 = 14; beats {-4, 0, 5} and {-4, 1, 5} (13.56 each)
+    assert max_variance_subset(a, 3).tolist() == [1, 3, 4]
+    with pytest.raises(ValueError):
+        max_variance_subset(a, 6)
+
+
+def test_schedule():
+    assert schedule(0.2, 1.0, 0.0) == 0.2 and schedule(0.2, 1.0, 1.0) == 1.0
+    assert schedule(0.2, 1.0, 0.5) == pytest.approx(0.6) and schedule(0.5, 1.0, 7.0) == 1.0
+
+
+def _batch(adv_rows, lengths, G):
+    B, T = len(adv_rows), max(lengths)
+    mask = torch.zeros(B, T)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    base = RolloutBatch(prompt_ids=torch.zeros(B, 1, dtype=torch.long), prompt_mask=torch.ones(B, 1, dtype=torch.long),
+                        response_ids=torch.arange(B)[:, None].expand(B, T).clone(), response_mask=mask,
+                        rollout_logprobs=torch.zeros(B, T), truncated=torch.zeros(B, dtype=torch.bool),
+                        prompts=[str(i) for i in range(B)], answers=[""] * B, responses=[""] * B, group_size=G,
+                        policy_version=0)
+    return TrainBatch.from_rollouts(base, advantages=torch.tensor(adv_rows)[:, None] * mask)
+
+
+def test_sample_level_keeps_the_widest_responses_per_group_and_drops_zero_groups():
+    adv = [1.0, -1.0, 0.1, 0.0,   0.0, 0.0, 0.0, 0.0,   2.0, 0.5, -0.5, -3.0]
+    batch = _batch(adv, [2] * 12, G=4)
+    out, stats = d3s_samples(batch, progress=0.0, n_init=0.5, n_final=1.0)
+    assert out.group_size == 2 and out.prompts == ["0", "1", "8", "11"]  # group 2 (all zero) dropped
+    assert stats == {"d3s/sample_frac": 4 / 12, "d3s/groups_kept_frac": pytest.approx(2 / 3)}
+    torch.testing.assert_close(out.advantages[:, 0], torch.tensor([1.0, -1.0, 2.0, -3.0]))  # not re-normalised
+    full, _ = d3s_samples(batch, progress=1.0, n_init=0.5, n_final=1.0)  # the schedule ends at every response
+    assert full.group_size == 4 and len(full) == 8
+
+
+def test_token_level_keeps_top_abs_adv_times_entropy():
+    batch = _batch([1.0, -2.0], [3, 2], G=2)
+    batch.old_entropy = torch.tensor([[0.5, 3.0, 1.0], [0.5, 0.1, 0.0]])
+    # |A| H: row 0: 0.5 3.0 1.0 | row 1: 1.0 0.2 ; k = 0.4 -> ceil(2) tokens: 3.0 and the earlier 1.0 (row 0, t 2)
+    out, stats = d3s_tokens(batch, progress=0.0, k_init=0.4, k_final=1.0)
+    assert out.pg_mask.tolist() == [[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+    assert stats["d3s/token_frac"] == pytest.approx(0.4)
+    out, _ = d3s_tokens(batch, progress=1.0, k_init=0.4, k_final=1.0)
+    assert out.pg_mask.tolist() == batch.response_mask.tolist()
+    assert math.ceil(0.7 * 5) == int(d3s_tokens(batch, progress=0.5, k_init=0.4, k_final=1.0)[0].pg_mask.sum())
