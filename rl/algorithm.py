@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any
 
 from torch import Tensor
 
 from rl.advantages import ADVANTAGES
 from rl.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
-from rl import d3s  # noqa: F401  (registers the D³S sample filter and token shaper)
+from rl import d3s, hapo  # noqa: F401  (register the D³S and HAPO pieces)
 from rl.shaping import SAMPLE_FILTERS, TOKEN_SHAPERS, shaped_rewards
 from rl.types import RolloutBatch, TrainBatch
 
@@ -38,6 +39,7 @@ class Algorithm:
         self.overlong = cfg.overlong
         self.token_shapers = [_piece(TOKEN_SHAPERS, c) for c in cfg.token_shapers]
         self.sample_filters = [_piece(SAMPLE_FILTERS, c) for c in cfg.sample_filters]
+        self._wants_entropy_norm = "entropy_norm" in inspect.signature(self.policy_loss).parameters
 
     @property
     def needs_reference(self) -> bool:
@@ -47,7 +49,10 @@ class Algorithm:
         """Shape the rewards (overlong penalty), then advantages; `rewards` of the batch are the shaped ones."""
         rewards_B = shaped_rewards(rollouts, rewards_B, max_len=self.max_response_len, buffer=self.overlong.buffer,
                                    factor=self.overlong.factor)
-        adv_B = self.advantage(rewards_B, rollouts.group_size)
+        if "lengths_B" in inspect.signature(self.advantage).parameters:  # token-level estimators (HAPO)
+            adv_B = self.advantage(rewards_B, rollouts.group_size, lengths_B=rollouts.response_mask.sum(1))
+        else:
+            adv_B = self.advantage(rewards_B, rollouts.group_size)
         return TrainBatch.from_rollouts(rollouts, rewards=rewards_B,
                                         advantages=adv_B[:, None] * rollouts.response_mask)
 
@@ -74,7 +79,8 @@ class Algorithm:
         response counts (num_tokens, num_seqs) as the aggregation says, and token-summed statistics (the learner
         divides them by the token count)."""
         mask = batch.response_mask
-        pg_BT, stats = self.policy_loss(logp_BT, batch.old_logprobs, batch.advantages, mask)
+        extra = {"entropy_norm": batch.entropy_norm} if self._wants_entropy_norm else {}
+        pg_BT, stats = self.policy_loss(logp_BT, batch.old_logprobs, batch.advantages, mask, **extra)
         if batch.pg_mask is not None:
             pg_BT = pg_BT * batch.pg_mask
             stats["actor/pg_token_frac"] = batch.pg_mask.detach().mul(mask).sum()

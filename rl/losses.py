@@ -31,7 +31,8 @@ def ppo_clip(logp_BT: Tensor, old_logp_BT: Tensor, adv_BT: Tensor, mask_BT: Tens
     return loss, _clip_stats(ratio, adv_BT, mask_BT, clip_low, clip_high)
 
 
-def _clip_stats(ratio: Tensor, adv: Tensor, mask: Tensor, clip_low: float, clip_high: float) -> dict[str, Tensor]:
+def _clip_stats(ratio: Tensor, adv: Tensor, mask: Tensor, clip_low: float | Tensor,
+                clip_high: float | Tensor) -> dict[str, Tensor]:
     with torch.no_grad():
         return {
             "actor/clipfrac_low": ((ratio < 1.0 - clip_low) & (adv < 0)).float().mul(mask).sum(),

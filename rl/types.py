@@ -62,6 +62,7 @@ class TrainBatch(RolloutBatch):
     ref_logprobs: Tensor | None = None   # [B, T] float32, reference-policy log-probs (None without KL)
     old_entropy: Tensor | None = None    # [B, T] float32, token entropy of the old policy
     pg_mask: Tensor | None = None        # [B, T] float32, 1 where the policy-gradient term applies (token shapers)
+    entropy_norm: Tensor | None = None   # [B, T] float32, HAPO's normalised entropy in [-1, 1] (hapo_entropy shaper)
 
     @classmethod
     def from_rollouts(cls, rollouts: RolloutBatch, **extra: Tensor | None) -> "TrainBatch":

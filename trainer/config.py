@@ -195,7 +195,16 @@ class RLOOAdvantage:
     type: Literal["rloo"] = opt("rloo", "Advantage estimator.")
 
 
-AdvantageConfig = Union[GRPOAdvantage, DrGRPOAdvantage, RLOOAdvantage]
+@dataclass
+class HAPOAdvantage:
+    """HAPO token-level group average: mean and biased std over all valid tokens of the group (each token carries its
+    response's reward); a group where any |A| >= fallback uses GRPO."""
+    type: Literal["hapo"] = opt("hapo", "Advantage estimator.")
+    eps: float = opt(1e-6, "Added to the token-level std.", gt=0)
+    fallback: float = opt(5.0, "Use GRPO for a group where any |A| reaches this.", gt=0)
+
+
+AdvantageConfig = Union[GRPOAdvantage, DrGRPOAdvantage, RLOOAdvantage, HAPOAdvantage]
 
 
 @dataclass
@@ -224,7 +233,20 @@ class GSPOTokenLoss:
     clip_high: float = opt(4e-4, "Upper clip range of the sequence ratio.", ge=0)
 
 
-PolicyLossConfig = Union[PPOClipLoss, GSPOLoss, GSPOTokenLoss]
+@dataclass
+class HAPOLoss:
+    """HAPO: PPO-clip with asymmetric adaptive clipping and differential advantage redistribution, driven by the
+    normalised entropy from the `hapo_entropy` token shaper (which the recipe must list)."""
+    type: Literal["hapo"] = opt("hapo", "Policy loss.")
+    clip_low: float = opt(0.2, "Base lower clip range.", ge=0, lt=1)
+    clip_high: float = opt(0.2, "Base upper clip range.", ge=0)
+    asymmetric_clip: bool = opt(True, "Widen eps_low on low-entropy and eps_high on high-entropy tokens (up to 2x).")
+    alpha: float = opt(1.0, "Strength of the asymmetric clipping.", ge=0)
+    redistribution: bool = opt(True, "Differential advantage redistribution A (1 + beta h).")
+    beta: float = opt(1.0, "Strength of the redistribution.", ge=0)
+
+
+PolicyLossConfig = Union[PPOClipLoss, GSPOLoss, GSPOTokenLoss, HAPOLoss]
 
 
 @dataclass
@@ -258,7 +280,16 @@ class D3STokens:
     k_final: float = opt(1.0, "Fraction of tokens kept at the end.", gt=0, le=1)
 
 
-TokenShaperConfig = Union[ForkingTokens, D3STokens]
+@dataclass
+class HAPOEntropy:
+    """HAPO's entropy normaliser: attaches h in [-1, 1] per token (from the step's old-policy entropies) for the
+    `hapo` policy loss."""
+    type: Literal["hapo_entropy"] = opt("hapo_entropy", "Token shaper.")
+    q: float = opt(0.8, "Quantile of log-entropy used as the pivot (about 1 - q of the tokens end up above 0).",
+                   gt=0, lt=1)
+
+
+TokenShaperConfig = Union[ForkingTokens, D3STokens, HAPOEntropy]
 
 
 @dataclass
@@ -296,6 +327,11 @@ class AlgorithmConfig:
     dynamic_sampling: DynamicSampling = opt(factory=DynamicSampling, doc="DAPO dynamic sampling.")
     sample_filters: list[SampleFilterConfig] = opt(factory=list, doc="Sample filters applied before scoring, in order.")
     token_shapers: list[TokenShaperConfig] = opt(factory=list, doc="Token shapers applied after scoring, in order.")
+
+    def __post_init__(self) -> None:
+        if self.policy_loss.type == "hapo" and not any(t.type == "hapo_entropy" for t in self.token_shapers):
+            raise ConfigError("algorithm.policy_loss.type 'hapo' needs the entropy normaliser: add "
+                              "{type: hapo_entropy} to algorithm.token_shapers")
 
 
 # --------------------------------------------------------------------------------------------------------- stages
