@@ -86,7 +86,7 @@ def sample(env: StageEnv, workers, data: PromptStream, *, step: int) -> tuple[Ro
     until prompts_per_step groups with unequal rewards are collected (or max_rounds ran; then the informative groups
     found, or the last round whole if there were none). Returns (rollouts, rewards, stats, seconds generating)."""
     g, ds = env.cfg.grpo, env.cfg.algorithm.dynamic_sampling
-    parts, rewards_parts, reward_stats, seconds, informative, drawn = [], [], [], 0.0, 0, []
+    parts, rewards_parts, reward_stats, seconds, informative, drawn, generated = [], [], [], 0.0, 0, [], 0.0
     for round in range(max(1, ds.max_rounds)):
         t0 = time.perf_counter()
         rollouts = workers.generate(data.next_batch(g.prompts_per_step), n=g.group_size, step=step, round=round)
@@ -95,6 +95,7 @@ def sample(env: StageEnv, workers, data: PromptStream, *, step: int) -> tuple[Ro
                                          answers=rollouts.answers, truncated=rollouts.truncated.tolist())
         reward_stats.append(stats)
         drawn.append(rewards)
+        generated += float(rollouts.response_mask.sum())
         if ds.max_rounds:
             keep = informative_groups(rewards, g.group_size)
             informative += int(keep.sum())
@@ -114,7 +115,7 @@ def sample(env: StageEnv, workers, data: PromptStream, *, step: int) -> tuple[Ro
     batch, rewards = batch.select(slice(0, rows)), rewards[:rows]
     stats = {k: sum(s[k] for s in reward_stats) / len(reward_stats) for k in reward_stats[0]}
     everything = torch.cat(drawn)  # reward statistics of all responses drawn, not only of those trained on
-    stats.update({"reward/mean": everything.mean().item(),
+    stats.update({"rollout/generated_tokens": generated, "reward/mean": everything.mean().item(),
                   "reward/std": everything.std().item() if len(everything) > 1 else 0.0})
     if ds.max_rounds:
         stats.update({"sampling/rounds": float(len(reward_stats)),
