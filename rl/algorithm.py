@@ -34,6 +34,7 @@ class Algorithm:
         self.aggregate = AGGREGATIONS.get(cfg.aggregation)
         self.kl = KL_ESTIMATORS.get(cfg.kl.estimator)
         self.kl_coef = cfg.kl.coef
+        self.kl_in_reward = cfg.kl.placement == "reward"
         self.max_response_len = max_response_len
         self.entropy_coef = cfg.entropy_coef
         self.overlong = cfg.overlong
@@ -49,12 +50,16 @@ class Algorithm:
         """Shape the rewards (overlong penalty), then advantages; `rewards` of the batch are the shaped ones."""
         rewards_B = shaped_rewards(rollouts, rewards_B, max_len=self.max_response_len, buffer=self.overlong.buffer,
                                    factor=self.overlong.factor)
-        if "lengths_B" in inspect.signature(self.advantage).parameters:  # token-level estimators (HAPO)
+        return TrainBatch.from_rollouts(rollouts, rewards=rewards_B,
+                                        advantages=self._advantages(rollouts, rewards_B))
+
+    def _advantages(self, rollouts: RolloutBatch, rewards_B: Tensor) -> Tensor:
+        """[B, T] per-token advantages from the estimator (token-level ones also get the response lengths)."""
+        if "lengths_B" in inspect.signature(self.advantage).parameters:
             adv_B = self.advantage(rewards_B, rollouts.group_size, lengths_B=rollouts.response_mask.sum(1))
         else:
             adv_B = self.advantage(rewards_B, rollouts.group_size)
-        return TrainBatch.from_rollouts(rollouts, rewards=rewards_B,
-                                        advantages=adv_B[:, None] * rollouts.response_mask)
+        return adv_B[:, None] * rollouts.response_mask
 
     def filter(self, batch: TrainBatch, *, progress: float = 0.0) -> tuple[TrainBatch, dict[str, float]]:
         """Sample filters (e.g. D³S) on the batch with advantages, before scoring; progress in [0, 1] drives
@@ -62,8 +67,16 @@ class Algorithm:
         return self._chain(self.sample_filters, batch, progress)
 
     def shape(self, batch: TrainBatch, *, progress: float = 0.0) -> tuple[TrainBatch, dict[str, float]]:
-        """Token shapers over the scored step batch, in recipe order (each may narrow pg_mask)."""
-        return self._chain(self.token_shapers, batch, progress)
+        """After scoring: KL into the rewards (kl.placement 'reward', then advantages again), then the token shapers
+        in recipe order (each may narrow pg_mask)."""
+        stats: dict[str, float] = {}
+        if self.kl_in_reward and self.kl_coef > 0:
+            kl_B = (self.kl(batch.old_logprobs, batch.ref_logprobs) * batch.response_mask).sum(1)
+            rewards = batch.rewards - self.kl_coef * kl_B
+            batch = dataclasses.replace(batch, rewards=rewards, advantages=self._advantages(batch, rewards))
+            stats["actor/kl_in_reward"] = float((self.kl_coef * kl_B).mean())
+        batch, more = self._chain(self.token_shapers, batch, progress)
+        return batch, {**stats, **more}
 
     @staticmethod
     def _chain(pieces: list, batch: TrainBatch, progress: float) -> tuple[TrainBatch, dict[str, float]]:
@@ -87,7 +100,7 @@ class Algorithm:
         counts = {"num_tokens": num_tokens, "num_seqs": num_seqs, "max_len": self.max_response_len}
         loss = self.aggregate(pg_BT, mask, **counts)
         stats["actor/pg_loss"] = (pg_BT.detach() * mask).sum()
-        if self.needs_reference:
+        if self.needs_reference and not self.kl_in_reward:
             kl_BT = self.kl(logp_BT, batch.ref_logprobs)
             loss = loss + self.kl_coef * self.aggregate(kl_BT, mask, **counts)
             stats["actor/kl"] = (kl_BT.detach() * mask).sum()

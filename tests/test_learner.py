@@ -91,6 +91,7 @@ ALGOS.update({
     "gspo_token": {"policy_loss": {"type": "gspo_token"}, "kl": {"estimator": "k3+", "coef": 0.1}},
     "forking+entropy": {"token_shapers": [{"type": "forking", "rho": 0.3}], "entropy_coef": 0.01,
                         "advantage": {"type": "rloo"}, "kl": {"estimator": "k2", "coef": 0.1}},
+    "kl_in_reward": {"kl": {"estimator": "k3", "coef": 0.5, "placement": "reward"}, "advantage": {"type": "dr_grpo"}},
     "hapo": {"advantage": {"type": "hapo"}, "policy_loss": {"type": "hapo"}, "token_shapers": [{"type": "hapo_entropy"}]},
     "d3s": {"sample_filters": [{"type": "d3s", "n_init": 0.5}], "token_shapers": [{"type": "d3s_token", "k_init": 0.3}],
             "kl": {"estimator": "k1", "coef": 0.1}},

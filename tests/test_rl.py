@@ -274,3 +274,18 @@ def test_pg_mask_and_entropy_bonus_in_the_loss():
     loss.backward()
     torch.testing.assert_close(logp.grad, torch.tensor([[-a / 4, 0.0], [0.0, 0.0]]))
     assert stats["actor/pg_token_frac"].item() == 1.0
+
+
+def test_kl_in_reward_reshapes_advantages_and_leaves_the_loss():
+    algo = Algorithm(config_from_dict({"algorithm": {"kl": {"coef": 0.5, "placement": "reward"}}}).algorithm)
+    batch = algo.make_batch(_rollouts([1, 2], group_size=2), torch.tensor([1.0, 1.0]))  # equal rewards: A = 0
+    assert not batch.advantages.any()
+    batch.old_logprobs = torch.zeros(2, 2)
+    batch.ref_logprobs = torch.full((2, 2), -math.log(2.0))  # k3 = 0.1931472 per token
+    shaped, stats = algo.shape(batch)
+    # rewards 1 - 0.5 x (1 or 2 tokens x 0.1931472) -> the shorter response now wins: A = +-1/sqrt2 (GRPO)
+    torch.testing.assert_close(shaped.rewards, torch.tensor([1 - 0.0965736, 1 - 0.1931472]))
+    torch.testing.assert_close(shaped.advantages, torch.tensor([[0.7071, 0.0], [-0.7071, -0.7071]]), atol=1e-4, rtol=0)
+    assert stats["actor/kl_in_reward"] == pytest.approx(0.1448604, abs=1e-6)
+    loss, loss_stats = algo.loss(torch.zeros(2, 2), torch.zeros(2, 2), shaped, num_tokens=3)
+    assert "actor/kl" not in loss_stats  # no KL term in the loss

@@ -309,7 +309,10 @@ class KLConfig:
     estimator: Literal["k1", "k2", "k3", "k3+"] = opt(
         "k3", "KL estimator to the frozen reference, d = logp - logp_ref: k1 = d; k2 = d^2/2; k3 = exp(-d) - 1 + d; "
               "k3+ = k3's value with k2's gradient.")
-    coef: float = opt(0.0, "KL coefficient beta in the loss (0 = no reference model is loaded).", ge=0)
+    coef: float = opt(0.0, "KL coefficient beta (0 = no reference model is loaded).", ge=0)
+    placement: Literal["loss", "reward"] = opt(
+        "loss", "'loss': beta x aggregated per-token KL joins the loss; 'reward': each response's reward loses beta x "
+                "its summed token KL (old policy vs reference) before advantages are computed.")
 
 
 @dataclass
@@ -329,6 +332,9 @@ class AlgorithmConfig:
     token_shapers: list[TokenShaperConfig] = opt(factory=list, doc="Token shapers applied after scoring, in order.")
 
     def __post_init__(self) -> None:
+        if self.kl.placement == "reward" and self.sample_filters:
+            raise ConfigError("algorithm.kl.placement 'reward' recomputes advantages after scoring, which sample "
+                              "filters (algorithm.sample_filters) have already cut; use placement 'loss' with them")
         if self.policy_loss.type == "hapo" and not any(t.type == "hapo_entropy" for t in self.token_shapers):
             raise ConfigError("algorithm.policy_loss.type 'hapo' needs the entropy normaliser: add "
                               "{type: hapo_entropy} to algorithm.token_shapers")

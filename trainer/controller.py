@@ -65,6 +65,10 @@ def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, st
     mask = batch.response_mask
     n_tokens = float(mask.sum() + batch.prompt_mask.sum())
     metrics.update(shaping_stats)
+    valid = mask > 0
+    q10, q50, q90 = torch.quantile(batch.old_entropy[valid].double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+    metrics.update({"entropy/p10": q10.item(), "entropy/p50": q50.item(), "entropy/p90": q90.item(),
+                    "advantage/std": batch.advantages[valid].std().item() if int(valid.sum()) > 1 else 0.0})
     metrics.update({
         "advantage/abs_mean": (batch.advantages.abs().sum() / mask.sum()).item(),
         "rollout/response_len_mean": mask.sum(1).mean().item(),
