@@ -41,6 +41,7 @@ class Algorithm:
         self.token_shapers = [_piece(TOKEN_SHAPERS, c) for c in cfg.token_shapers]
         self.sample_filters = [_piece(SAMPLE_FILTERS, c) for c in cfg.sample_filters]
         self._wants_entropy_norm = "entropy_norm" in inspect.signature(self.policy_loss).parameters
+        self._wants_lengths = "lengths_B" in inspect.signature(self.advantage).parameters  # token-level estimators
 
     @property
     def needs_reference(self) -> bool:
@@ -55,7 +56,7 @@ class Algorithm:
 
     def _advantages(self, rollouts: RolloutBatch, rewards_B: Tensor) -> Tensor:
         """[B, T] per-token advantages from the estimator (token-level ones also get the response lengths)."""
-        if "lengths_B" in inspect.signature(self.advantage).parameters:
+        if self._wants_lengths:
             adv_B = self.advantage(rewards_B, rollouts.group_size, lengths_B=rollouts.response_mask.sum(1))
         else:
             adv_B = self.advantage(rewards_B, rollouts.group_size)

@@ -8,12 +8,11 @@ value(p) = (1 - p) · init + p · final.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 from torch import Tensor
 
-from rl.shaping import SAMPLE_FILTERS, TOKEN_SHAPERS
+from rl.shaping import SAMPLE_FILTERS, TOKEN_SHAPERS, keep_top_tokens
 from rl.types import TrainBatch
 
 
@@ -69,15 +68,6 @@ def d3s_samples(batch: TrainBatch, *, progress: float, n_init: float, n_final: f
 def d3s_tokens(batch: TrainBatch, *, progress: float, k_init: float, k_final: float) -> tuple[TrainBatch, dict]:
     """Token level: keep the policy-gradient term on the ceil(k * N) valid tokens with the largest |A_{i,t}| · H_{i,t}
     (old-policy entropy; ties: earlier token first), N = valid tokens of the step."""
-    frac = schedule(k_init, k_final, progress)
-    mask = batch.response_mask > 0
-    n = int(mask.sum())
-    keep = math.ceil(frac * n)
-    score = (batch.advantages.abs() * batch.old_entropy)[mask]
-    kept = torch.zeros(n)
-    kept[torch.sort(-score, stable=True).indices[:keep]] = 1.0
-    pg_mask = torch.zeros_like(batch.response_mask)
-    pg_mask[mask] = kept
-    if batch.pg_mask is not None:
-        pg_mask = pg_mask * batch.pg_mask
-    return dataclasses.replace(batch, pg_mask=pg_mask), {"d3s/token_frac": keep / max(1, n)}
+    score = batch.advantages.abs() * batch.old_entropy
+    out, keep, _ = keep_top_tokens(batch, score, schedule(k_init, k_final, progress))
+    return out, {"d3s/token_frac": keep / max(1, int((batch.response_mask > 0).sum()))}

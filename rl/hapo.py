@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from rl.advantages import ADVANTAGES, grpo
-from rl.losses import POLICY_LOSSES, _clip_stats, log_ratio
+from rl.losses import POLICY_LOSSES, clip_stats, log_ratio
 from rl.shaping import TOKEN_SHAPERS
 from rl.types import TrainBatch
 
@@ -97,6 +97,6 @@ def hapo_clip(logp_BT: Tensor, old_logp_BT: Tensor, adv_BT: Tensor, mask_BT: Ten
             neutral = (ratio > 1 - low / 2) & (ratio < 1 + high / 2)
         adv = torch.where((h > 0) == neutral, adv_BT, a_ent)
     loss = torch.maximum(-adv * ratio, -adv * torch.maximum(torch.minimum(ratio, 1 + high), 1 - low))
-    stats = _clip_stats(ratio, adv, mask_BT, low, high)  # against the per-token bounds
+    stats = clip_stats(ratio, adv, mask_BT, low, high)  # against the per-token bounds
     stats["hapo/redistributed_frac"] = ((adv != adv_BT).float() * mask_BT).sum()
     return loss, stats

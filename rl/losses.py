@@ -28,10 +28,10 @@ def ppo_clip(logp_BT: Tensor, old_logp_BT: Tensor, adv_BT: Tensor, mask_BT: Tens
     loss = torch.maximum(unclipped, clipped)
     if dual_clip is not None:
         loss = torch.where(adv_BT < 0, torch.minimum(loss, -adv_BT * dual_clip), loss)
-    return loss, _clip_stats(ratio, adv_BT, mask_BT, clip_low, clip_high)
+    return loss, clip_stats(ratio, adv_BT, mask_BT, clip_low, clip_high)
 
 
-def _clip_stats(ratio: Tensor, adv: Tensor, mask: Tensor, clip_low: float | Tensor,
+def clip_stats(ratio: Tensor, adv: Tensor, mask: Tensor, clip_low: float | Tensor,
                 clip_high: float | Tensor) -> dict[str, Tensor]:
     with torch.no_grad():
         return {
@@ -57,7 +57,7 @@ def gspo(logp_BT: Tensor, old_logp_BT: Tensor, adv_BT: Tensor, mask_BT: Tensor, 
     adv_B1 = (adv_BT * mask_BT).sum(1, keepdim=True) / mask_BT.sum(1, keepdim=True).clamp(min=1)
     loss_B1 = torch.maximum(-adv_B1 * s_B1, -adv_B1 * s_B1.clamp(1.0 - clip_low, 1.0 + clip_high))
     ratio_BT = s_B1.expand_as(logp_BT)
-    return loss_B1.expand_as(logp_BT), _clip_stats(ratio_BT, adv_B1.expand_as(logp_BT), mask_BT, clip_low, clip_high)
+    return loss_B1.expand_as(logp_BT), clip_stats(ratio_BT, adv_B1.expand_as(logp_BT), mask_BT, clip_low, clip_high)
 
 
 @POLICY_LOSSES.register("gspo_token")
@@ -68,7 +68,7 @@ def gspo_token(logp_BT: Tensor, old_logp_BT: Tensor, adv_BT: Tensor, mask_BT: Te
     log_s = logp_BT - logp_BT.detach() + _seq_mean_log_ratio(logp_BT, old_logp_BT, mask_BT).detach()
     s_BT = torch.exp(log_s.clamp(-20.0, 20.0))
     loss = torch.maximum(-adv_BT * s_BT, -adv_BT * s_BT.clamp(1.0 - clip_low, 1.0 + clip_high))
-    return loss, _clip_stats(s_BT, adv_BT, mask_BT, clip_low, clip_high)
+    return loss, clip_stats(s_BT, adv_BT, mask_BT, clip_low, clip_high)
 
 
 @KL_ESTIMATORS.register("k3")

@@ -39,25 +39,33 @@ def shaped_rewards(rollouts: RolloutBatch, rewards_B: Tensor, *, max_len: int | 
     return rewards_B + overlong_penalty(lengths, rollouts.truncated, max_len=max_len, buffer=buffer, factor=factor)
 
 
-@TOKEN_SHAPERS.register("forking")
-def forking_tokens(batch: TrainBatch, *, rho: float, progress: float = 0.0) -> tuple[TrainBatch, dict[str, float]]:
-    """High-entropy ("forking") tokens: keep the policy-gradient term only on the ceil(rho * N) valid tokens of the
-    step's batch with the highest old-policy entropy (ties: earlier token first), N = valid tokens. (Training
-    progress, given to every shaper, is unused.)"""
+def keep_top_tokens(batch: TrainBatch, score_BT: Tensor, fraction: float) -> tuple[TrainBatch, int, Tensor]:
+    """The batch with `pg_mask` on the ceil(fraction * N) valid tokens of highest score (ties: earlier token first),
+    N = valid tokens of the step, combined with any pg_mask already set. Also returns the kept count and the kept
+    tokens' scores."""
     mask = batch.response_mask > 0
     n = int(mask.sum())
-    keep = math.ceil(rho * n)
-    ent = batch.old_entropy[mask]
-    order = torch.sort(-ent, stable=True).indices[:keep]
+    keep = math.ceil(fraction * n)
+    scores = score_BT[mask]
+    order = torch.sort(-scores, stable=True).indices[:keep]
     kept = torch.zeros(n)
     kept[order] = 1.0
     pg_mask = torch.zeros_like(batch.response_mask)
     pg_mask[mask] = kept
     if batch.pg_mask is not None:
         pg_mask = pg_mask * batch.pg_mask
-    threshold = float(ent[order].min()) if keep else float("inf")
-    return dataclasses.replace(batch, pg_mask=pg_mask), {"shaping/forking_kept_frac": keep / max(1, n),
-                                                          "shaping/forking_entropy_threshold": threshold}
+    return dataclasses.replace(batch, pg_mask=pg_mask), keep, scores[order]
+
+
+@TOKEN_SHAPERS.register("forking")
+def forking_tokens(batch: TrainBatch, *, rho: float, progress: float = 0.0) -> tuple[TrainBatch, dict[str, float]]:
+    """High-entropy ("forking") tokens: keep the policy-gradient term only on the ceil(rho * N) valid tokens of the
+    step's batch with the highest old-policy entropy (ties: earlier token first), N = valid tokens. (Training
+    progress, given to every shaper, is unused.)"""
+    out, keep, kept_entropy = keep_top_tokens(batch, batch.old_entropy, rho)
+    n = int((batch.response_mask > 0).sum())
+    threshold = float(kept_entropy.min()) if keep else float("inf")
+    return out, {"shaping/forking_kept_frac": keep / max(1, n), "shaping/forking_entropy_threshold": threshold}
 
 
 def informative_groups(rewards_B: Tensor, group_size: int) -> Tensor:

@@ -67,3 +67,19 @@ def stage_env(cfg, run_dir: Path, stage: str = "grpo"):
                     tokenizer=tok, formatter=PromptFormatter(tok, system_prompt=None, use_chat_template=True),
                     data=load_task(cfg.data), device=torch.device("cpu"), dtype=torch.float32,
                     rewards=reward_specs(cfg.rewards))
+
+
+def rollout_batch(lengths: list[int], group_size: int, prompt_len: int = 2):
+    """A RolloutBatch of len(lengths) responses with those valid lengths (prompt i is the text str(i)), for tests of
+    batch-level pieces that never look at token ids."""
+    import torch
+    from rl.types import RolloutBatch
+    B, T = len(lengths), max(lengths)
+    mask = torch.zeros(B, T)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return RolloutBatch(
+        prompt_ids=torch.ones(B, prompt_len, dtype=torch.long), prompt_mask=torch.ones(B, prompt_len, dtype=torch.long),
+        response_ids=torch.ones(B, T, dtype=torch.long), response_mask=mask, rollout_logprobs=torch.zeros(B, T),
+        truncated=torch.zeros(B, dtype=torch.bool), prompts=[str(i) for i in range(B)], answers=["a"] * B,
+        responses=["r"] * B, group_size=group_size, policy_version=0)

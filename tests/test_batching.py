@@ -5,19 +5,13 @@ import random
 import pytest
 import torch
 
+from conftest import rollout_batch
 from rl.types import SFTBatch, TrainBatch
 from trainer.batching import balance, gather_rows, micro_split, plan_rows, plan_sft, plan_updates
 
 
-def _batch(lengths, G=4, P=3):
-    B, T = len(lengths), max(lengths)
-    resp_mask = torch.zeros(B, T)
-    for i, n in enumerate(lengths):
-        resp_mask[i, :n] = 1
-    return TrainBatch(prompt_ids=torch.zeros(B, P, dtype=torch.long), prompt_mask=torch.ones(B, P, dtype=torch.long),
-                      response_ids=torch.zeros(B, T, dtype=torch.long), response_mask=resp_mask,
-                      rollout_logprobs=torch.zeros(B, T), truncated=torch.zeros(B, dtype=torch.bool),
-                      prompts=[""] * B, answers=[""] * B, responses=[""] * B, group_size=G, policy_version=0)
+def _batch(lengths, G=4):
+    return TrainBatch.from_rollouts(rollout_batch(lengths, G, prompt_len=3))
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from rl.d3s import d3s_samples, d3s_tokens, max_variance_subset, schedule
-from rl.types import RolloutBatch, TrainBatch
+from conftest import rollout_batch
+from rl.types import TrainBatch
 
 
 def _var(x):
@@ -44,16 +45,8 @@ def test_schedule():
 
 
 def _batch(adv_rows, lengths, G):
-    B, T = len(adv_rows), max(lengths)
-    mask = torch.zeros(B, T)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
-    base = RolloutBatch(prompt_ids=torch.zeros(B, 1, dtype=torch.long), prompt_mask=torch.ones(B, 1, dtype=torch.long),
-                        response_ids=torch.arange(B)[:, None].expand(B, T).clone(), response_mask=mask,
-                        rollout_logprobs=torch.zeros(B, T), truncated=torch.zeros(B, dtype=torch.bool),
-                        prompts=[str(i) for i in range(B)], answers=[""] * B, responses=[""] * B, group_size=G,
-                        policy_version=0)
-    return TrainBatch.from_rollouts(base, advantages=torch.tensor(adv_rows)[:, None] * mask)
+    base = rollout_batch(lengths, G)
+    return TrainBatch.from_rollouts(base, advantages=torch.tensor(adv_rows)[:, None] * base.response_mask)
 
 
 def test_sample_level_keeps_the_widest_responses_per_group_and_drops_zero_groups():

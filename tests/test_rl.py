@@ -5,12 +5,13 @@ import math
 import pytest
 import torch
 
+from conftest import rollout_batch
 from rl.advantages import grpo
 from rl.algorithm import Algorithm
 from rl.errors import RewardError
 from rl.losses import k3, ppo_clip, token_mean
 from rl.rewards import compute_rewards, exact_answer, extract_answer, format_reward, load_function
-from rl.types import RolloutBatch, TrainBatch
+from rl.types import TrainBatch
 from trainer.config import config_from_dict
 
 S3 = 1 / math.sqrt(3)  # 0.5773503
@@ -105,25 +106,12 @@ def test_aggregations_hand_computed():
         agg["seq-mean-token-sum-norm"](loss, mask, num_tokens=3, num_seqs=2)
 
 
-def _rollouts(rewards_lengths, group_size):
-    B = len(rewards_lengths)
-    T = max(n for n in rewards_lengths)
-    mask = torch.zeros(B, T)
-    for i, n in enumerate(rewards_lengths):
-        mask[i, :n] = 1
-    return RolloutBatch(
-        prompt_ids=torch.ones(B, 2, dtype=torch.long), prompt_mask=torch.ones(B, 2, dtype=torch.long),
-        response_ids=torch.ones(B, T, dtype=torch.long), response_mask=mask, rollout_logprobs=torch.zeros(B, T),
-        truncated=torch.zeros(B, dtype=torch.bool), prompts=["p"] * B, answers=["a"] * B, responses=["r"] * B,
-        group_size=group_size, policy_version=0)
-
-
 def test_grpo_step_loss_and_gradient_on_2x3_batch():
     """2 prompts x 3 samples, rewards [1,0,0 | .5,1,0], lengths [1,2,3 | 2,1,3], ratio 1, no KL.
     token-mean loss = -sum_i A_i len_i / 12 = -(2/sqrt3 - 2/sqrt3 - 3/sqrt3 + 0 + 1 - 3) / 12 = 0.3110042,
     and d loss / d logp_(i,t) = -A_i / 12 on valid tokens."""
     algo = Algorithm(config_from_dict({}).algorithm)
-    rollouts = _rollouts([1, 2, 3, 2, 1, 3], group_size=3)
+    rollouts = rollout_batch([1, 2, 3, 2, 1, 3], group_size=3)
     batch = algo.make_batch(rollouts, torch.tensor([1.0, 0.0, 0.0, 0.5, 1.0, 0.0]))
     logp = torch.full((6, 3), -0.7, requires_grad=True)
     batch.old_logprobs = logp.detach().clone()
@@ -137,7 +125,7 @@ def test_grpo_step_loss_and_gradient_on_2x3_batch():
 
 def test_kl_term_joins_the_loss_with_its_coefficient():
     algo = Algorithm(config_from_dict({"algorithm": {"kl": {"coef": 0.5}}}).algorithm)
-    batch = algo.make_batch(_rollouts([1, 1], group_size=2), torch.tensor([1.0, 1.0]))  # A = 0
+    batch = algo.make_batch(rollout_batch([1, 1], group_size=2), torch.tensor([1.0, 1.0]))  # A = 0
     batch.old_logprobs = torch.zeros(2, 1)
     batch.ref_logprobs = torch.full((2, 1), -math.log(2.0))  # d = ln 2 -> k3 = 0.1931472
     loss, stats = algo.loss(torch.zeros(2, 1), torch.zeros(2, 1), batch, num_tokens=2)
@@ -236,7 +224,7 @@ def test_overlong_penalty_hand_computed():
 
 
 def _scored(entropies, lengths):
-    batch = TrainBatch.from_rollouts(_rollouts(lengths, group_size=len(lengths)))
+    batch = TrainBatch.from_rollouts(rollout_batch(lengths, group_size=len(lengths)))
     ent = torch.zeros(batch.response_mask.shape)
     ent[batch.response_mask > 0] = torch.tensor(entropies)
     batch.old_entropy = ent
@@ -263,7 +251,7 @@ def test_pg_mask_and_entropy_bonus_in_the_loss():
     """Masked tokens lose their policy-gradient term but still count in the denominator; the entropy bonus subtracts
     coef x aggregated entropy."""
     algo = Algorithm(config_from_dict({"algorithm": {"entropy_coef": 0.1}}).algorithm)
-    batch = algo.make_batch(_rollouts([2, 2], group_size=2), torch.tensor([1.0, 0.0]))  # A = +-1/sqrt2
+    batch = algo.make_batch(rollout_batch([2, 2], group_size=2), torch.tensor([1.0, 0.0]))  # A = +-1/sqrt2
     logp = torch.zeros(2, 2, requires_grad=True)
     batch.old_logprobs = torch.zeros(2, 2)
     batch.pg_mask = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
@@ -278,7 +266,7 @@ def test_pg_mask_and_entropy_bonus_in_the_loss():
 
 def test_kl_in_reward_reshapes_advantages_and_leaves_the_loss():
     algo = Algorithm(config_from_dict({"algorithm": {"kl": {"coef": 0.5, "placement": "reward"}}}).algorithm)
-    batch = algo.make_batch(_rollouts([1, 2], group_size=2), torch.tensor([1.0, 1.0]))  # equal rewards: A = 0
+    batch = algo.make_batch(rollout_batch([1, 2], group_size=2), torch.tensor([1.0, 1.0]))  # equal rewards: A = 0
     assert not batch.advantages.any()
     batch.old_logprobs = torch.zeros(2, 2)
     batch.ref_logprobs = torch.full((2, 2), -math.log(2.0))  # k3 = 0.1931472 per token

@@ -109,14 +109,13 @@ def sample(env: StageEnv, workers, data: PromptStream, *, step: int) -> tuple[Ro
                 rewards_parts.append(rewards[rows])
             if informative >= g.prompts_per_step:
                 break
-        else:
-            parts, rewards_parts = [rollouts], [rewards]
-    if not parts:
+    if not parts:  # dynamic sampling off, or nothing informative found: the (last) round whole
         parts, rewards_parts = [rollouts], [rewards]
     batch = concat_rollouts(parts, env.tokenizer.pad_token_id)
     rewards = torch.cat(rewards_parts)
-    rows = min(len(batch), g.prompts_per_step * g.group_size)
-    batch, rewards = batch.select(slice(0, rows)), rewards[:rows]
+    if len(batch) > g.prompts_per_step * g.group_size:  # dynamic sampling collected more groups than a step needs
+        rows = g.prompts_per_step * g.group_size
+        batch, rewards = batch.select(slice(0, rows)), rewards[:rows]
     stats = {k: sum(s[k] for s in reward_stats) / len(reward_stats) for k in reward_stats[0]}
     everything = torch.cat(drawn)  # reward statistics of all responses drawn, not only of those trained on
     stats.update({"rollout/generated_tokens": generated, "reward/mean": everything.mean().item(),

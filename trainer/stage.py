@@ -178,13 +178,14 @@ def run_stage(env: StageEnv, *, make_workers: Callable[[], Any], make_state: Cal
             workers.close()
 
 
-def stage_failure(env: StageEnv, failure: Exception, state: "StageState | None") -> Exception:
-    """The one-paragraph error for a dead or hung actor: who, when, and what of the run is safe."""
+def stage_failure(env: StageEnv, failure: Any, state: "StageState | None") -> Exception:
+    """The one-paragraph error for a dead or hung actor (a trainer.workers.ActorFailed): who, when, and what of the
+    run is safe."""
     from rl.errors import ClusterError
     step = f"step {state.step}" if state is not None else "start-up"
     latest = state.ckpt.latest() if state is not None else None
     kept = f"the last good checkpoint {latest} is intact" if latest else "no checkpoint of this stage was written yet"
     hint = (" Set trainer.ray.max_restarts > 0 to replace a dead rollout actor and retry its step."
-            if getattr(failure, "role", "") == "rollout" else "")
+            if failure.role == "rollout" else "")
     return ClusterError(f"{env.stage}: {failure} during {step}. The run stopped; {kept}; continue with "
                         f"`tokenwise resume {env.run_dir}`.{hint}")
