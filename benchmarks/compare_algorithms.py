@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(var, "1")
 
-RECIPES = ["grpo", "dr_grpo", "rloo", "dapo", "gspo", "forking_tokens", "hapo", "d3s"]
+RECIPES = ["grpo", "dr_grpo", "rloo", "dapo", "gspo", "forking_tokens", "hapo", "d3s", "thr"]
 QUIET = ["logging.progress=false", "logging.plot=false", "logging.tensorboard=false"]
 
 

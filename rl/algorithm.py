@@ -11,7 +11,7 @@ from torch import Tensor
 
 from rl.advantages import ADVANTAGES
 from rl.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
-from rl import d3s, hapo  # noqa: F401  (register the D³S and HAPO pieces)
+from rl import d3s, hapo, thr  # noqa: F401  (register the D³S, HAPO and THR pieces)
 from rl.shaping import SAMPLE_FILTERS, TOKEN_SHAPERS, shaped_rewards
 from rl.types import RolloutBatch, TrainBatch
 
@@ -42,6 +42,9 @@ class Algorithm:
         self.sample_filters = [_piece(SAMPLE_FILTERS, c) for c in cfg.sample_filters]
         self._wants_entropy_norm = "entropy_norm" in inspect.signature(self.policy_loss).parameters
         self._wants_lengths = "lengths_B" in inspect.signature(self.advantage).parameters  # token-level estimators
+        self.needs_token_features = any(c.type == "thr" for c in cfg.token_shapers)  # THR: hidden states + probs
+        self.adaptive_tau, self.adaptive_q = cfg.adaptive_temperature.tau, cfg.adaptive_temperature.q
+        self.entropy_stats: dict[str, float] | None = None  # normaliser statistics of the last step (adaptive T)
 
     @property
     def needs_reference(self) -> bool:
@@ -64,8 +67,13 @@ class Algorithm:
 
     def filter(self, batch: TrainBatch, *, progress: float = 0.0) -> tuple[TrainBatch, dict[str, float]]:
         """Sample filters (e.g. D³S) on the batch with advantages, before scoring; progress in [0, 1] drives
-        schedules."""
-        return self._chain(self.sample_filters, batch, progress)
+        schedules. With a THR shaper, the kept batch also carries each group's sampled vocabulary, which asks the
+        learner's scoring pass for hidden states and probabilities."""
+        batch, stats = self._chain(self.sample_filters, batch, progress)
+        if self.needs_token_features:
+            batch = dataclasses.replace(batch, group_vocab=thr.group_vocab(batch.response_ids, batch.response_mask,
+                                                                          batch.group_size))
+        return batch, stats
 
     def shape(self, batch: TrainBatch, *, progress: float = 0.0) -> tuple[TrainBatch, dict[str, float]]:
         """After scoring: KL into the rewards (kl.placement 'reward', then advantages again), then the token shapers
@@ -77,7 +85,17 @@ class Algorithm:
             batch = dataclasses.replace(batch, rewards=rewards, advantages=self._advantages(batch, rewards))
             stats["actor/kl_in_reward"] = float((self.kl_coef * kl_B).mean())
         batch, more = self._chain(self.token_shapers, batch, progress)
+        if self.adaptive_tau > 0:  # the next step samples with this step's entropy statistics
+            self.entropy_stats = hapo.normaliser_stats(batch.old_entropy, batch.response_mask, q=self.adaptive_q)
+            stats.update({f"sampling/entropy_{k}": v for k, v in self.entropy_stats.items()})
         return batch, {**stats, **more}
+
+    def sampling(self) -> dict | None:
+        """What the rollout engine needs for HAPO adaptive temperature ({tau, stats}), or None: off, or no statistics
+        yet (the first step samples at the fixed temperature)."""
+        if self.adaptive_tau <= 0 or self.entropy_stats is None:
+            return None
+        return {"tau": self.adaptive_tau, "stats": dict(self.entropy_stats)}
 
     @staticmethod
     def _chain(pieces: list, batch: TrainBatch, progress: float) -> tuple[TrainBatch, dict[str, float]]:
@@ -92,7 +110,7 @@ class Algorithm:
         """Scalar loss of one micro-batch: its share of the mini-batch loss, normalised by the mini-batch's token /
         response counts (num_tokens, num_seqs) as the aggregation says, and token-summed statistics (the learner
         divides them by the token count)."""
-        mask = batch.response_mask
+        mask = batch.loss_tokens
         extra = {"entropy_norm": batch.entropy_norm} if self._wants_entropy_norm else {}
         pg_BT, stats = self.policy_loss(logp_BT, batch.old_logprobs, batch.advantages, mask, **extra)
         if batch.pg_mask is not None:
@@ -111,11 +129,14 @@ class Algorithm:
         return loss, stats
 
     def state_dict(self) -> dict:
-        """Algorithm state that checkpoints keep (schedules, running statistics); none for plain GRPO."""
-        return {}
+        """Algorithm state that checkpoints keep: the entropy statistics adaptive temperature samples with (schedules
+        such as D³S's follow training progress, which the step restores)."""
+        return {"entropy_stats": self.entropy_stats} if self.adaptive_tau > 0 else {}
 
     def load_state_dict(self, state: dict) -> None:
-        if state:
-            raise ValueError(f"GRPO keeps no algorithm state, but the checkpoint has {sorted(state)}")
-
-
+        unknown = set(state) - set(self.state_dict())
+        if unknown:
+            raise ValueError(f"this recipe's algorithm keeps no state {sorted(unknown)}, but the checkpoint has it: "
+                             f"resume with the recipe the run started with")
+        if "entropy_stats" in state:
+            self.entropy_stats = state["entropy_stats"]

@@ -65,9 +65,15 @@ def d3s_samples(batch: TrainBatch, *, progress: float, n_init: float, n_final: f
 
 
 @TOKEN_SHAPERS.register("d3s_token")
-def d3s_tokens(batch: TrainBatch, *, progress: float, k_init: float, k_final: float) -> tuple[TrainBatch, dict]:
+def d3s_tokens(batch: TrainBatch, *, progress: float, k_init: float, k_final: float,
+               denominator: str = "kept") -> tuple[TrainBatch, dict]:
     """Token level: keep the policy-gradient term on the ceil(k * N) valid tokens with the largest |A_{i,t}| · H_{i,t}
-    (old-policy entropy; ties: earlier token first), N = valid tokens of the step."""
+    (old-policy entropy; ties: earlier token first), N = valid tokens of the step. denominator 'kept': the other
+    tokens also leave the loss's denominators (loss_mask); 'valid': denominators count every valid token."""
     score = batch.advantages.abs() * batch.old_entropy
     out, keep, _ = keep_top_tokens(batch, score, schedule(k_init, k_final, progress))
+    if denominator == "kept":
+        out = dataclasses.replace(out, loss_mask=out.pg_mask * batch.loss_tokens)
+    elif denominator != "valid":
+        raise ValueError(f"d3s_token denominator must be 'kept' or 'valid', got {denominator!r}")
     return out, {"d3s/token_frac": keep / max(1, int((batch.response_mask > 0).sum()))}

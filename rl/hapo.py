@@ -8,7 +8,10 @@
 ĥ comes from the OLD policy's entropy over the whole step (equal to the current policy's at the step's first
 update). The spec reads "current policy"; statistics over the whole step keep every update independent of how the
 batch is cut into micro-batches and ranks, which a per-micro-batch current-entropy pivot would not.
-Adaptive temperature sampling (the fourth switch) is not built yet.
+- adaptive temperature sampling (`algorithm.adaptive_temperature`): the rollout engine samples each token at
+  T (1 + tau ĥ), ĥ from the step's logits under the previous training step's normaliser statistics
+  (`normaliser_stats`, kept in the algorithm state); the learner scores each token at the temperature it was
+  sampled with.
 """
 
 from __future__ import annotations
@@ -24,25 +27,46 @@ from rl.shaping import TOKEN_SHAPERS
 from rl.types import TrainBatch
 
 
+def normaliser_stats(entropy_BT: Tensor, mask_BT: Tensor, *, q: float = 0.8) -> dict[str, float]:
+    """The normaliser's statistics over the valid tokens: pivot = q-quantile of l = log(max(H, 1e-8)); rms =
+    sqrt(mean (l - pivot)^2); pos_max / neg_min = the largest / smallest h = (l - pivot) / rms (1.0 / -1.0 when there
+    is no such token, and everything 0 when rms is 0: constant entropy)."""
+    vals = torch.log(entropy_BT.double().clamp(min=1e-8))[mask_BT > 0]
+    if vals.numel() == 0:
+        return {"pivot": 0.0, "rms": 0.0, "pos_max": 1.0, "neg_min": -1.0}
+    pivot = torch.quantile(vals, q)
+    rms = float(torch.sqrt(((vals - pivot) ** 2).mean()))
+    if rms <= 1e-12:
+        return {"pivot": float(pivot), "rms": 0.0, "pos_max": 1.0, "neg_min": -1.0}
+    h = (vals - pivot) / rms
+    return {"pivot": float(pivot), "rms": rms, "pos_max": float(h.max()) if (h > 0).any() else 1.0,
+            "neg_min": float(h.min()) if (h < 0).any() else -1.0}
+
+
+def apply_normaliser(entropy: Tensor, stats: dict[str, float]) -> Tensor:
+    """ĥ = h / pos_max for h > 0, h / |neg_min| for h < 0, h = (log(max(H, 1e-8)) - pivot) / rms, clamped to [-1, 1]
+    (0 everywhere when rms is 0). Any shape; float64 inside, returned in the input dtype."""
+    if stats["rms"] <= 0:
+        return torch.zeros_like(entropy)
+    h = (torch.log(entropy.double().clamp(min=1e-8)) - stats["pivot"]) / stats["rms"]
+    h = torch.where(h > 0, h / stats["pos_max"], h / abs(stats["neg_min"]))
+    return h.clamp(-1.0, 1.0).to(entropy.dtype)
+
+
 def entropy_normaliser(entropy_BT: Tensor, mask_BT: Tensor, *, q: float = 0.8) -> Tensor:
     """ĥ: l = log(max(H, 1e-8)); pivot = q-quantile of l over valid tokens; h = (l - pivot) / sqrt(mean_valid
     (l - pivot)^2); positives divided by max(h), negatives by |min(h)|, so ĥ ∈ [-1, 1] and about (1-q) of the tokens
     are above 0. Constant entropy gives ĥ = 0 (no NaN). Zero on padding."""
-    valid = mask_BT > 0
-    ell = torch.log(entropy_BT.double().clamp(min=1e-8))
-    vals = ell[valid]
-    if vals.numel() == 0:
-        return torch.zeros_like(entropy_BT)
-    pivot = torch.quantile(vals, q)
-    rms = torch.sqrt(((vals - pivot) ** 2).mean())
-    h = (ell - pivot) / rms if rms > 1e-12 else torch.zeros_like(ell)
-    h = h * valid
-    pos, neg = h[valid & (h > 0)], h[valid & (h < 0)]
-    if pos.numel():
-        h = torch.where(h > 0, h / pos.max(), h)
-    if neg.numel():
-        h = torch.where(h < 0, h / neg.min().abs(), h)
-    return h.clamp(-1.0, 1.0).to(entropy_BT.dtype)
+    return apply_normaliser(entropy_BT, normaliser_stats(entropy_BT, mask_BT, q=q)) * (mask_BT > 0)
+
+
+def sampling_temperatures(logits_NV: Tensor, *, temperature: float, tau: float, stats: dict[str, float]) -> Tensor:
+    """HAPO adaptive temperature for one decoding step: T_t = T (1 + tau ĥ_t) [N], ĥ_t from the entropy of the logits
+    at the base temperature T under the previous training step's normaliser statistics."""
+    z = logits_NV.float() / temperature
+    logz = torch.logsumexp(z, dim=-1)
+    entropy = logz - (torch.softmax(z, dim=-1) * z.masked_fill(torch.isinf(z), 0.0)).sum(-1)
+    return temperature * (1.0 + tau * apply_normaliser(entropy, stats))
 
 
 @ADVANTAGES.register("hapo")

@@ -52,6 +52,7 @@ class RolloutBatch(_Rows):
     responses: list[str]       # [B] decoded responses, without the end-of-turn token
     group_size: int            # G
     policy_version: int        # learner update count of the weights that generated this batch
+    temperatures: Tensor | None = None  # [B, T] float32, per-token sampling temperature (None: rollout.temperature)
 
 
 @dataclass
@@ -63,6 +64,16 @@ class TrainBatch(RolloutBatch):
     old_entropy: Tensor | None = None    # [B, T] float32, token entropy of the old policy
     pg_mask: Tensor | None = None        # [B, T] float32, 1 where the policy-gradient term applies (token shapers)
     entropy_norm: Tensor | None = None   # [B, T] float32, HAPO's normalised entropy in [-1, 1] (hapo_entropy shaper)
+    loss_mask: Tensor | None = None      # [B, T] float32, tokens every loss term and denominator counts (None: the
+                                         # response mask); narrowed by token shapers with denominator 'kept'
+    group_vocab: Tensor | None = None    # [B, V] int64, THR: distinct sampled ids of the row's group, -1 padded
+    old_hidden: Tensor | None = None     # [B, T, d] float32, THR: old policy's last-layer hidden states
+    old_vocab_probs: Tensor | None = None  # [B, T, V] float32, THR: old policy's probabilities of group_vocab ids
+
+    @property
+    def loss_tokens(self) -> Tensor:
+        """[B, T] the tokens the loss counts: loss_mask if a shaper set one, else the response mask."""
+        return self.response_mask if self.loss_mask is None else self.loss_mask
 
     @classmethod
     def from_rollouts(cls, rollouts: RolloutBatch, **extra: Tensor | None) -> "TrainBatch":

@@ -89,6 +89,29 @@ def test_two_learners_match_debug_mode(local_ray, recipe_for, debug_run, tmp_pat
         torch.testing.assert_close(wa[k], wb[k], atol=2e-5, rtol=0, msg=k)
 
 
+TOKEN_LEVEL = {"advantage": {"type": "hapo"}, "policy_loss": {"type": "hapo"},
+               "adaptive_temperature": {"tau": 0.3},
+               "token_shapers": [{"type": "hapo_entropy"}, {"type": "thr", "p": 0.5},
+                                 {"type": "d3s_token", "k_init": 0.5, "denominator": "kept"}]}
+
+
+def test_token_level_shapers_in_cluster_mode_match_debug_mode(local_ray, recipe_for, tmp_path):
+    """THR's hidden states and probabilities come back from two learner ranks, adaptive-temperature statistics go
+    out to the rollout actor, and D³S narrows the loss mask: the same samples and losses as in one process."""
+    runs = {}
+    for mode in ("local", "ray"):
+        runs[mode] = tmp_path / mode
+        recipe = recipe_for(f"token-level-{mode}", mode, algorithm=TOKEN_LEVEL)
+        assert main(["train", str(recipe), f"output_dir={runs[mode]}"]) == 0
+    ours, ref = _steps(runs["ray"]), _steps(runs["local"])
+    assert [r["reward/mean"] for r in ours] == [r["reward/mean"] for r in ref]
+    assert "sampling/temperature_mean" not in ours[0] and ours[-1]["sampling/temperature_std"] > 0
+    assert any(r["thr/selected_frac"] > 0 for r in ours)
+    for a, b in zip(ours, ref):
+        for key in ("actor/loss", "actor/pg_loss", "thr/selected_frac", "sampling/entropy_pivot"):
+            assert _close(a[key], b[key]), (a["step"], key, a[key], b[key])
+
+
 def test_after_sync_rollout_generates_like_the_learners_weights(local_ray, recipe_for, tmp_path):
     """Bucketed sync (buckets far smaller than the model) under ZeRO-3: the rollout actor's greedy generations equal
     those of an HF model holding the learners' consolidated weights, and differ from the starting model's."""

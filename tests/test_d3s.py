@@ -70,3 +70,27 @@ def test_token_level_keeps_top_abs_adv_times_entropy():
     out, _ = d3s_tokens(batch, progress=1.0, k_init=0.4, k_final=1.0)
     assert out.pg_mask.tolist() == batch.response_mask.tolist()
     assert math.ceil(0.7 * 5) == int(d3s_tokens(batch, progress=0.5, k_init=0.4, k_final=1.0)[0].pg_mask.sum())
+
+
+def test_token_level_denominator_kept_or_valid():
+    """'kept' narrows the loss mask to the kept tokens (token-mean then divides by their count); 'valid' leaves it."""
+    from types import SimpleNamespace
+    from rl.algorithm import Algorithm
+    from trainer.batching import plan_updates
+    batch = _batch([1.0, -2.0], [3, 2], G=2)
+    batch.old_entropy = torch.tensor([[0.5, 3.0, 1.0], [0.5, 0.1, 0.0]])
+    kept, _ = d3s_tokens(batch, progress=0.0, k_init=0.4, k_final=1.0, denominator="kept")
+    valid, _ = d3s_tokens(batch, progress=0.0, k_init=0.4, k_final=1.0, denominator="valid")
+    assert kept.loss_mask.tolist() == [[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]] and valid.loss_mask is None
+    assert plan_updates(kept, world=1, ppo_epochs=1, mini_batches=1, max_rows=4)[0][0].num_tokens == 2
+    assert plan_updates(valid, world=1, ppo_epochs=1, mini_batches=1, max_rows=4)[0][0].num_tokens == 5
+    # token-mean of the PPO loss at ratio 1 (-A on kept tokens): kept -> (-1 - 1) / 2 = -1; valid -> -2 / 5
+    from trainer.config import AlgorithmConfig
+    algo = Algorithm(AlgorithmConfig())
+    zeros = torch.zeros(2, 3)
+    for b, n, expect in [(kept, 2, -1.0), (valid, 5, -0.4)]:
+        b.old_logprobs = zeros
+        loss, _ = algo.loss(zeros.clone(), zeros, b, num_tokens=n)
+        assert float(loss) == pytest.approx(expect)
+    with pytest.raises(ValueError, match="denominator"):
+        d3s_tokens(batch, progress=0.0, k_init=0.4, k_final=1.0, denominator="all")

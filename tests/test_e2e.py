@@ -11,7 +11,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, read_metrics
+from conftest import ROOT, TINY, read_metrics
 from trainer.cli import main
 
 REQUIRED_GRPO_METRICS = {"reward/mean", "actor/entropy", "actor/kl", "actor/loss", "perf/tokens_per_s",
@@ -52,14 +52,18 @@ def test_train_writes_config_metrics_tensorboard_plots_and_models(tiny_recipe, t
     assert str(run / "grpo" / "final") in out and "eval/accuracy" in out
 
 
-@pytest.mark.parametrize("stages, num_train, stop_at, records_before", [
-    (["grpo"], 12, 3, 4),          # step 3 ends epoch 0 exactly: 3 steps x 4 prompts = 12 rows
-    (["grpo"], 10, 3, 4),          # a batch straddles the epoch boundary
-    (["sft", "grpo"], 16, 2, 3),   # stop inside SFT, on its epoch boundary (2 steps x 8 = 16); resume runs both
-    (["sft", "grpo"], 16, 5, 7),   # stop after SFT finished (steps 0-4) and one GRPO step (steps 0-1)
-], ids=["grpo-epoch-boundary", "grpo-mid-epoch", "inside-sft", "after-sft"])
-def test_resume_is_bitwise_exact(tiny_recipe, tmp_path, stages, num_train, stop_at, records_before):
-    recipe = tiny_recipe(stages=stages, data={"num_train": num_train})
+ADAPTIVE = {"adaptive_temperature": {"tau": 0.3}, "kl": {"coef": 0.01}}  # algorithm state: entropy statistics
+
+
+@pytest.mark.parametrize("stages, num_train, stop_at, records_before, algorithm", [
+    (["grpo"], 12, 3, 4, {}),          # step 3 ends epoch 0 exactly: 3 steps x 4 prompts = 12 rows
+    (["grpo"], 10, 3, 4, {}),          # a batch straddles the epoch boundary
+    (["sft", "grpo"], 16, 2, 3, {}),   # stop inside SFT, on its epoch boundary (2 steps x 8 = 16); resume runs both
+    (["sft", "grpo"], 16, 5, 7, {}),   # stop after SFT finished (steps 0-4) and one GRPO step (steps 0-1)
+    (["grpo"], 10, 3, 4, ADAPTIVE),    # HAPO adaptive temperature samples step 4 with step 3's statistics
+], ids=["grpo-epoch-boundary", "grpo-mid-epoch", "inside-sft", "after-sft", "adaptive-temperature"])
+def test_resume_is_bitwise_exact(tiny_recipe, tmp_path, stages, num_train, stop_at, records_before, algorithm):
+    recipe = tiny_recipe(stages=stages, data={"num_train": num_train}, algorithm=algorithm or TINY["algorithm"])
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(["train", str(recipe), f"output_dir={straight}"]) == 0
     assert main(["train", str(recipe), f"output_dir={resumed}", "--stop-after-steps", str(stop_at)]) == 0

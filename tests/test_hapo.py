@@ -67,3 +67,24 @@ def test_hapo_loss_hand_computed():
     plain, _ = hapo_clip(ratio.log(), old, adv, mask, entropy_norm=h, clip_low=0.2, clip_high=0.2,
                          asymmetric_clip=False, alpha=1.0, redistribution=False, beta=1.0)
     torch.testing.assert_close(plain, ppo_clip(ratio.log(), old, adv, mask, clip_low=0.2, clip_high=0.2)[0])
+
+
+def test_normaliser_statistics_reproduce_the_normaliser_and_drive_sampling_temperatures():
+    from rl.hapo import apply_normaliser, normaliser_stats, sampling_temperatures
+    H = torch.exp(torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 9.0]]))
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 0.0]])
+    stats = normaliser_stats(H, mask, q=0.8)
+    rms = math.sqrt((3.2 ** 2 + 2.2 ** 2 + 1.2 ** 2 + 0.2 ** 2 + 0.8 ** 2) / 5)
+    assert stats["pivot"] == pytest.approx(3.2) and stats["rms"] == pytest.approx(rms)
+    assert stats["pos_max"] == pytest.approx(0.8 / rms) and stats["neg_min"] == pytest.approx(-3.2 / rms)
+    g = torch.Generator().manual_seed(1)
+    Hr, m = torch.rand(8, 9, generator=g) * 2, (torch.rand(8, 9, generator=g) > 0.3).float()
+    torch.testing.assert_close(apply_normaliser(Hr, normaliser_stats(Hr, m)) * m, entropy_normaliser(Hr, m))
+    # a decoding step: uniform logits over 4 tokens at T = 0.5 -> H = log 4, log H = 0.3266; h = (0.3266 - 3.2) /
+    # rms / (3.2 / rms) = -0.8979; T_t = 0.5 (1 + 0.1 h) = 0.45510; a one-hot-ish row has H ~ 0 -> h = -1 -> 0.45
+    logits = torch.tensor([[1.0, 1.0, 1.0, 1.0], [50.0, 0.0, 0.0, -math.inf]])
+    T = sampling_temperatures(logits, temperature=0.5, tau=0.1, stats=stats)
+    expect0 = 0.5 * (1 + 0.1 * (math.log(math.log(4)) - 3.2) / 3.2)
+    assert T.tolist() == pytest.approx([expect0, 0.45], abs=1e-6)
+    flat = normaliser_stats(torch.full((2, 3), 0.7), torch.ones(2, 3))  # constant entropy: T stays T
+    assert sampling_temperatures(logits, temperature=0.5, tau=0.1, stats=flat).tolist() == [0.5, 0.5]

@@ -95,6 +95,8 @@ ALGOS.update({
     "hapo": {"advantage": {"type": "hapo"}, "policy_loss": {"type": "hapo"}, "token_shapers": [{"type": "hapo_entropy"}]},
     "d3s": {"sample_filters": [{"type": "d3s", "n_init": 0.5}], "token_shapers": [{"type": "d3s_token", "k_init": 0.3}],
             "kl": {"estimator": "k1", "coef": 0.1}},
+    "d3s_valid_denominator": {"token_shapers": [{"type": "d3s_token", "k_init": 0.3, "denominator": "valid"}]},
+    "thr": {"token_shapers": [{"type": "thr", "p": 0.5, "mode": "mask"}]},
 })
 
 
@@ -165,3 +167,80 @@ def test_top_p_mismatch_is_visible_in_rollout_logprobs(tiny_dir):
     valid = out.response_mask > 0
     assert (out.rollout_logprobs[valid] >= batch.old_logprobs[valid] - 1e-5).all()
     assert (out.rollout_logprobs[valid] - batch.old_logprobs[valid]).max() > 0.01
+
+
+def _features_batch(algo, learner, engine):
+    out = engine.generate(_rows(3), n=4)
+    rewards = (torch.arange(12) % 3 == 0).float()
+    return algo.filter(algo.make_batch(out, rewards))[0]
+
+
+def test_thr_scoring_returns_hidden_states_and_group_vocabulary_probabilities(tiny_dir):
+    """Only a THR recipe pays for the features; they equal a direct forward pass (last hidden state after the final
+    norm, softmax at the sampling temperature gathered at the group's ids) and do not depend on micro-batching."""
+    torch.manual_seed(0)
+    spec = {"token_shapers": [{"type": "thr"}]}
+    _, algo, full, engine = _setup(tiny_dir, micro_batch_size=12, algorithm=spec, rollout={"temperature": 0.7})
+    batch = _features_batch(algo, full, engine)
+    assert batch.group_vocab is not None and batch.group_vocab.shape[0] == 12
+    scored = full.score(batch)
+    split = _setup(tiny_dir, micro_batch_size=5, max_tokens=40, algorithm=spec, rollout={"temperature": 0.7})[2]
+    again = split.score(batch)
+    torch.testing.assert_close(scored.old_hidden, again.old_hidden, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scored.old_vocab_probs, again.old_vocab_probs, atol=1e-6, rtol=0)
+    model, T = full.learner.model, batch.response_ids.shape[1]
+    for i in (0, 7):
+        ids = torch.cat([batch.prompt_ids[i][batch.prompt_mask[i] > 0], batch.response_ids[i]])[None]
+        with torch.no_grad():
+            out = model(input_ids=ids, output_hidden_states=True)
+        hidden = out.hidden_states[-1][0, -(T + 1):-1]
+        probs = torch.softmax(out.logits[0, -(T + 1):-1].double() / 0.7, -1)
+        vocab = batch.group_vocab[i]
+        n = int(batch.response_mask[i].sum())
+        torch.testing.assert_close(scored.old_hidden[i, :n], hidden[:n], atol=1e-4, rtol=0)
+        expect = probs[:n][:, vocab.clamp(min=0)] * (vocab >= 0)
+        torch.testing.assert_close(scored.old_vocab_probs[i, :n].double(), expect, atol=1e-5, rtol=0)
+        assert scored.old_hidden[i, n:].abs().sum() == 0
+    shaped, stats = algo.shape(scored)
+    assert shaped.old_hidden is None and "thr/selected_frac" in stats
+    plain_algo, plain, plain_engine = _setup(tiny_dir)[1:]
+    plain_batch = plain.score(_features_batch(plain_algo, plain, plain_engine))
+    assert plain_batch.group_vocab is None and plain_batch.old_hidden is None and plain_batch.old_vocab_probs is None
+
+
+def test_adaptive_temperature_samples_and_scores_each_token_at_its_temperature(tiny_dir):
+    """The engine's per-token temperatures are T (1 + tau h) of its own logits under the given statistics; the
+    learner's log-probs at those temperatures equal the engine's sampling log-probs; greedy stays greedy."""
+    torch.manual_seed(0)
+    from rl.hapo import sampling_temperatures
+    spec = {"adaptive_temperature": {"tau": 0.4}}
+    _, algo, learner, engine = _setup(tiny_dir, algorithm=spec, rollout={"temperature": 0.9})
+    assert algo.sampling() is None  # first step: no statistics yet, fixed temperature
+    first = engine.generate(_rows(4), n=4, seed=1, adaptive=algo.sampling())
+    assert first.temperatures is None
+    batch, _ = algo.shape(learner.score(algo.make_batch(first, torch.zeros(16))))
+    adaptive = algo.sampling()
+    assert adaptive["tau"] == 0.4 and set(adaptive["stats"]) == {"pivot", "rms", "pos_max", "neg_min"}
+    out = engine.generate(_rows(4), n=4, seed=2, adaptive=adaptive)
+    valid = out.response_mask > 0
+    temps = out.temperatures[valid]
+    assert temps.min() >= 0.9 * 0.6 - 1e-6 and temps.max() <= 0.9 * 1.4 + 1e-6 and temps.std() > 0.01
+    scored = learner.score(algo.make_batch(out, torch.zeros(16)))
+    torch.testing.assert_close(scored.old_logprobs[valid], out.rollout_logprobs[valid], atol=2e-5, rtol=0)
+    model = learner.learner.model
+    for i in (0, 9):  # the recorded temperatures follow from the logits the engine saw
+        ids = torch.cat([out.prompt_ids[i][out.prompt_mask[i] > 0], out.response_ids[i]])[None]
+        T = out.response_ids.shape[1]
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, -(T + 1):-1]
+        expect = sampling_temperatures(logits, temperature=0.9, tau=0.4, stats=adaptive["stats"])
+        n = int(out.response_mask[i].sum())
+        # KV-cached decoding vs one full forward differ by ~1e-6 in the logits, which log-entropy amplifies
+        torch.testing.assert_close(out.temperatures[i, :n], expect[:n].float(), atol=1e-4, rtol=0)
+    greedy = engine.generate(_rows(4), n=1, greedy=True, adaptive=adaptive)
+    assert greedy.temperatures is None
+    assert greedy.responses == engine.generate(_rows(4), n=1, greedy=True).responses
+    state = algo.state_dict()
+    fresh = _setup(tiny_dir, algorithm=spec)[1]
+    fresh.load_state_dict(state)
+    assert fresh.sampling() == adaptive

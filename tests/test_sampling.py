@@ -6,6 +6,7 @@ import torch
 from conftest import TINY, _merge, stage_env
 from rl.data import PromptStream
 from rl.shaping import informative_groups
+from rl.algorithm import Algorithm
 from trainer.config import config_from_dict
 from trainer.controller import sample
 from trainer.workers import LocalWorkers
@@ -32,7 +33,8 @@ def test_dynamic_sampling_keeps_only_informative_groups(tmp_path, max_rounds):
     workers = LocalWorkers(env, micro_batch_size=8, learner_kwargs=dict(
         model_dir=env.init_dir, optim=cfg.grpo.optim, device=env.device, dtype=env.dtype, total_updates=1))
     data = PromptStream(env.data["train"], seed=0)
-    batch, rewards, stats, seconds = sample(env, workers, data, step=1)
+    algo = Algorithm(cfg.algorithm)
+    batch, rewards, stats, seconds = sample(env, workers, algo, data, step=1)
     G = cfg.grpo.group_size
     groups = len(batch) // G
     assert seconds > 0 and len(rewards) == len(batch) == len(batch.prompts)
@@ -50,5 +52,5 @@ def test_dynamic_sampling_keeps_only_informative_groups(tmp_path, max_rounds):
         assert groups == 4 and rounds >= 2  # about half the prompts are uninformative: one round is not enough
     assert 0 < stats["sampling/informative_frac"] < 1
     # the same step and rounds draw the same samples again (retries and debug/cluster parity rely on it)
-    again = sample(env, workers, PromptStream(env.data["train"], seed=0), step=1)[0]
+    again = sample(env, workers, algo, PromptStream(env.data["train"], seed=0), step=1)[0]
     assert torch.equal(again.response_ids, batch.response_ids)

@@ -88,7 +88,7 @@ def plan_updates(batch: Any, *, world: int, ppo_epochs: int, mini_batches: int, 
     G = batch.group_size
     groups = len(batch) // G
     tokens = row_tokens(batch)
-    loss_tokens = batch.response_mask.sum(1).long().tolist()
+    loss_tokens = batch.loss_tokens.sum(1).long().tolist()  # the token-mean denominator
     plans: list[list[Update]] = [[] for _ in range(world)]
     for _ in range(ppo_epochs):
         for m in range(mini_batches):

@@ -99,8 +99,9 @@ class RolloutWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def generate(self, rows: list[dict], n: int, greedy: bool, seed: int | None) -> RolloutBatch:
-        return self.engine.generate(rows, n=n, greedy=greedy, seed=seed)
+    def generate(self, rows: list[dict], n: int, greedy: bool, seed: int | None,
+                 adaptive: dict | None = None) -> RolloutBatch:
+        return self.engine.generate(rows, n=n, greedy=greedy, seed=seed, adaptive=adaptive)
 
     def begin_sync(self) -> None:
         self.engine.begin_sync()
@@ -325,21 +326,22 @@ class RayWorkers:
 
     # ------------------------------------------------------------------------------------------------ rollout
     def generate(self, rows: list[dict], *, n: int, greedy: bool = False, step: int | None = None,
-                 round: int = 0) -> RolloutBatch:
+                 round: int = 0, adaptive: dict | None = None) -> RolloutBatch:
         """Prompts split into contiguous shards, one per rollout actor; shard k samples with step_seed(.., k, round)."""
         while True:
             try:
-                return self._generate(rows, n, greedy, step, round)
+                return self._generate(rows, n, greedy, step, round, adaptive)
             except ActorFailed as failure:
                 self._recover(failure, step)
 
-    def _generate(self, rows: list[dict], n: int, greedy: bool, step: int | None, round: int) -> RolloutBatch:
+    def _generate(self, rows: list[dict], n: int, greedy: bool, step: int | None, round: int,
+                  adaptive: dict | None) -> RolloutBatch:
         from trainer.rollout.hf import concat_rollouts
         M = min(len(self.rollouts), len(rows))
         shards = [rows[k * len(rows) // M:(k + 1) * len(rows) // M] for k in range(M)]
         refs = [self.rollouts.actors[k].generate.remote(
-            shards[k], n, greedy, None if greedy or step is None else step_seed(self.env.cfg.seed, step, k, round))
-            for k in range(M)]
+            shards[k], n, greedy, None if greedy or step is None else step_seed(self.env.cfg.seed, step, k, round),
+            adaptive) for k in range(M)]
         return concat_rollouts(self.rollouts.wait(refs, "generate"), self.env.tokenizer.pad_token_id)
 
     def sync(self, *, step: int | None = None) -> None:

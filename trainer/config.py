@@ -278,6 +278,10 @@ class D3STokens:
     type: Literal["d3s_token"] = opt("d3s_token", "Token shaper.")
     k_init: float = opt(0.2, "Fraction of tokens kept at the start.", gt=0, le=1)
     k_final: float = opt(1.0, "Fraction of tokens kept at the end.", gt=0, le=1)
+    denominator: Literal["kept", "valid"] = opt(
+        "kept", "'kept': the masked tokens leave the loss entirely (KL and entropy terms too), so every aggregation "
+                "counts only kept tokens; 'valid': only the policy-gradient term is masked and the denominators "
+                "count every valid token.")
 
 
 @dataclass
@@ -289,7 +293,21 @@ class HAPOEntropy:
                    gt=0, lt=1)
 
 
-TokenShaperConfig = Union[ForkingTokens, D3STokens, HAPOEntropy]
+@dataclass
+class TokenHiddenReward:
+    """Token Hidden Reward: from the old policy's last-layer hidden states and prediction errors over the group's
+    sampled vocabulary, each token's influence s on the group's correct responses; tokens with |A s| > tau (tau = the
+    smallest mean s of a correct response) get A (1 + p sign(A s)). Groups without a correct response are untouched.
+    Costs an extra [B, T, d + |V*|] from the scoring pass."""
+    type: Literal["thr"] = opt("thr", "Token shaper.")
+    p: float = opt(0.2, "Rescaling strength: > 0 favours exploitation (greedy accuracy), < 0 exploration (pass@k); "
+                        "0 leaves the advantages as they are (mode 'keep').", ge=-1, le=1)
+    mode: Literal["keep", "mask"] = opt("keep", "Tokens under the threshold: 'keep' their advantage, or 'mask' them "
+                                                "from the policy gradient (in groups with a correct response).")
+    correct_reward: float = opt(1.0, "A response whose (shaped) reward is at least this counts as correct.")
+
+
+TokenShaperConfig = Union[ForkingTokens, D3STokens, HAPOEntropy, TokenHiddenReward]
 
 
 @dataclass
@@ -316,6 +334,14 @@ class KLConfig:
 
 
 @dataclass
+class AdaptiveTemperature:
+    tau: float = opt(0.0, "HAPO adaptive temperature sampling: at every decoding step T_t = T (1 + tau h), h in [-1, 1] "
+                          "the normalised entropy of the step's logits under the previous training step's pivot and "
+                          "scale (the first step samples at T); greedy decoding stays greedy; 0 = off.", ge=0, lt=1)
+    q: float = opt(0.8, "Quantile of log-entropy used as the pivot of the normaliser.", gt=0, lt=1)
+
+
+@dataclass
 class AlgorithmConfig:
     advantage: AdvantageConfig = opt(factory=GRPOAdvantage, doc="Advantage estimator, by type.")
     policy_loss: PolicyLossConfig = opt(factory=PPOClipLoss, doc="Policy loss, by type.")
@@ -330,6 +356,8 @@ class AlgorithmConfig:
     dynamic_sampling: DynamicSampling = opt(factory=DynamicSampling, doc="DAPO dynamic sampling.")
     sample_filters: list[SampleFilterConfig] = opt(factory=list, doc="Sample filters applied before scoring, in order.")
     token_shapers: list[TokenShaperConfig] = opt(factory=list, doc="Token shapers applied after scoring, in order.")
+    adaptive_temperature: AdaptiveTemperature = opt(factory=AdaptiveTemperature,
+                                                    doc="HAPO entropy-adaptive sampling temperature.")
 
     def __post_init__(self) -> None:
         if self.kl.placement == "reward" and self.sample_filters:

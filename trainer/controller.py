@@ -45,7 +45,7 @@ def run_grpo(env: StageEnv) -> StageResult:
 def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, step: int) -> tuple[dict, str]:
     g, learner = env.cfg.grpo, workers.pool
     t0 = time.perf_counter()
-    rollouts, rewards, metrics, t_gen = sample(env, workers, data, step=step)
+    rollouts, rewards, metrics, t_gen = sample(env, workers, algo, data, step=step)
     t_reward = time.perf_counter()
     progress = (step - 1) / max(1, g.steps - 1)  # drives shaping schedules: 0 at the first step, 1 at the last
     made = algo.make_batch(rollouts, rewards)
@@ -75,6 +75,7 @@ def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, st
         "rollout/truncated_frac": rollouts.truncated.float().mean().item(),
         "rollout/logprob_diff": ((batch.old_logprobs - batch.rollout_logprobs).abs().sum() / mask.sum()).item(),
         "rollout/policy_lag": float(learner.version - 1 - rollouts.policy_version),
+        **temperature_stats(batch),
         "rollout/actor_restarts": float(workers.restarts),
         "timing/generate": t_gen, "timing/reward": t_reward - t0 - t_gen, "timing/logprob": t_score - t_reward,
         "timing/train": t_train - t_score, "timing/sync": t_sync - t_train, "timing/step": t_sync - t0,
@@ -85,7 +86,8 @@ def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, st
     return metrics, info
 
 
-def sample(env: StageEnv, workers, data: PromptStream, *, step: int) -> tuple[RolloutBatch, Tensor, dict, float]:
+def sample(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *,
+           step: int) -> tuple[RolloutBatch, Tensor, dict, float]:
     """Rollouts and rewards for one step: one generation round, or under dynamic sampling rounds of fresh prompts
     until prompts_per_step groups with unequal rewards are collected (or max_rounds ran; then the informative groups
     found, or the last round whole if there were none). Returns (rollouts, rewards, stats, seconds generating)."""
@@ -93,7 +95,8 @@ def sample(env: StageEnv, workers, data: PromptStream, *, step: int) -> tuple[Ro
     parts, rewards_parts, reward_stats, seconds, informative, drawn, generated = [], [], [], 0.0, 0, [], 0.0
     for round in range(max(1, ds.max_rounds)):
         t0 = time.perf_counter()
-        rollouts = workers.generate(data.next_batch(g.prompts_per_step), n=g.group_size, step=step, round=round)
+        rollouts = workers.generate(data.next_batch(g.prompts_per_step), n=g.group_size, step=step, round=round,
+                                    adaptive=algo.sampling())
         seconds += time.perf_counter() - t0
         rewards, stats = compute_rewards(env.rewards, prompts=rollouts.prompts, responses=rollouts.responses,
                                          answers=rollouts.answers, truncated=rollouts.truncated.tolist())
@@ -124,3 +127,12 @@ def sample(env: StageEnv, workers, data: PromptStream, *, step: int) -> tuple[Ro
         stats.update({"sampling/rounds": float(len(reward_stats)),
                       "sampling/informative_frac": informative * g.group_size / len(everything)})
     return batch, rewards, stats, seconds
+
+
+def temperature_stats(batch: RolloutBatch) -> dict[str, float]:
+    """Per-token sampling temperature over valid tokens (adaptive temperature only): mean, std, min, max."""
+    if batch.temperatures is None:
+        return {}
+    t = batch.temperatures[batch.response_mask > 0].double()
+    return {"sampling/temperature_mean": t.mean().item(), "sampling/temperature_std": t.std().item() if len(t) > 1
+            else 0.0, "sampling/temperature_min": t.min().item(), "sampling/temperature_max": t.max().item()}

@@ -47,6 +47,9 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
     return factor
 
 
+PER_ROW = {"group_vocab"}  # [B, V] fields that are not per token (never trimmed)
+
+
 def trim(batch: RolloutBatch) -> RolloutBatch:
     """Drop prompt columns that are padding in every row and response columns past the longest response."""
     p0 = int(batch.prompt_mask.any(0).long().argmax())
@@ -57,7 +60,7 @@ def trim(batch: RolloutBatch) -> RolloutBatch:
         v = getattr(batch, f.name)
         if f.name.startswith("prompt_") and isinstance(v, torch.Tensor):
             v = v[:, p0:]
-        elif isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == T:
+        elif isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == T and f.name not in PER_ROW:
             v = v[:, :t1]
         out[f.name] = v
     return type(batch)(**out)
@@ -135,43 +138,66 @@ class Learner:
         return self.opt.module
 
     # ------------------------------------------------------------------------------------------------ forward
-    def _forward(self, model: torch.nn.Module, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """log-probs and entropies [B, T] of the response tokens at the sampling temperature."""
+    def _forward(self, model: torch.nn.Module, batch: RolloutBatch, *,
+                 features: bool = False) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """log-probs and entropies [B, T] of the response tokens at the temperature each was sampled with (the
+        rollout's per-token temperatures if it recorded them, else rollout.temperature). With `features` (THR), also
+        (last-layer hidden states [B, T, d], probabilities of the row's group_vocab ids [B, T, V])."""
         T = batch.response_ids.shape[1]
         ids = torch.cat([batch.prompt_ids, batch.response_ids], dim=1).to(self.device)
         attn = torch.cat([batch.prompt_mask, batch.response_mask.long()], dim=1).to(self.device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         kwargs = {"logits_to_keep": T + 1} if self._keep_arg else {}
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, **kwargs).logits
-        logits = logits[:, -(T + 1):-1].float() / self.temperature
-        logp, ent = token_logprobs_entropy(logits, batch.response_ids.to(self.device))
-        return logp, ent
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
+                    output_hidden_states=features, **kwargs)
+        logits = out.logits[:, -(T + 1):-1].float()
+        if batch.temperatures is not None:
+            logits = logits / batch.temperatures.to(self.device).unsqueeze(-1)
+        else:
+            logits = logits / self.temperature
+        labels = batch.response_ids.to(self.device)
+        logp, ent = token_logprobs_entropy(logits, labels)
+        if not features:
+            return logp, ent, None
+        hidden = out.hidden_states[-1][:, -(T + 1):-1].float()
+        vocab = batch.group_vocab.to(self.device)
+        probs = torch.softmax(logits, -1).gather(-1, vocab.clamp(min=0).unsqueeze(1).expand(-1, T, -1))
+        return logp, ent, (hidden, probs * (vocab >= 0).unsqueeze(1))
 
     @torch.no_grad()
-    def _no_grad_pass(self, model: torch.nn.Module, batch: RolloutBatch,
-                      micros: list[Micro]) -> tuple[torch.Tensor, torch.Tensor]:
-        """[rows of the weight-1 micro-batches, T] log-probs and entropies, masked; padding passes run and are dropped."""
-        logps, ents = [], []
+    def _no_grad_pass(self, model: torch.nn.Module, batch: RolloutBatch, micros: list[Micro], *,
+                      features: bool = False) -> dict[str, torch.Tensor]:
+        """{logprobs, entropy [, hidden, vocab_probs]} for the rows of the weight-1 micro-batches (in order), masked;
+        padding passes run and are dropped."""
+        parts: dict[str, list[torch.Tensor]] = defaultdict(list)
         T = batch.response_ids.shape[1]
         for micro in micros:
             part = batch.select(micro.rows)
-            logp, ent = self._forward(model, trim(part))
-            if micro.weight:
-                pad = T - logp.shape[1]
-                logps.append(F.pad(logp.float().cpu(), (0, pad)) * part.response_mask)
-                ents.append(F.pad(ent.float().cpu(), (0, pad)) * part.response_mask)
-        if not logps:
-            return torch.zeros(0, T), torch.zeros(0, T)
-        return torch.cat(logps), torch.cat(ents)
+            logp, ent, extra = self._forward(model, trim(part), features=features)
+            if not micro.weight:
+                continue
+            m = part.response_mask
+            pad = T - logp.shape[1]
+            parts["logprobs"].append(F.pad(logp.float().cpu(), (0, pad)) * m)
+            parts["entropy"].append(F.pad(ent.float().cpu(), (0, pad)) * m)
+            if extra is not None:
+                for name, v in zip(("hidden", "vocab_probs"), extra):
+                    parts[name].append(F.pad(v.cpu(), (0, 0, 0, pad)) * m.unsqueeze(-1))
+        if not parts:
+            return {"logprobs": torch.zeros(0, T), "entropy": torch.zeros(0, T)}
+        return {k: torch.cat(v) for k, v in parts.items()}
 
     def score(self, batch: TrainBatch, micros: list[Micro]) -> dict[str, torch.Tensor | None]:
-        """Old-policy log-probs/entropies and reference log-probs for the rows of `micros` (in their order)."""
+        """Old-policy log-probs/entropies and reference log-probs for the rows of `micros` (in their order); when
+        the batch carries group_vocab (THR), also the old policy's hidden states and group-vocabulary probabilities."""
         was_training = self.model.training
         self.model.eval()
-        old_logp, old_ent = self._no_grad_pass(self.opt.forward_module, batch, micros)
+        features = getattr(batch, "group_vocab", None) is not None
+        old = self._no_grad_pass(self.opt.forward_module, batch, micros, features=features)
         self.model.train(was_training)
-        ref_logp = self._no_grad_pass(self.reference, batch, micros)[0] if self.reference is not None else None
-        return {"old_logprobs": old_logp, "old_entropy": old_ent, "ref_logprobs": ref_logp}
+        ref_logp = self._no_grad_pass(self.reference, batch, micros)["logprobs"] if self.reference is not None else None
+        return {"old_logprobs": old["logprobs"], "old_entropy": old["entropy"], "ref_logprobs": ref_logp,
+                "old_hidden": old.get("hidden"), "old_vocab_probs": old.get("vocab_probs")}
 
     # ------------------------------------------------------------------------------------------------ updates
     def train(self, batch: TrainBatch, updates: list[Update]) -> dict[str, Any]:
@@ -184,7 +210,7 @@ class Learner:
             lrs.append(self.opt.lr())
             for i, micro in enumerate(update.micros):
                 part = trim(batch.select(micro.rows)).to(self.device)
-                logp, ent = self._forward(self.opt.forward_module, part)
+                logp, ent, _ = self._forward(self.opt.forward_module, part)
                 loss, stats = self.algorithm.loss(logp, ent, part, num_tokens=update.num_tokens,
                                                   num_seqs=update.num_seqs)
                 self.opt.backward(loss * (micro.weight * self.world_size), last=i == len(update.micros) - 1)
@@ -261,8 +287,8 @@ class LearnerPool:
         outs = self.fanout("score", args)
         kept = [[r for m in micros if m.weight for r in m.rows] for micros in plans]
         fields = {}
-        for name in ("old_logprobs", "old_entropy", "ref_logprobs"):
-            if outs[0][name] is not None:
+        for name in ("old_logprobs", "old_entropy", "ref_logprobs", "old_hidden", "old_vocab_probs"):
+            if outs[0].get(name) is not None:
                 fields[name] = gather_rows([(rows, o[name]) for rows, o in zip(kept, outs)], len(batch))
         return dataclasses.replace(batch, **fields)
 

@@ -1,7 +1,8 @@
 """The learner and rollout workers a stage loop holds, in either process layout, behind one interface:
 
     workers.pool                      LearnerPool: score / train_step / sft_step / save / load / save_model / version
-    workers.generate(rows, n=, greedy=, step=, round=)   RolloutBatch; sampling seeded by (seed, step, shard, round)
+    workers.generate(rows, n=, greedy=, step=, round=, adaptive=)   RolloutBatch; sampling seeded by (seed, step,
+                                      shard, round); adaptive = HAPO adaptive temperature {tau, stats} or None
     workers.sync(step=)               learner weights → rollout engine(s), stamped with pool.version
     workers.sleep_rollouts() / wake_rollouts()   colocated engines give the GPU to the learners while they train
     workers.restarts                  rollout actors replaced so far (cluster mode)
@@ -50,9 +51,9 @@ class LocalWorkers:
         self.engine = build_rollout(env.cfg.rollout, model=model, tokenizer=env.tokenizer, formatter=env.formatter)
 
     def generate(self, rows: list[dict], *, n: int, greedy: bool = False, step: int | None = None,
-                 round: int = 0) -> RolloutBatch:
+                 round: int = 0, adaptive: dict | None = None) -> RolloutBatch:
         seed = None if greedy or step is None else step_seed(self.env.cfg.seed, step, 0, round)
-        return self.engine.generate(rows, n=n, greedy=greedy, seed=seed)
+        return self.engine.generate(rows, n=n, greedy=greedy, seed=seed, adaptive=adaptive)
 
     def sync(self, *, step: int | None = None) -> None:
         if self.shared:

@@ -6,8 +6,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
+from rl.hapo import sampling_temperatures
 from rl.types import RolloutBatch
 from trainer.loading import PromptFormatter, eos_token_ids
 
@@ -28,7 +29,24 @@ def concat_rollouts(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
         prompts=[x for p in parts for x in p.prompts], answers=[x for p in parts for x in p.answers],
         responses=[x for p in parts for x in p.responses], group_size=parts[0].group_size,
         policy_version=min(p.policy_version for p in parts),
+        temperatures=None if parts[0].temperatures is None else torch.cat(
+            [F.pad(p.temperatures, (0, T - p.temperatures.shape[1]), value=1.0) for p in parts]),
     )
+
+
+class AdaptiveTemperature(LogitsProcessor):
+    """HAPO adaptive temperature as a logits processor: divides each row's logits by T_t = T (1 + tau ĥ_t) and
+    records T_t per decoding step. transformers runs custom processors before its own top-k / top-p warpers, so those
+    see the tempered logits (generation_config.temperature must be 1.0)."""
+
+    def __init__(self, *, temperature: float, tau: float, stats: dict[str, float]) -> None:
+        self.temperature, self.tau, self.stats = temperature, tau, stats
+        self.history: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        temps = sampling_temperatures(scores, temperature=self.temperature, tau=self.tau, stats=self.stats)
+        self.history.append(temps.float().cpu())
+        return scores / temps.to(scores.dtype).unsqueeze(-1)
 
 
 class HFRollout:
@@ -81,23 +99,26 @@ class HFRollout:
             self.model.to(self._home)
 
     @torch.no_grad()
-    def generate(self, rows: list[dict], *, n: int, greedy: bool = False, seed: int | None = None) -> RolloutBatch:
+    def generate(self, rows: list[dict], *, n: int, greedy: bool = False, seed: int | None = None,
+                 adaptive: dict | None = None) -> RolloutBatch:
         """n responses per row (groups contiguous). With `seed`, sampling draws from a generator seeded with it
-        (the same rows, weights and seed give the same responses in any process); else from the global RNG."""
+        (the same rows, weights and seed give the same responses in any process); else from the global RNG.
+        `adaptive` = {tau, stats}: HAPO adaptive temperature (ignored when greedy); the batch then records each
+        token's temperature."""
         if seed is None:
-            return self._generate_all(rows, n, greedy)
+            return self._generate_all(rows, n, greedy, adaptive)
         devices = [self._home] if self._home.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            return self._generate_all(rows, n, greedy)
+            return self._generate_all(rows, n, greedy, adaptive)
 
-    def _generate_all(self, rows: list[dict], n: int, greedy: bool) -> RolloutBatch:
+    def _generate_all(self, rows: list[dict], n: int, greedy: bool, adaptive: dict | None) -> RolloutBatch:
         self.model.eval()
         per_call = max(1, self.batch_size // n)
-        return concat_rollouts([self._generate(rows[i:i + per_call], n, greedy)
+        return concat_rollouts([self._generate(rows[i:i + per_call], n, greedy, None if greedy else adaptive)
                                 for i in range(0, len(rows), per_call)], self.pad_id)
 
-    def _generate(self, rows: list[dict], n: int, greedy: bool) -> RolloutBatch:
+    def _generate(self, rows: list[dict], n: int, greedy: bool, adaptive: dict | None = None) -> RolloutBatch:
         texts = [self.format(r["prompt"]) for r in rows]
         device = self.model.device
         enc = self.tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
@@ -110,7 +131,13 @@ class HFRollout:
                                    top_k=self.top_k, max_new_tokens=self.max_new_tokens)
         gen.pad_token_id, gen.eos_token_id = self.pad_id, self.eos_ids
         gen.return_dict_in_generate, gen.output_scores = True, not greedy
-        out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen)
+        processors = LogitsProcessorList()
+        if adaptive is not None:
+            gen.temperature = 1.0  # the processor applies the (per-token) temperature
+            processors.append(AdaptiveTemperature(temperature=self.temperature, tau=adaptive["tau"],
+                                                  stats=adaptive["stats"]))
+        out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen,
+                                  logits_processor=processors)
         response = out.sequences[:, ids.shape[1]:].cpu()
         is_eos = torch.isin(response, torch.tensor(self.eos_ids))
         after_first_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
@@ -130,4 +157,6 @@ class HFRollout:
             responses=[self.tokenizer.decode(ids_[keep], skip_special_tokens=True)
                        for ids_, keep in zip(response, content)],
             group_size=n, policy_version=self.version,
+            temperatures=(torch.stack(processors[0].history, dim=1) * response_mask + (1 - response_mask)
+                          if adaptive is not None else None),
         )
