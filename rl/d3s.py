@@ -46,22 +46,34 @@ def row_advantages(batch: TrainBatch) -> Tensor:
 
 
 @SAMPLE_FILTERS.register("d3s")
-def d3s_samples(batch: TrainBatch, *, progress: float, n_init: float, n_final: float) -> tuple[TrainBatch, dict]:
-    """Sample level, per group: of the groups with any non-zero advantage, keep in each the round(n * G) responses
-    (at least 1) whose advantages have the largest variance; advantages are not re-normalised. Groups stay contiguous
-    and equal-sized (group_size becomes the kept count); all-zero groups drop out (if every group is all-zero the
-    batch is kept whole)."""
+def d3s_samples(batch: TrainBatch, *, progress: float, n_init: float, n_final: float,
+                scope: str = "group") -> tuple[TrainBatch, dict]:
+    """Sample level. scope 'group': of the groups with any non-zero advantage, keep in each the round(n * G)
+    responses (at least 1) whose advantages have the largest variance; groups stay contiguous and equal-sized
+    (group_size becomes the kept count). scope 'batch': keep the round(n * B) responses (at most those of such groups)
+    whose advantages have the largest variance over the whole batch; groups no longer line up, so every kept response
+    becomes its own group (group_size 1) for mini-batch splitting. Advantages are not re-normalised; all-zero groups
+    drop out (if every group is all-zero the batch is kept whole)."""
     G = batch.group_size
     frac = schedule(n_init, n_final, progress)
-    keep_n = max(1, min(G, round(frac * G)))
-    adv_NG = row_advantages(batch).view(-1, G)
-    live = (adv_NG != 0).any(1)
+    adv = row_advantages(batch)
+    live = (adv.view(-1, G) != 0).any(1)
     if not live.any():
         return batch, {"d3s/sample_frac": 1.0, "d3s/groups_kept_frac": 1.0}
-    rows = [g * G + int(i) for g in live.nonzero().squeeze(1).tolist()
-            for i in max_variance_subset(adv_NG[g], keep_n)]
-    out = dataclasses.replace(batch.select(rows), group_size=keep_n)
-    return out, {"d3s/sample_frac": len(rows) / len(batch), "d3s/groups_kept_frac": float(live.float().mean())}
+    if scope == "group":
+        keep_n = max(1, min(G, round(frac * G)))
+        rows = [g * G + int(i) for g in live.nonzero().squeeze(1).tolist()
+                for i in max_variance_subset(adv.view(-1, G)[g], keep_n)]
+        out = dataclasses.replace(batch.select(rows), group_size=keep_n)
+    elif scope == "batch":
+        candidates = live.repeat_interleave(G).nonzero().squeeze(1)
+        keep_n = max(1, min(len(candidates), round(frac * len(batch))))
+        rows = candidates[max_variance_subset(adv[candidates], keep_n)].tolist()
+        out = dataclasses.replace(batch.select(rows), group_size=1)
+    else:
+        raise ValueError(f"d3s scope must be 'group' or 'batch', got {scope!r}")
+    groups_kept = len({r // G for r in rows}) / len(live)
+    return out, {"d3s/sample_frac": len(rows) / len(batch), "d3s/groups_kept_frac": groups_kept}
 
 
 @TOKEN_SHAPERS.register("d3s_token")

@@ -145,6 +145,7 @@ def test_schema_module_imports_no_torch():
 def test_config_names_match_registries():
     import typing
 
+    import rl.algorithm  # noqa: F401  (imports every module that registers pieces, as a run does)
     from rl.advantages import ADVANTAGES
     from rl.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
     from rl.rewards import REWARDS
@@ -174,3 +175,14 @@ def test_ray_section_is_validated():
         config_from_dict({"trainer": {"ray": {"colocate": True, "num_learners": 2, "num_rollout_workers": 3}}})
     with pytest.raises(ConfigError, match="trainer.mode"):
         config_from_dict({"trainer": {"mode": "slurm"}})
+
+
+@pytest.mark.parametrize("text, words", [
+    ("algorithm:\n  policy_loss: {type: hapo}\n", ["hapo_entropy"]),
+    ("algorithm:\n  kl: {coef: 0.1, placement: reward}\n  sample_filters: [{type: d3s}]\n", ["placement", "loss"]),
+    ("algorithm:\n  sample_filters: [{type: d3s, scope: batch}]\n  token_shapers: [{type: thr}]\n",
+     ["thr", "scope 'group'"]),
+])
+def test_algorithm_combinations_that_cannot_work_are_refused(tmp_path, text, words):
+    msg = _error(tmp_path, text)
+    assert all(w in msg for w in words), msg

@@ -60,6 +60,21 @@ def test_sample_level_keeps_the_widest_responses_per_group_and_drops_zero_groups
     assert full.group_size == 4 and len(full) == 8
 
 
+def test_sample_level_batch_scope_keeps_the_widest_responses_of_the_batch():
+    adv = [1.0, -1.0, 0.1, 0.0,   0.0, 0.0, 0.0, 0.0,   2.0, 0.5, -0.5, -3.0]
+    batch = _batch(adv, [2] * 12, G=4)
+    # n = 0.25 of 12 -> 3 of the 8 rows of live groups: sorted -3 -1 -0.5 0 0.1 0.5 1 2; {-3, 1, 2} (variance 14/3)
+    # beats {-3, -1, 2} (38/9) and {-3, -1, -0.5} (7/6)
+    out, stats = d3s_samples(batch, progress=0.0, n_init=0.25, n_final=1.0, scope="batch")
+    assert out.prompts == ["0", "8", "11"] and out.group_size == 1
+    torch.testing.assert_close(out.advantages[:, 0], torch.tensor([1.0, 2.0, -3.0]))
+    assert stats == {"d3s/sample_frac": 3 / 12, "d3s/groups_kept_frac": pytest.approx(2 / 3)}
+    full, _ = d3s_samples(batch, progress=1.0, n_init=0.25, n_final=1.0, scope="batch")
+    assert len(full) == 8 and full.prompts == [str(i) for i in [0, 1, 2, 3, 8, 9, 10, 11]]
+    with pytest.raises(ValueError, match="scope"):
+        d3s_samples(batch, progress=0.0, n_init=0.25, n_final=1.0, scope="prompt")
+
+
 def test_token_level_keeps_top_abs_adv_times_entropy():
     batch = _batch([1.0, -2.0], [3, 2], G=2)
     batch.old_entropy = torch.tensor([[0.5, 3.0, 1.0], [0.5, 0.1, 0.0]])

@@ -97,6 +97,8 @@ ALGOS.update({
             "kl": {"estimator": "k1", "coef": 0.1}},
     "d3s_valid_denominator": {"token_shapers": [{"type": "d3s_token", "k_init": 0.3, "denominator": "valid"}]},
     "thr": {"token_shapers": [{"type": "thr", "p": 0.5, "mode": "mask"}]},
+    "d3s_batch_scope": {"sample_filters": [{"type": "d3s", "n_init": 0.5, "scope": "batch"}],
+                        "aggregation": "seq-mean-token-sum"},
 })
 
 

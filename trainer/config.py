@@ -312,11 +312,15 @@ TokenShaperConfig = Union[ForkingTokens, D3STokens, HAPOEntropy, TokenHiddenRewa
 
 @dataclass
 class D3SSamples:
-    """D³S sample level: per group, keep the round(n G) responses whose advantages have the largest variance
-    (groups with all-zero advantages drop out); n follows (1 - p) n_init + p n_final over training progress p."""
+    """D³S sample level: per group (or over the batch), keep the responses whose advantages have the largest variance
+    (groups with all-zero advantages drop out); the kept fraction n follows (1 - p) n_init + p n_final over training
+    progress p."""
     type: Literal["d3s"] = opt("d3s", "Sample filter.")
-    n_init: float = opt(0.5, "Fraction of each group kept at the start.", gt=0, le=1)
-    n_final: float = opt(1.0, "Fraction of each group kept at the end.", gt=0, le=1)
+    n_init: float = opt(0.5, "Fraction of each group (scope 'batch': of the batch) kept at the start.", gt=0, le=1)
+    n_final: float = opt(1.0, "Fraction kept at the end.", gt=0, le=1)
+    scope: Literal["group", "batch"] = opt(
+        "group", "'group': keep round(n G) responses per group; 'batch': keep round(n B) responses of the whole batch "
+                 "(every kept response then counts as its own group: not with the thr token shaper).")
 
 
 SampleFilterConfig = Union[D3SSamples]
@@ -363,6 +367,9 @@ class AlgorithmConfig:
         if self.kl.placement == "reward" and self.sample_filters:
             raise ConfigError("algorithm.kl.placement 'reward' recomputes advantages after scoring, which sample "
                               "filters (algorithm.sample_filters) have already cut; use placement 'loss' with them")
+        if any(f.scope == "batch" for f in self.sample_filters) and any(t.type == "thr" for t in self.token_shapers):
+            raise ConfigError("algorithm.token_shapers 'thr' needs the prompt groups, which algorithm.sample_filters "
+                              "d3s with scope 'batch' dissolves; use scope 'group'")
         if self.policy_loss.type == "hapo" and not any(t.type == "hapo_entropy" for t in self.token_shapers):
             raise ConfigError("algorithm.policy_loss.type 'hapo' needs the entropy normaliser: add "
                               "{type: hapo_entropy} to algorithm.token_shapers")
