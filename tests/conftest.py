@@ -14,6 +14,23 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(var, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _has_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+HAS_CUDA = _has_cuda()
+if not HAS_CUDA:  # Triton kernels run in its CPU interpreter; must be set before any @triton.jit runs
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # A run small enough for a test: 1-layer 32-wide model, a handful of steps.

@@ -29,7 +29,8 @@ def _setup(tiny_dir, *, micro_batch_size=64, max_tokens=0, **cfg_sections):
     algo = Algorithm(cfg.algorithm, max_response_len=cfg.rollout.max_new_tokens)
     learner = local_pool(Learner(tiny_dir, tok, optim=cfg.grpo.optim, total_updates=100, device=CPU,
                                  dtype=torch.float32, temperature=cfg.rollout.temperature, algorithm=algo,
-                                 reference_dir=tiny_dir if algo.needs_reference else None),
+                                 reference_dir=tiny_dir if algo.needs_reference else None,
+                                 logprobs=cfg.trainer.logprobs),
                          micro_batch_size=micro_batch_size, max_tokens_per_micro_batch=max_tokens)
     fmt = PromptFormatter(tok, system_prompt=None, use_chat_template=True)
     engine = build_rollout(cfg.rollout, model=load_causal_lm(tiny_dir, dtype=torch.float32, device=CPU),
@@ -246,3 +247,31 @@ def test_adaptive_temperature_samples_and_scores_each_token_at_its_temperature(t
     fresh = _setup(tiny_dir, algorithm=spec)[1]
     fresh.load_state_dict(state)
     assert fresh.sampling() == adaptive
+
+
+@pytest.mark.parametrize("algorithm", ["token-mean", "hapo"])
+def test_fused_logprobs_give_the_naive_paths_scores_loss_and_update(tiny_dir, algorithm):
+    """kernels/logprob_entropy (from the last hidden states and the head, chunked here) against the model's logits:
+    the same old/reference log-probs and entropies, loss and weights after an update, per-token temperatures too."""
+    torch.manual_seed(0)
+    spec = {"kl": {"coef": 0.1}, **ALGOS[algorithm], "adaptive_temperature": {"tau": 0.3}}
+    runs = {}
+    for impl in ("fused", "naive"):
+        _, algo, pool, engine = _setup(tiny_dir, micro_batch_size=3, algorithm=spec, trainer={"logprobs": impl},
+                                       rollout={"temperature": 0.8})
+        assert pool.learner.fused == (impl == "fused")
+        algo.entropy_stats = {"pivot": 0.5, "rms": 0.4, "pos_max": 1.2, "neg_min": -2.0}
+        out = engine.generate(_rows(3), n=4, seed=3, adaptive=algo.sampling())
+        assert out.temperatures is not None
+        batch, _ = algo.shape(pool.score(algo.make_batch(out, torch.arange(12.0) % 3)))
+        metrics = pool.train_step(batch, ppo_epochs=1, mini_batches=2)
+        runs[impl] = (batch, metrics, [p.detach().clone() for p in pool.learner.model.parameters()])
+    (a, ma, wa), (b, mb, wb) = runs["fused"], runs["naive"]
+    for name in ("old_logprobs", "old_entropy", "ref_logprobs"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=0, msg=name)
+    assert ma["actor/loss"] == pytest.approx(mb["actor/loss"], abs=1e-5)
+    assert ma["actor/entropy"] == pytest.approx(mb["actor/entropy"], abs=1e-5)
+    assert ma["actor/grad_norm"] == pytest.approx(mb["actor/grad_norm"], rel=1e-5)
+    # Adam moves an element whose gradient is ~0 by up to lr whatever its sign's last bits: allow 5% of one step
+    for x, y in zip(wa, wb):
+        torch.testing.assert_close(x, y, atol=5e-5, rtol=0)

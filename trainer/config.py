@@ -485,6 +485,11 @@ class TrainerConfig:
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where the model runs: 'auto' picks CUDA when available.")
     threads: int | None = opt(None, "torch CPU threads (null = torch's default; in ray mode each actor uses its "
                                     "reserved CPUs).", ge=1)
+    logprobs: Literal["fused", "naive"] = opt(
+        "fused", "How the learner gets token log-probs and entropies: 'fused' from the last hidden states and the "
+                 "output head with kernels/logprob_entropy (Triton on CUDA, chunked torch elsewhere; never the full "
+                 "tokens x vocabulary logits); 'naive' from the model's logits. ZeRO-3 (partitioned head), models "
+                 "whose head is not a plain linear layer, and THR's scoring pass use 'naive'.")
     ray: RayConfig = opt(factory=RayConfig, doc="Cluster mode settings (used when mode is 'ray').")
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
+from kernels.logprob_entropy import logprob_entropy
 from rl.errors import CheckpointError
 from rl.types import RolloutBatch, SFTBatch, TrainBatch
 from trainer.batching import Micro, Update, gather_rows, plan_rows, plan_sft, plan_updates, row_tokens
@@ -112,8 +113,9 @@ class Learner:
     def __init__(self, model_dir: str | Path, tokenizer: Any, *, optim: Any, total_updates: int,
                  device: torch.device, dtype: torch.dtype, temperature: float = 1.0, algorithm: Any = None,
                  reference_dir: str | Path | None = None, rank: int = 0, world_size: int = 1,
-                 distributed: Any = None) -> None:
-        """`distributed`: None for debug mode, else a trainer.distributed.DeepSpeedSpec (ZeRO stage, offload)."""
+                 distributed: Any = None, logprobs: str = "fused") -> None:
+        """`distributed`: None for debug mode, else a trainer.distributed.DeepSpeedSpec (ZeRO stage, offload).
+        `logprobs`: 'fused' (kernels/logprob_entropy where the model allows it) or 'naive' (the model's logits)."""
         model = load_causal_lm(model_dir, dtype=dtype, device=device)
         model.train()
         self.tokenizer = tokenizer
@@ -132,10 +134,27 @@ class Learner:
             self.opt = DeepSpeedOptimizer(model, optim, total_updates, spec=distributed, dtype=dtype)
             self.reference = frozen_reference(reference, spec=distributed, dtype=dtype) if reference is not None else None
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.fused = logprobs == "fused" and self._fused_supported(model, distributed)
 
     @property
     def model(self) -> torch.nn.Module:
         return self.opt.module
+
+    def _fused_supported(self, model: torch.nn.Module, distributed: Any) -> bool:
+        """The fused op needs the head as a plain bias-free linear map of the last hidden state, held whole."""
+        head = model.get_output_embeddings()
+        reasons = []
+        if distributed is not None and distributed.zero_stage == 3:
+            reasons.append("ZeRO-3 partitions the output head")
+        if not self._keep_arg:
+            reasons.append("the model's forward has no logits_to_keep")
+        if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+            reasons.append("the output head is not a bias-free nn.Linear")
+        if any(getattr(model.config, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale")):
+            reasons.append("the model rescales its logits")
+        if reasons and self.rank == 0:
+            print(f"learner: trainer.logprobs 'fused' falls back to 'naive': {'; '.join(reasons)}")
+        return not reasons
 
     # ------------------------------------------------------------------------------------------------ forward
     def _forward(self, model: torch.nn.Module, batch: RolloutBatch, *,
@@ -147,15 +166,22 @@ class Learner:
         ids = torch.cat([batch.prompt_ids, batch.response_ids], dim=1).to(self.device)
         attn = torch.cat([batch.prompt_mask, batch.response_mask.long()], dim=1).to(self.device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        kwargs = {"logits_to_keep": T + 1} if self._keep_arg else {}
+        fused = self.fused and not features
+        # fused: the model computes logits for one position only; log-probs come from its last hidden states
+        kwargs = {"logits_to_keep": 1 if fused else T + 1} if self._keep_arg else {}
         out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
-                    output_hidden_states=features, **kwargs)
-        logits = out.logits[:, -(T + 1):-1].float()
-        if batch.temperatures is not None:
-            logits = logits / batch.temperatures.to(self.device).unsqueeze(-1)
-        else:
-            logits = logits / self.temperature
+                    output_hidden_states=features or fused, **kwargs)
+        temps = batch.temperatures.to(self.device) if batch.temperatures is not None else None
         labels = batch.response_ids.to(self.device)
+        if fused:
+            hidden = out.hidden_states[-1][:, -(T + 1):-1]
+            head = getattr(model, "module", model).get_output_embeddings().weight  # unwrap a DeepSpeed engine
+            flat_labels = labels.masked_fill(batch.response_mask.to(self.device) == 0, -100).reshape(-1)
+            logp, ent = logprob_entropy(hidden.reshape(-1, hidden.shape[-1]), head, flat_labels,
+                                        temperature=temps.reshape(-1) if temps is not None else self.temperature)
+            return logp.view(labels.shape), ent.view(labels.shape), None
+        logits = out.logits[:, -(T + 1):-1].float()
+        logits = logits / (temps.unsqueeze(-1) if temps is not None else self.temperature)
         logp, ent = token_logprobs_entropy(logits, labels)
         if not features:
             return logp, ent, None
