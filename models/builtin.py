@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 PAD, END, UNK = "<|pad|>", "<|end|>", "<|unk|>"
 ROLES = ("system", "user", "assistant")
@@ -40,17 +41,36 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_model(tokenizer: PreTrainedTokenizerFast, *, hidden_size: int, num_layers: int, num_heads: int,
-                num_kv_heads: int, intermediate_size: int, max_position_embeddings: int, seed: int) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings, tie_word_embeddings=True, rope_theta=10000.0,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-        initializer_range=0.02,
-    )
+                num_kv_heads: int, intermediate_size: int, max_position_embeddings: int, seed: int,
+                arch: str = "llama", **decoder: Any) -> PreTrainedModel:
+    """arch 'llama': transformers' Llama; 'tokenwise': our decoder, with `decoder` = the recipe's attention-gate and
+    MoE keys (attn_gate, ffn, num_experts, experts_per_token, moe_intermediate_size, shared_expert_size,
+    renormalize, capacity_factor, router_aux_loss_coef, router_z_loss_coef)."""
+    common = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                  intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings,
+                  tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                  bos_token_id=None, initializer_range=0.02)
+    if arch == "llama":
+        if any(v not in ("none", "dense") for k, v in decoder.items() if k in ("attn_gate", "ffn")):
+            raise ValueError("attention gates and MoE layers need arch 'tokenwise'")
+        make = lambda: LlamaForCausalLM(LlamaConfig(rope_theta=10000.0, **common))  # noqa: E731
+    else:
+        from models.decoder import TokenwiseConfig, TokenwiseForCausalLM
+        d = dict(decoder)
+        config = TokenwiseConfig(
+            rope_theta=10000.0, attn_gate=d.pop("attn_gate", "none"), ffn=d.pop("ffn", "dense"),
+            num_experts=d.pop("num_experts", 8), num_experts_per_tok=d.pop("experts_per_token", 2),
+            moe_intermediate_size=d.pop("moe_intermediate_size", None),
+            shared_expert_intermediate_size=d.pop("shared_expert_size", 0), norm_topk_prob=d.pop("renormalize", True),
+            capacity_factor=d.pop("capacity_factor", None), router_aux_loss_coef=d.pop("router_aux_loss_coef", 1e-3),
+            router_z_loss_coef=d.pop("router_z_loss_coef", 1e-3), **common)
+        if d:
+            raise ValueError(f"unknown decoder options {sorted(d)}")
+        make = lambda: TokenwiseForCausalLM(config)  # noqa: E731
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = make()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model

@@ -115,7 +115,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps, c.norm_weight_offset)
             self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps, c.norm_weight_offset)
         self.qk_norm = c.qk_norm
-        self.last_gate: Tensor | None = None  # σ(gate) of the last forward, for gate-sparsity metrics
+        self.gate_mean: Tensor | None = None  # mean σ(gate) of the last forward (gate-sparsity metric)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: Cache | None,
                 return_probs: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -143,7 +143,7 @@ class Attention(nn.Module):
         if self.gate_dim:
             g = gate.squeeze(-1) if self.gate_dim == 1 else gate
             y = attention_gate(y, g)
-            self.last_gate = torch.sigmoid(g.detach().float())
+            self.gate_mean = torch.sigmoid(g.detach().float()).mean()
         return self.o_proj(y.reshape(B, S, -1)), probs
 
 
@@ -299,6 +299,51 @@ class TokenwiseForCausalLM(TokenwisePreTrainedModel, GenerationMixin):
         c = self.config
         return sum(c.router_aux_loss_coef * r.aux_loss + c.router_z_loss_coef * r.z_loss for r in routings)
 
+    def routing_metrics(self) -> dict[str, float]:
+        """Of the last forward: MoE aux / z losses, dropped share, expert load (share x E, so 1 is uniform; max and
+        min over experts, mean over layers, and per layer), and the mean attention gate per layer."""
+        out: dict[str, float] = {}
+        moes = [(i, layer.mlp.routing) for i, layer in enumerate(self.model.layers)
+                if isinstance(layer.mlp, MoEFFN) and layer.mlp.routing is not None]
+        if moes:
+            loads = torch.stack([r.expert_load for _, r in moes]).float() * self.config.num_experts
+            out.update({"moe/aux_loss": float(sum(r.aux_loss for _, r in moes)) / len(moes),
+                        "moe/z_loss": float(sum(r.z_loss for _, r in moes)) / len(moes),
+                        "moe/dropped_frac": sum(r.dropped_frac for _, r in moes) / len(moes),
+                        "moe/expert_load_max": float(loads.max(1).values.mean()),
+                        "moe/expert_load_min": float(loads.min(1).values.mean())})
+            out.update({f"moe/layer{i}/expert_load_max": float(loads[j].max()) for j, (i, _) in enumerate(moes)})
+        gates = [(i, layer.self_attn.gate_mean) for i, layer in enumerate(self.model.layers)
+                 if layer.self_attn.gate_mean is not None]
+        if gates:
+            out["gate/mean"] = float(sum(g for _, g in gates)) / len(gates)
+            out.update({f"gate/layer{i}/mean": float(g) for i, g in gates})
+        return out
+
 
 AutoConfig.register("tokenwise", TokenwiseConfig)
 AutoModelForCausalLM.register(TokenwiseConfig, TokenwiseForCausalLM)
+
+
+def retrofit_gates(model: TokenwiseForCausalLM, mode: str) -> TokenwiseForCausalLM:
+    """A copy of an ungated model with `mode` ('headwise' | 'elementwise') attention output gates that computes the
+    same function: the gate rows of q_proj start at zero (σ = 0.5 everywhere) and o_proj is doubled to compensate.
+    Training then moves the gates away from 0.5."""
+    c = model.config
+    if c.attn_gate != "none":
+        raise ValueError(f"the model already has {c.attn_gate!r} attention gates")
+    if mode not in ATTN_GATES[1:]:
+        raise ValueError(f"retrofit mode must be 'headwise' or 'elementwise', got {mode!r}")
+    new = TokenwiseForCausalLM(TokenwiseConfig(**{**c.to_diff_dict(), "attn_gate": mode})).to(model.dtype)
+    state = model.state_dict()
+    for i, layer in enumerate(new.model.layers):
+        attn, pre = layer.self_attn, f"model.layers.{i}.self_attn."
+        H, Dh, G = attn.heads, attn.head_dim, attn.gate_dim
+        w = state[pre + "q_proj.weight"].view(H, Dh, -1)
+        state[pre + "q_proj.weight"] = torch.cat([w, w.new_zeros(H, G, w.shape[-1])], dim=1).reshape(H * (Dh + G), -1)
+        if pre + "q_proj.bias" in state:
+            b = state[pre + "q_proj.bias"].view(H, Dh)
+            state[pre + "q_proj.bias"] = torch.cat([b, b.new_zeros(H, G)], dim=1).reshape(-1)
+        state[pre + "o_proj.weight"] = state[pre + "o_proj.weight"] * 2
+    new.load_state_dict(state, strict=True)
+    return new

@@ -87,3 +87,27 @@ def test_unsupported_checkpoints_are_refused_with_a_reason():
         from_hf(_hf_model("qwen3_next", layer_types=["linear_attention", "full_attention"]))
     with pytest.raises(AdapterError, match="cannot be exported as llama"):
         to_hf(TokenwiseForCausalLM(TokenwiseConfig(attn_gate="headwise")), "llama")
+
+
+@pytest.mark.parametrize("mode", ["headwise", "elementwise"])
+def test_retrofitted_gates_keep_the_function_and_open_gates_are_ungated(mode):
+    from models.decoder import retrofit_gates
+    dense = from_hf(_hf_model("qwen2", seed=4)).eval()  # q/k/v biases: the gate rows get a bias too
+    gated = retrofit_gates(dense, mode).eval()
+    ids, mask = _inputs()
+    with torch.no_grad():
+        a = dense(input_ids=ids, attention_mask=mask).logits
+        b = gated(input_ids=ids, attention_mask=mask).logits
+    assert gated.config.attn_gate == mode
+    torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+    # gates forced open (σ = 1 through a large gate bias) with the original o_proj: exactly ungated attention
+    with torch.no_grad():
+        for layer, orig in zip(gated.model.layers, dense.model.layers):
+            attn = layer.self_attn
+            bias = attn.q_proj.bias.view(attn.heads, attn.head_dim + attn.gate_dim)
+            bias[:, attn.head_dim:] = 40.0
+            attn.o_proj.weight.copy_(orig.self_attn.o_proj.weight)
+        c = gated(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(c, a, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="already has"):
+        retrofit_gates(gated, mode)

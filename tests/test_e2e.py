@@ -186,3 +186,22 @@ def test_check_prints_resolved_config(tmp_path):
     assert proc.returncode == 0, proc.stderr
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["grpo"]["steps"] == 5 and cfg["model"]["type"] == "builtin"
+
+
+MOE_GATED = {"type": "builtin", "arch": "tokenwise", "attn_gate": "elementwise", "ffn": "moe", "num_experts": 4,
+             "experts_per_token": 2, "moe_intermediate_size": 16, "shared_expert_size": 8, "hidden_size": 32,
+             "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64, "max_position_embeddings": 64}
+
+
+def test_gated_moe_model_trains_through_sft_and_grpo_with_its_metrics(tiny_recipe, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_recipe(model=MOE_GATED)), f"output_dir={run}"]) == 0
+    steps = [r for r in read_metrics(run, "grpo") if "actor/loss" in r]
+    for key in ("moe/aux_loss", "moe/z_loss", "moe/dropped_frac", "moe/expert_load_max", "moe/layer1/expert_load_max",
+                "gate/mean", "gate/layer0/mean"):
+        assert all(key in r for r in steps), key
+    assert all(0 < r["gate/mean"] < 1 and r["moe/aux_loss"] > 0 for r in steps)
+    evals = [r for r in read_metrics(run, "grpo") if "eval/accuracy" in r]
+    assert all(0 < r["eval/attn_sink"] <= 1 and "eval/attn_sink_layer1" in r for r in evals)
+    final = AutoModelForCausalLM.from_pretrained(run / "grpo" / "final")
+    assert type(final).__name__ == "TokenwiseForCausalLM" and final.config.ffn == "moe"

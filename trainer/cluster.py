@@ -103,6 +103,9 @@ class RolloutWorker:
                  adaptive: dict | None = None) -> RolloutBatch:
         return self.engine.generate(rows, n=n, greedy=greedy, seed=seed, adaptive=adaptive)
 
+    def attention_sink(self, rows: list[dict]) -> dict[str, float]:
+        return self.engine.attention_sink(rows)
+
     def begin_sync(self) -> None:
         self.engine.begin_sync()
 
@@ -343,6 +346,9 @@ class RayWorkers:
             shards[k], n, greedy, None if greedy or step is None else step_seed(self.env.cfg.seed, step, k, round),
             adaptive) for k in range(M)]
         return concat_rollouts(self.rollouts.wait(refs, "generate"), self.env.tokenizer.pad_token_id)
+
+    def attention_sink(self, rows: list[dict]) -> dict[str, float]:
+        return self.rollouts.wait([self.rollouts.actors[0].attention_sink.remote(rows)], "attention_sink")[0]
 
     def sync(self, *, step: int | None = None) -> None:
         """Learner weights → every rollout actor; a failed rollout actor is restarted (if allowed) and re-synced."""

@@ -45,12 +45,34 @@ class BuiltinModel:
     max_position_embeddings: int = opt(256, "Longest sequence (prompt + response) in tokens.", ge=8)
     dtype: Literal["auto", "float32", "bfloat16"] = opt(
         "auto", "Parameter dtype: 'auto' is bfloat16 on CUDA and float32 on CPU (bf16 is ~25x slower on CPU).")
+    arch: Literal["llama", "tokenwise"] = opt(
+        "llama", "'llama': transformers' LlamaForCausalLM; 'tokenwise': our decoder (models/decoder.py), which adds "
+                 "attention gates and MoE feed-forward layers (the keys below).")
+    attn_gate: Literal["none", "headwise", "elementwise"] = opt(
+        "none", "arch tokenwise: sigmoid gate on the attention output, one per head or one per channel.")
+    ffn: Literal["dense", "moe"] = opt("dense", "arch tokenwise: dense SwiGLU or mixture-of-experts feed-forward.")
+    num_experts: int = opt(8, "ffn moe: experts per layer.", ge=1)
+    experts_per_token: int = opt(2, "ffn moe: experts each token is routed to (top-k).", ge=1)
+    moe_intermediate_size: int = opt(128, "ffn moe: width of each expert's SwiGLU.", ge=1)
+    shared_expert_size: int = opt(0, "ffn moe: width of a shared expert behind a sigmoid gate (0 = none).", ge=0)
+    renormalize: bool = opt(True, "ffn moe: divide the top-k router probabilities by their sum.")
+    capacity_factor: float | None = opt(None, "ffn moe: each expert takes at most k*ceil(cf*N/E) of a batch's routed "
+                                              "slots, later ones are dropped; null = dropless.", gt=0)
+    router_aux_loss_coef: float = opt(1e-3, "ffn moe: weight of the load-balance loss E*sum f_e P_e (added to the "
+                                            "training loss).", ge=0)
+    router_z_loss_coef: float = opt(1e-3, "ffn moe: weight of the router z-loss mean(logsumexp(logits)^2).", ge=0)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"model.num_heads ({self.num_heads}) must divide model.hidden_size ({self.hidden_size})")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"model.num_kv_heads ({self.num_kv_heads}) must divide model.num_heads ({self.num_heads})")
+        if self.arch == "llama" and (self.attn_gate != "none" or self.ffn != "dense"):
+            raise ConfigError("model.attn_gate and model.ffn need model.arch: tokenwise (transformers' Llama has "
+                              "neither attention gates nor MoE layers)")
+        if self.ffn == "moe" and self.experts_per_token > self.num_experts:
+            raise ConfigError(f"model.experts_per_token ({self.experts_per_token}) must be at most model.num_experts "
+                              f"({self.num_experts})")
 
 
 @dataclass
@@ -61,10 +83,19 @@ class PretrainedModel:
     tokenizer_path: str | None = opt(None, "Tokenizer directory if it differs from path.")
     dtype: Literal["auto", "float32", "bfloat16"] = opt(
         "auto", "Parameter dtype: 'auto' is bfloat16 on CUDA and float32 on CPU.")
+    code: Literal["transformers", "tokenwise"] = opt(
+        "transformers", "'transformers': the checkpoint's own transformers class; 'tokenwise': convert a Llama, "
+                        "Qwen2, Qwen3, Qwen2-MoE or Qwen3-Next (full attention) checkpoint into our decoder "
+                        "(models/adapters.py) and train that.")
+    retrofit_gate: Literal["none", "headwise", "elementwise"] = opt(
+        "none", "code tokenwise: add attention output gates to a dense checkpoint without changing its function at "
+                "step 0 (gate weights 0, so sigma = 0.5, and o_proj doubled).")
 
     def __post_init__(self) -> None:
         if not self.path:
             raise ConfigError("model.path is required when model.type is 'pretrained' (a local HF model directory)")
+        if self.retrofit_gate != "none" and self.code != "tokenwise":
+            raise ConfigError("model.retrofit_gate needs model.code: tokenwise (the gates live in our decoder)")
 
 
 ModelConfig = Union[BuiltinModel, PretrainedModel]

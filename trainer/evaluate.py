@@ -18,4 +18,4 @@ def heldout_metrics(engine: Any, dataset: Dataset, *, num_prompts: int) -> dict[
     formatted = sum(format_reward(prompt=p, response=r, answer=a, truncated=bool(t))
                     for p, r, a, t in zip(out.prompts, out.responses, out.answers, out.truncated))
     return {"eval/accuracy": correct / n, "eval/format": formatted / n,
-            "eval/response_len_mean": float(out.response_mask.sum()) / n}
+            "eval/response_len_mean": float(out.response_mask.sum()) / n, **engine.attention_sink(rows)}

@@ -231,7 +231,7 @@ class Learner:
         by the mini-batch's global token count), then one optimizer step. Returns token sums, grad norms, lrs."""
         self.model.train()
         sums: dict[str, float] = defaultdict(float)
-        grad_norms, lrs = [], []
+        grad_norms, lrs, model_stats = [], [], []
         for update in updates:
             lrs.append(self.opt.lr())
             for i, micro in enumerate(update.micros):
@@ -239,13 +239,18 @@ class Learner:
                 logp, ent, _ = self._forward(self.opt.forward_module, part)
                 loss, stats = self.algorithm.loss(logp, ent, part, num_tokens=update.num_tokens,
                                                   num_seqs=update.num_seqs)
+                moe = self.model.moe_loss() if hasattr(self.model, "moe_loss") else None
+                if moe is not None:  # MoE load-balance + z losses, each micro-batch weighted by its share of rows
+                    loss = loss + moe * (len(micro.rows) / update.num_seqs)
                 self.opt.backward(loss * (micro.weight * self.world_size), last=i == len(update.micros) - 1)
                 if micro.weight:
                     for k, v in stats.items():
                         sums[k] += float(v)
                     sums["actor/loss"] += float(loss.detach()) * update.num_tokens
+                    if hasattr(self.model, "routing_metrics"):
+                        model_stats.append(self.model.routing_metrics())
             grad_norms.append(self.opt.step())
-        return {"sums": dict(sums), "grad_norms": grad_norms, "lrs": lrs}
+        return {"sums": dict(sums), "grad_norms": grad_norms, "lrs": lrs, "model": _mean_dicts(model_stats)}
 
     def sft(self, batch: SFTBatch, update: Update) -> dict[str, Any]:
         """This rank's share of one SFT step: token-mean NLL over the global target-token count."""
@@ -268,6 +273,9 @@ class Learner:
                 logits = self.opt.forward_module(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
                 nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
             loss = (nll * targets).sum() / update.num_tokens
+            moe = self.model.moe_loss() if hasattr(self.model, "moe_loss") else None
+            if moe is not None:  # weighted by this micro-batch's share of the step's target tokens
+                loss = loss + moe * (float(targets.sum()) / update.num_tokens)
             self.opt.backward(loss * (micro.weight * self.world_size), last=i == len(update.micros) - 1)
             total += float(loss.detach()) * micro.weight
         return {"loss": total, "grad_norm": self.opt.step(), "lr": lr}
@@ -294,6 +302,12 @@ class Learner:
 
     def load(self, path: Path) -> None:
         self.opt.load(path, device=self.device, dtype=self.dtype)
+
+
+def _mean_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
+    """Key-wise mean over the dicts that have the key."""
+    keys = {k for d in dicts for k in d}
+    return {k: sum(d[k] for d in dicts if k in d) / sum(k in d for d in dicts) for k in keys}
 
 
 def _localize(batch: Any, micros: list[Micro]) -> tuple[Any, list[Micro]]:
@@ -349,6 +363,7 @@ class LearnerPool:
         grad_norms = outs[0]["grad_norms"]
         metrics.update({"actor/grad_norm": sum(grad_norms) / len(grad_norms), "actor/lr": outs[0]["lrs"][-1],
                         "actor/updates": float(len(grad_norms))})
+        metrics.update(_mean_dicts([o["model"] for o in outs if o.get("model")]))  # MoE load, gates (per-rank means)
         return metrics
 
     def sft_step(self, batch: SFTBatch) -> dict[str, float]:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+import models.decoder  # noqa: F401  (registers model_type 'tokenwise' with the Auto classes)
 from rl.errors import ModelLoadError
 
 

@@ -13,6 +13,7 @@ import transformers
 
 from models.builtin import save_builtin
 from rl.data import arithmetic_task, local_task, sort_task
+from rl.errors import ModelLoadError
 from rl.rewards import reward_specs
 from trainer.checkpoint import publish_dir, write_text_atomic
 from trainer.config import RunConfig, DataCommon
@@ -37,13 +38,32 @@ def load_task(data_cfg) -> dict:
 def prepare_base_model(cfg: RunConfig, run_dir: Path) -> tuple[str, str]:
     """(model dir or hub id, tokenizer dir or hub id). The built-in model is written once into run_dir/base_model."""
     m = cfg.model
-    if m.type == "pretrained":
-        return m.path, m.tokenizer_path or m.path
     base = run_dir / "base_model"
+    if m.type == "pretrained":
+        if m.code == "transformers":
+            return m.path, m.tokenizer_path or m.path
+        if not base.is_dir():  # converted once into our decoder (and gated if asked), then loaded like any model
+            publish_dir(lambda p: convert_pretrained(m, p), base)
+        return str(base), str(base)
     if not base.is_dir():
         params = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in ("type", "dtype")}
         publish_dir(lambda p: save_builtin(p, seed=cfg.seed, **params), base)
     return str(base), str(base)
+
+
+def convert_pretrained(m, out: Path) -> None:
+    """model.code tokenwise: the checkpoint at m.path as our decoder (optionally with retrofitted gates) + its
+    tokenizer, saved into `out`."""
+    from models.adapters import AdapterError, load_as_tokenwise
+    from models.decoder import retrofit_gates
+    try:
+        model = load_as_tokenwise(m.path)
+    except AdapterError as e:
+        raise ModelLoadError(f"model.code tokenwise: {m.path}: {e}") from None
+    if m.retrofit_gate != "none":
+        model = retrofit_gates(model, m.retrofit_gate)
+    model.save_pretrained(out)
+    load_tokenizer(m.tokenizer_path or m.path).save_pretrained(out)
 
 
 def quiet_libraries(device: torch.device) -> None:

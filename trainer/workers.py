@@ -4,6 +4,7 @@
     workers.generate(rows, n=, greedy=, step=, round=, adaptive=)   RolloutBatch; sampling seeded by (seed, step,
                                       shard, round); adaptive = HAPO adaptive temperature {tau, stats} or None
     workers.sync(step=)               learner weights → rollout engine(s), stamped with pool.version
+    workers.attention_sink(rows)      eval metrics of attention mass on the first token (our decoder only)
     workers.sleep_rollouts() / wake_rollouts()   colocated engines give the GPU to the learners while they train
     workers.restarts                  rollout actors replaced so far (cluster mode)
     workers.close()
@@ -54,6 +55,9 @@ class LocalWorkers:
                  round: int = 0, adaptive: dict | None = None) -> RolloutBatch:
         seed = None if greedy or step is None else step_seed(self.env.cfg.seed, step, 0, round)
         return self.engine.generate(rows, n=n, greedy=greedy, seed=seed, adaptive=adaptive)
+
+    def attention_sink(self, rows: list[dict]) -> dict[str, float]:
+        return self.engine.attention_sink(rows)
 
     def sync(self, *, step: int | None = None) -> None:
         if self.shared:

@@ -99,6 +99,26 @@ class HFRollout:
             self.model.to(self._home)
 
     @torch.no_grad()
+    def attention_sink(self, rows: list[dict]) -> dict[str, float]:
+        """Mean attention mass on each prompt's first token, per layer and overall (queries after the first token,
+        all heads), for models that return attention probabilities (our decoder); {} for others."""
+        if not hasattr(self.model, "routing_metrics"):
+            return {}
+        enc = self.tokenizer([self.format(r["prompt"]) for r in rows], padding=True, add_special_tokens=False,
+                             return_tensors="pt")
+        ids, mask = enc["input_ids"].to(self._home), enc["attention_mask"].to(self._home)
+        self.model.eval()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                         use_cache=False, output_attentions=True, logits_to_keep=1)
+        first = mask.argmax(1)  # left padding: the first real token
+        queries = mask.bool() & (torch.arange(ids.shape[1], device=ids.device)[None] > first[:, None])
+        sinks = []
+        for probs in out.attentions:  # [B, heads, S, S]
+            mass = probs.float().gather(-1, first.view(-1, 1, 1, 1).expand(-1, probs.shape[1], probs.shape[2], 1))
+            sinks.append(float((mass.squeeze(-1).mean(1) * queries).sum() / queries.sum()))
+        return {"eval/attn_sink": sum(sinks) / len(sinks), **{f"eval/attn_sink_layer{i}": v for i, v in enumerate(sinks)}}
+
+    @torch.no_grad()
     def generate(self, rows: list[dict], *, n: int, greedy: bool = False, seed: int | None = None,
                  adaptive: dict | None = None) -> RolloutBatch:
         """n responses per row (groups contiguous). With `seed`, sampling draws from a generator seeded with it
