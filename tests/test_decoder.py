@@ -111,3 +111,32 @@ def test_retrofitted_gates_keep_the_function_and_open_gates_are_ungated(mode):
     torch.testing.assert_close(c, a, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="already has"):
         retrofit_gates(gated, mode)
+
+
+def test_checkpoint_converted_into_our_code_with_gates_then_exported_back(tmp_path):
+    """model.code tokenwise + retrofit_gate through the run's base-model preparation, and `tokenwise export`."""
+    from types import SimpleNamespace
+    from trainer.cli import main
+    from trainer.run import convert_pretrained
+    from models.builtin import build_tokenizer
+    hf = _hf_model("qwen3", seed=5)
+    hf.save_pretrained(tmp_path / "qwen3")
+    build_tokenizer().save_pretrained(tmp_path / "qwen3")
+    m = SimpleNamespace(path=str(tmp_path / "qwen3"), tokenizer_path=None, retrofit_gate="none")
+    convert_pretrained(m, tmp_path / "ours")
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    assert isinstance(ours, TokenwiseForCausalLM) and ours.config.qk_norm
+    assert main(["export", str(tmp_path / "ours"), "--arch", "qwen3", "--out", str(tmp_path / "back")]) == 0
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "back")
+    assert type(back) is type(hf)
+    sa, sb = hf.state_dict(), back.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    m.retrofit_gate = "headwise"
+    convert_pretrained(m, tmp_path / "gated")
+    gated = AutoModelForCausalLM.from_pretrained(tmp_path / "gated")
+    ids, mask = _inputs()
+    valid = mask.bool()  # padding positions hold garbage in both
+    with torch.no_grad():
+        torch.testing.assert_close(gated(input_ids=ids, attention_mask=mask).logits[valid],
+                                   hf(input_ids=ids, attention_mask=mask).logits[valid], atol=1e-5, rtol=0)
+    assert main(["export", str(tmp_path / "gated"), "--arch", "qwen3", "--out", str(tmp_path / "no")]) == 2

@@ -1,4 +1,4 @@
-"""`tokenwise` / `python -m trainer`: train | resume | check | eval | schema.
+"""`tokenwise` / `python -m trainer`: train | resume | check | eval | export | schema.
 
 User errors (recipes, data, model paths, rewards, checkpoints) print one line and exit with status 2.
 """
@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--model", help="model directory to evaluate instead of the run's last finished stage")
     e.add_argument("--num-prompts", type=int)
+    x = sub.add_parser("export", help="write a model trained with our decoder as a transformers architecture")
+    x.add_argument("model_dir", help="a model directory of ours, e.g. RUN/grpo/final")
+    x.add_argument("--arch", required=True, help="llama | qwen2 | qwen3 | qwen2_moe | qwen3_next")
+    x.add_argument("--out", required=True, help="new directory (save_pretrained layout, with the tokenizer)")
     sc = sub.add_parser("schema", help="print every recipe key with its type, default and meaning")
     sc.add_argument("--markdown", action="store_true", help="as docs/config.md: tokenwise schema --markdown > docs/config.md")
     return p
@@ -101,6 +105,26 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from models.adapters import ARCHS, AdapterError, load_as_tokenwise, to_hf
+    from trainer.loading import load_tokenizer
+    from trainer.logging import console
+
+    if args.arch not in ARCHS:
+        raise ConfigError(f"--arch must be one of {', '.join(ARCHS)}, got {args.arch!r}")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out '{out}' exists and is not empty")
+    try:
+        hf = to_hf(load_as_tokenwise(args.model_dir), args.arch)
+    except AdapterError as e:
+        raise ConfigError(f"{args.model_dir}: {e}") from None
+    hf.save_pretrained(out)
+    load_tokenizer(args.model_dir, what="model_dir").save_pretrained(out)
+    console.print(f"wrote {out} ({type(hf).__name__}); load it with AutoModelForCausalLM.from_pretrained")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -119,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "resume":
             run_dir = Path(args.run_dir)
             return _execute(_run_config(run_dir), run_dir, args.stop_after_steps, args.ray_address)
+        if args.command == "export":
+            return _export(args)
         return _eval(args)
     except TokenwiseError as e:
         print(f"tokenwise: error: {e}", file=sys.stderr)
