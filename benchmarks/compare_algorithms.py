@@ -91,7 +91,9 @@ def write_report(results: dict, seeds: list[int], steps: int, out_md: Path) -> N
                      f"{reward[0]:.3f} ± {reward[1]:.3f} | {statistics.mean(r['generated_tokens'] for r in runs) / 1e3:.0f}k | "
                      f"{statistics.mean(r['seconds'] for r in runs):.0f} s |")
     lines += ["", "![reward](results_reward.png)", "", "![entropy](results_entropy.png)", ""]
-    out_md.write_text("\n".join(lines))
+    old = out_md.read_text() if out_md.exists() else ""
+    keep = old[old.index("<!-- BEGIN "):] if "<!-- BEGIN " in old else ""  # other scripts' sections
+    out_md.write_text("\n".join(lines) + ("\n" + keep if keep else ""))
     for key, title, fname in (("reward_curve", "mean reward", "results_reward.png"),
                               ("entropy_curve", "token entropy", "results_entropy.png")):
         fig, ax = plt.subplots(figsize=(8, 4.5))
