@@ -140,3 +140,30 @@ def test_checkpoint_converted_into_our_code_with_gates_then_exported_back(tmp_pa
         torch.testing.assert_close(gated(input_ids=ids, attention_mask=mask).logits[valid],
                                    hf(input_ids=ids, attention_mask=mask).logits[valid], atol=1e-5, rtol=0)
     assert main(["export", str(tmp_path / "gated"), "--arch", "qwen3", "--out", str(tmp_path / "no")]) == 2
+
+
+def test_lora_from_peft_wraps_gates_and_experts_and_merges_back():
+    """peft LoRA on our decoder: q_proj (which holds the gate rows), o_proj and the 3-D expert weights
+    (target_parameters); only adapters train, and merging gives the adapted function as a plain model."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    base = TokenwiseForCausalLM(TokenwiseConfig(vocab_size=50, hidden_size=32, num_attention_heads=4,
+                                                num_hidden_layers=2, attn_gate="elementwise", ffn="moe",
+                                                num_experts=4, moe_intermediate_size=16))
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        before = base(input_ids=ids).logits.clone()
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],
+                                           target_parameters=["experts_gate_up", "experts_down"], init_lora_weights=False))
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert trainable and all("lora" in n for n in trainable)
+    assert any(".mlp." in n for n in trainable) and any("q_proj" in n for n in trainable)  # experts: on the MoE module
+    out = lora(input_ids=ids).logits
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in lora.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        adapted = lora(input_ids=ids).logits
+        assert not torch.allclose(adapted, before)  # non-zero adapters change the function
+        merged = lora.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, atol=1e-5, rtol=0)
+    assert isinstance(merged, TokenwiseForCausalLM)
