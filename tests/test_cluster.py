@@ -89,6 +89,15 @@ def test_two_learners_match_debug_mode(local_ray, recipe_for, debug_run, tmp_pat
         torch.testing.assert_close(wa[k], wb[k], atol=2e-5, rtol=0, msg=k)
 
 
+def _ray_and_local(recipe_for, tmp_path: Path, name: str, **sections) -> tuple[list[dict], list[dict]]:
+    """The same recipe run in cluster mode and in debug mode: their step records."""
+    runs = {}
+    for mode in ("local", "ray"):
+        runs[mode] = tmp_path / mode
+        assert main(["train", str(recipe_for(f"{name}-{mode}", mode, **sections)), f"output_dir={runs[mode]}"]) == 0
+    return _steps(runs["ray"]), _steps(runs["local"])
+
+
 TOKEN_LEVEL = {"advantage": {"type": "hapo"}, "policy_loss": {"type": "hapo"},
                "adaptive_temperature": {"tau": 0.3},
                "token_shapers": [{"type": "hapo_entropy"}, {"type": "thr", "p": 0.5},
@@ -98,12 +107,7 @@ TOKEN_LEVEL = {"advantage": {"type": "hapo"}, "policy_loss": {"type": "hapo"},
 def test_token_level_shapers_in_cluster_mode_match_debug_mode(local_ray, recipe_for, tmp_path):
     """THR's hidden states and probabilities come back from two learner ranks, adaptive-temperature statistics go
     out to the rollout actor, and D³S narrows the loss mask: the same samples and losses as in one process."""
-    runs = {}
-    for mode in ("local", "ray"):
-        runs[mode] = tmp_path / mode
-        recipe = recipe_for(f"token-level-{mode}", mode, algorithm=TOKEN_LEVEL)
-        assert main(["train", str(recipe), f"output_dir={runs[mode]}"]) == 0
-    ours, ref = _steps(runs["ray"]), _steps(runs["local"])
+    ours, ref = _ray_and_local(recipe_for, tmp_path, "token-level", algorithm=TOKEN_LEVEL)
     assert [r["reward/mean"] for r in ours] == [r["reward/mean"] for r in ref]
     assert "sampling/temperature_mean" not in ours[0] and ours[-1]["sampling/temperature_std"] > 0
     assert any(r["thr/selected_frac"] > 0 for r in ours)
@@ -116,12 +120,7 @@ def test_gated_moe_model_in_cluster_mode_matches_debug_mode(local_ray, recipe_fo
     """Our decoder with attention gates and MoE layers (router losses in the loss) under 2 ZeRO-2 learners: the
     same samples, losses and MoE statistics as in one process."""
     from test_e2e import MOE_GATED
-    runs = {}
-    for mode in ("local", "ray"):
-        runs[mode] = tmp_path / mode
-        recipe = recipe_for(f"moe-{mode}", mode, model=MOE_GATED)
-        assert main(["train", str(recipe), f"output_dir={runs[mode]}"]) == 0
-    ours, ref = _steps(runs["ray"]), _steps(runs["local"])
+    ours, ref = _ray_and_local(recipe_for, tmp_path, "moe", model=MOE_GATED)
     assert [r["reward/mean"] for r in ours] == [r["reward/mean"] for r in ref]
     # the load-balance loss is computed per micro-batch (f and P of its own tokens, as in Megatron), and the
     # micro-batches differ between 1 and 2 ranks: agreement to 2e-3 rather than 1e-4

@@ -17,10 +17,7 @@ weight in fp32 on CPU, bf16 on CUDA. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -129,10 +126,8 @@ def main() -> None:
               f"{r['seconds'] / base['seconds']:.2f}x | {r['peak_extra_forward_bytes'] / 2**20:,.0f} | "
               f"{r['peak_extra_bytes'] / 2**20:,.0f} | "
               f"{base['peak_extra_bytes'] / max(1, r['peak_extra_bytes']):.1f}x less |")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({
-        "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-        "torch": torch.__version__, "command": " ".join(sys.argv), "rows": rows}, indent=1))
+    from benchmarks.kernels._common import write_json
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

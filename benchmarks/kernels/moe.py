@@ -9,10 +9,6 @@ Prints a table and writes JSON (benchmarks/results/moe.json).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -84,10 +80,8 @@ def main() -> None:
         print(f"| {r['tokens']} | {r['hidden']} | {r['ffn']} | {r['experts']} | {r['top_k']} | {r['device']} | "
               f"{r['dtype']} | {r['per_expert_loop_s']:.3f} | {r['fast_path_s']:.3f} | "
               f"{r['per_expert_loop_s'] / r['fast_path_s']:.2f}x |")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({
-        "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-        "torch": torch.__version__, "command": " ".join(sys.argv), "rows": rows}, indent=1))
+    from benchmarks.kernels._common import write_json
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":
