@@ -69,8 +69,8 @@ class ChunkedLogprobEntropy(torch.autograd.Function):
             dz.scatter_add_(1, labels[s:e].clamp(min=0)[:, None], g_lp[s:e, None])
             dz *= inv_t[s:e, None].to(acc)
             del p
-            d_hidden[s:e] = dz @ w
-            d_weight += dz.T @ h
+            torch.mm(dz, w, out=d_hidden[s:e])
+            d_weight.addmm_(dz.T, h)  # in place: no [V, D] temporary per chunk
         return d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), None, None, None, None
 
 
