@@ -519,8 +519,9 @@ class TrainerConfig:
     logprobs: Literal["fused", "naive"] = opt(
         "fused", "How the learner gets token log-probs and entropies: 'fused' from the last hidden states and the "
                  "output head with kernels/logprob_entropy (Triton on CUDA, chunked torch elsewhere; never the full "
-                 "tokens x vocabulary logits); 'naive' from the model's logits. ZeRO-3 (partitioned head), models "
-                 "whose head is not a plain linear layer, and THR's scoring pass use 'naive'.")
+                 "tokens x vocabulary logits); 'naive' from the model's logits. Applies to the GRPO learner (old, "
+                 "reference and current policy); ZeRO-3 (partitioned head), models whose head is not a plain linear "
+                 "layer, and THR's scoring pass use 'naive'; SFT uses the logits' cross-entropy.")
     ray: RayConfig = opt(factory=RayConfig, doc="Cluster mode settings (used when mode is 'ray').")
 
 

@@ -261,17 +261,8 @@ class Learner:
             part = batch.select(micro.rows)
             ids, attn = part.input_ids.to(self.device), part.attention_mask.to(self.device)
             targets = part.loss_mask[:, 1:].to(self.device)
-            if self.fused:  # log-probs of the targets from the last hidden states and the head, no full logits
-                out = self.opt.forward_module(input_ids=ids, attention_mask=attn, use_cache=False,
-                                              output_hidden_states=True, logits_to_keep=1)
-                hidden = out.hidden_states[-1][:, :-1]
-                head = getattr(self.model, "module", self.model).get_output_embeddings().weight
-                labels = ids[:, 1:].masked_fill(targets == 0, -100)
-                logp, _ = logprob_entropy(hidden.reshape(-1, hidden.shape[-1]), head, labels.reshape(-1))
-                nll = -logp.view(labels.shape)
-            else:
-                logits = self.opt.forward_module(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
-                nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+            logits = self.opt.forward_module(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
+            nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
             loss = (nll * targets).sum() / update.num_tokens
             moe = self.model.moe_loss() if hasattr(self.model, "moe_loss") else None
             if moe is not None:  # weighted by this micro-batch's share of the step's target tokens
