@@ -307,8 +307,8 @@ class TokenwiseForCausalLM(TokenwisePreTrainedModel, GenerationMixin):
                 if isinstance(layer.mlp, MoEFFN) and layer.mlp.routing is not None]
         if moes:
             loads = torch.stack([r.expert_load for _, r in moes]).float() * self.config.num_experts
-            out.update({"moe/aux_loss": float(sum(r.aux_loss for _, r in moes)) / len(moes),
-                        "moe/z_loss": float(sum(r.z_loss for _, r in moes)) / len(moes),
+            out.update({"moe/aux_loss": float(sum(r.aux_loss.detach() for _, r in moes)) / len(moes),
+                        "moe/z_loss": float(sum(r.z_loss.detach() for _, r in moes)) / len(moes),
                         "moe/dropped_frac": sum(r.dropped_frac for _, r in moes) / len(moes),
                         "moe/expert_load_max": float(loads.max(1).values.mean()),
                         "moe/expert_load_min": float(loads.min(1).values.mean())})
