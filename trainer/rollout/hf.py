@@ -45,7 +45,7 @@ class AdaptiveTemperature(LogitsProcessor):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         temps = sampling_temperatures(scores, temperature=self.temperature, tau=self.tau, stats=self.stats)
-        self.history.append(temps.float().cpu())
+        self.history.append(temps.float())  # stays on the device; one copy to the host after generate
         return scores / temps.to(scores.dtype).unsqueeze(-1)
 
 
@@ -177,6 +177,6 @@ class HFRollout:
             responses=[self.tokenizer.decode(ids_[keep], skip_special_tokens=True)
                        for ids_, keep in zip(response, content)],
             group_size=n, policy_version=self.version,
-            temperatures=(torch.stack(processors[0].history, dim=1) * response_mask + (1 - response_mask)
+            temperatures=(torch.stack(processors[0].history, dim=1).cpu() * response_mask + (1 - response_mask)
                           if adaptive is not None else None),
         )
