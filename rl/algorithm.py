@@ -10,6 +10,7 @@ from typing import Any
 from torch import Tensor
 
 from rl.advantages import ADVANTAGES
+from rl.correction import mismatch_stats, rollout_weights
 from rl.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from rl import d3s, hapo, thr  # noqa: F401  (register the D³S, HAPO and THR pieces)
 from rl.shaping import SAMPLE_FILTERS, TOKEN_SHAPERS, shaped_rewards
@@ -45,6 +46,7 @@ class Algorithm:
         self.needs_token_features = any(c.type == "thr" for c in cfg.token_shapers)  # THR: hidden states + probs
         self.adaptive_tau, self.adaptive_q = cfg.adaptive_temperature.tau, cfg.adaptive_temperature.q
         self.entropy_stats: dict[str, float] | None = None  # normaliser statistics of the last step (adaptive T)
+        self.correction = cfg.rollout_correction
 
     @property
     def needs_reference(self) -> bool:
@@ -76,9 +78,16 @@ class Algorithm:
         return batch, stats
 
     def shape(self, batch: TrainBatch, *, progress: float = 0.0) -> tuple[TrainBatch, dict[str, float]]:
-        """After scoring: KL into the rewards (kl.placement 'reward', then advantages again), then the token shapers
-        in recipe order (each may narrow pg_mask)."""
-        stats: dict[str, float] = {}
+        """After scoring: rollout-correction weights π_old/π_rollout (rl/correction.py) and mismatch metrics, KL into
+        the rewards (kl.placement 'reward', then advantages again), then the token shapers in recipe order (each may
+        narrow pg_mask)."""
+        c = self.correction
+        if c.level == "none":
+            stats = mismatch_stats(batch.old_logprobs, batch.rollout_logprobs, batch.response_mask)
+        else:
+            weights, stats = rollout_weights(batch.old_logprobs, batch.rollout_logprobs, batch.response_mask,
+                                             level=c.level, mode=c.mode, cap=c.cap)
+            batch = dataclasses.replace(batch, is_weights=weights)
         if self.kl_in_reward and self.kl_coef > 0:
             kl_B = (self.kl(batch.old_logprobs, batch.ref_logprobs) * batch.response_mask).sum(1)
             rewards = batch.rewards - self.kl_coef * kl_B
@@ -113,6 +122,8 @@ class Algorithm:
         mask = batch.loss_tokens
         extra = {"entropy_norm": batch.entropy_norm} if self._wants_entropy_norm else {}
         pg_BT, stats = self.policy_loss(logp_BT, batch.old_logprobs, batch.advantages, mask, **extra)
+        if batch.is_weights is not None:
+            pg_BT = pg_BT * batch.is_weights
         if batch.pg_mask is not None:
             pg_BT = pg_BT * batch.pg_mask
             stats["actor/pg_token_frac"] = batch.pg_mask.detach().mul(mask).sum()

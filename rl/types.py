@@ -66,6 +66,8 @@ class TrainBatch(RolloutBatch):
     entropy_norm: Tensor | None = None   # [B, T] float32, HAPO's normalised entropy in [-1, 1] (hapo_entropy shaper)
     loss_mask: Tensor | None = None      # [B, T] float32, tokens every loss term and denominator counts (None: the
                                          # response mask); narrowed by token shapers with denominator 'kept'
+    is_weights: Tensor | None = None     # [B, T] float32, rollout-correction weights pi_old / pi_rollout, bounded
+                                         # (rl/correction.py), multiplying the policy-gradient term; None = off
     group_vocab: Tensor | None = None    # [B, V] int64, THR: distinct sampled ids of the row's group, -1 padded
     old_hidden: Tensor | None = None     # [B, T, d] float32, THR: old policy's last-layer hidden states
     old_vocab_probs: Tensor | None = None  # [B, T, V] float32, THR: old policy's probabilities of group_vocab ids

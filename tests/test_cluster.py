@@ -44,7 +44,11 @@ def recipe_for(tmp_path_factory):
         base = _merge(TINY, {"stages": ["grpo"], "rewards": [{"type": "python", "function": f"{root}/parity.py:parity"}],
                              "rollout": {"max_new_tokens": 12},
                              "grpo": {"steps": 3, "micro_batch_size": 4, "mini_batches": 2, "save_every": 1},
-                             "trainer": {"mode": mode, "ray": RAY}})
+                             "trainer": {"mode": mode, "ray": RAY},
+                             # the rollout actor computes its log-probs with another thread count than debug mode's
+                             # engine (~1e-7 apart); rollout correction would feed that into the update, which Adam
+                             # amplifies on near-zero gradients. These tests compare the learners, so it is off.
+                             "algorithm": {"rollout_correction": {"level": "none"}}})
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(_merge(base, sections)))
         return path
@@ -135,7 +139,6 @@ def test_after_sync_rollout_generates_like_the_learners_weights(local_ray, recip
     from rl.algorithm import Algorithm
     from trainer.cluster import RayWorkers
     from trainer.distributed import DeepSpeedSpec
-    from trainer.loading import load_causal_lm
     from trainer.rollout import build_rollout
     recipe = recipe_for("sync", "ray", grpo={"optim": {"lr": 0.05}},
                         trainer={"ray": {"zero_stage": 3, "sync_bucket_mb": 0.002}})
@@ -157,8 +160,8 @@ def test_after_sync_rollout_generates_like_the_learners_weights(local_ray, recip
         workers.pool.save_model(tmp_path / "consolidated")
     finally:
         workers.close()
-    engine = build_rollout(env.cfg.rollout, tokenizer=env.tokenizer, formatter=env.formatter,
-                           model=load_causal_lm(tmp_path / "consolidated", dtype=torch.float32, device=env.device))
+    engine = build_rollout(env.cfg.rollout, model_dir=tmp_path / "consolidated", tokenizer=env.tokenizer,
+                           formatter=env.formatter, dtype=torch.float32, device=env.device)
     expected = engine.generate(rows, n=1, greedy=True)
     assert after.policy_version == 3 and before.policy_version == 0
     assert torch.equal(after.response_ids, expected.response_ids)

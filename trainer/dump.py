@@ -1,0 +1,81 @@
+"""Rollout dump and replay.
+
+`rollout.dump_dir` writes each GRPO step's training rollouts (after dynamic sampling) as two files:
+
+    step_000012.safetensors   prompt_ids, prompt_mask, response_ids, response_mask, rollout_logprobs, truncated (uint8),
+                              rewards, [temperatures]; metadata: group_size, policy_version, the step's reward stats
+    step_000012.jsonl         one line per response: prompt, answer, response, reward, truncated
+
+`trainer.replay: DIR` trains from such a dump instead of generating: step N reads step_N's rollouts and rewards, so a
+loss can be debugged on fixed data without an engine. Files are written atomically (temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from rl.errors import ConfigError
+from rl.types import RolloutBatch
+
+_TENSORS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "rollout_logprobs", "truncated")
+
+
+def _name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def dump_rollouts(directory: str | Path, step: int, batch: RolloutBatch, rewards: Tensor, stats: dict) -> None:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {k: getattr(batch, k).contiguous() for k in _TENSORS}
+    tensors["truncated"] = tensors["truncated"].to(torch.uint8)
+    tensors["rewards"] = rewards.float().contiguous()
+    if batch.temperatures is not None:
+        tensors["temperatures"] = batch.temperatures.contiguous()
+    meta = {"group_size": str(batch.group_size), "policy_version": str(batch.policy_version),
+            "stats": json.dumps({k: float(v) for k, v in stats.items()})}
+    tmp = d / f".{_name(step)}.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, d / f"{_name(step)}.safetensors")
+    lines = [json.dumps({"prompt": p, "answer": a, "response": r, "reward": float(w), "truncated": bool(t)})
+             for p, a, r, w, t in zip(batch.prompts, batch.answers, batch.responses, rewards.tolist(),
+                                      batch.truncated.tolist())]
+    tmp = d / f".{_name(step)}.jsonl.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, d / f"{_name(step)}.jsonl")
+
+
+def dumped_steps(directory: str | Path) -> list[int]:
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(int(m.group(1)) for f in d.iterdir() if (m := re.fullmatch(r"step_(\d+)\.safetensors", f.name)))
+
+
+def load_rollouts(directory: str | Path, step: int) -> tuple[RolloutBatch, Tensor, dict]:
+    """(rollouts, rewards, reward stats) of one dumped step."""
+    d = Path(directory)
+    path = d / f"{_name(step)}.safetensors"
+    if not path.exists() or not (d / f"{_name(step)}.jsonl").exists():
+        have = dumped_steps(d)
+        span = f"steps {have[0]}..{have[-1]}" if have else "no steps"
+        raise ConfigError(f"trainer.replay: '{d}' has no rollouts for step {step} (it has {span}); replay at most "
+                          f"as many grpo.steps as were dumped")
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    t = load_file(str(path))
+    rows = [json.loads(line) for line in (d / f"{_name(step)}.jsonl").read_text().splitlines() if line]
+    batch = RolloutBatch(
+        **{k: t[k] for k in _TENSORS if k != "truncated"}, truncated=t["truncated"].bool(),
+        prompts=[r["prompt"] for r in rows], answers=[r["answer"] for r in rows],
+        responses=[r["response"] for r in rows], group_size=int(meta["group_size"]),
+        policy_version=int(meta["policy_version"]), temperatures=t.get("temperatures"))
+    return batch, t["rewards"], json.loads(meta["stats"])

