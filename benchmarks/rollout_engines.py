@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--engines", default="hf,vllm")
+    ap.add_argument("--hidden-size", type=int, help="built-in model: width (default: the quick start's)")
+    ap.add_argument("--num-layers", type=int, help="built-in model: layers (default: the quick start's)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rollout_engines.json"))
     args = ap.parse_args()
 
@@ -50,10 +52,15 @@ def main() -> None:
     model_dir = args.model
     if model_dir is None:
         m = BuiltinModel()
-        model_dir = save_builtin(Path(tmp.name) / "model", seed=0, hidden_size=m.hidden_size, num_layers=m.num_layers,
-                                 num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
-                                 intermediate_size=m.intermediate_size, max_position_embeddings=m.max_position_embeddings)
+        hidden = args.hidden_size or m.hidden_size
+        model_dir = save_builtin(Path(tmp.name) / "model", seed=0, hidden_size=hidden,
+                                 num_layers=args.num_layers or m.num_layers, num_heads=m.num_heads,
+                                 num_kv_heads=m.num_kv_heads, intermediate_size=hidden * 8 // 3,
+                                 max_position_embeddings=m.max_position_embeddings)
     tok = load_tokenizer(model_dir)
+    from transformers import AutoConfig
+    c = AutoConfig.from_pretrained(model_dir)
+    params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_config(c).parameters())
     fmt = PromptFormatter(tok, system_prompt=None, use_chat_template=True)
     rows = list(load_task(ArithmeticData(min_digits=1, max_digits=2, num_heldout=args.prompts))["heldout"])
     where = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
@@ -73,7 +80,7 @@ def main() -> None:
             batch = engine.generate(rows, n=args.n, seed=r + 1)
             seconds = time.perf_counter() - t0
             speeds.append(float(batch.response_mask.sum()) / seconds)
-        results.append({"engine": name, "device": where, "dtype": str(dtype).removeprefix("torch."),
+        results.append({"engine": name, "device": where, "params_m": round(params / 1e6, 1), "dtype": str(dtype).removeprefix("torch."),
                         "sequences": args.prompts * args.n, "max_new_tokens": args.max_new_tokens,
                         "start_s": round(start, 1), "first_call_s": round(first, 1),
                         "tokens_per_s": round(statistics.median(speeds)), "tokens_per_s_all": [round(s) for s in speeds]})
@@ -81,12 +88,12 @@ def main() -> None:
     base = next((r["tokens_per_s"] for r in results if r["engine"] == "hf"), None)
     print(f"\nrollout throughput, {args.prompts} prompts x {args.n} samples, up to {args.max_new_tokens} new tokens, "
           f"{where}\n")
-    print("| engine | device | dtype | start s | first call s | tokens/s (median of %d) | vs hf |" % args.repeats)
-    print("|---|---|---|---:|---:|---:|---:|")
+    print("| params | engine | device | dtype | start s | first call s | tokens/s (median of %d) | vs hf |" % args.repeats)
+    print("|---:|---|---|---|---:|---:|---:|---:|")
     for r in results:
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
         r["vs_hf"] = round(r["tokens_per_s"] / base, 2) if base else None
-        print(f"| {r['engine']} | {r['device']} | {r['dtype']} | {r['start_s']} | {r['first_call_s']} | "
+        print(f"| {r['params_m']}M | {r['engine']} | {r['device']} | {r['dtype']} | {r['start_s']} | {r['first_call_s']} | "
               f"{r['tokens_per_s']:,} | {ratio} |")
     write_json(args.out, results, prompts=args.prompts, n=args.n, max_new_tokens=args.max_new_tokens)
     print(f"\nwrote {args.out}")

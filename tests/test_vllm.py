@@ -82,6 +82,21 @@ def test_greedy_generations_match_transformers(engines):
     assert torch.equal(a.truncated, b.truncated)
 
 
+def test_stop_strings_agree_between_backends(engines):
+    vllm_engine, hf_engine, _, rows = engines
+    plain = hf_engine.generate(rows, n=1, greedy=True)
+    vllm_engine.stop = hf_engine.stop = ["1"]
+    try:
+        a = vllm_engine.generate(rows, n=1, greedy=True)
+        b = hf_engine.generate(rows, n=1, greedy=True)
+    finally:
+        vllm_engine.stop = hf_engine.stop = []
+    assert a.responses == b.responses
+    assert torch.equal(a.response_mask.sum(1), b.response_mask.sum(1))
+    cut = [r.split("1")[0] for r in plain.responses]
+    assert a.responses == cut and sum("1" in r for r in plain.responses) > 0
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampled_logprobs_match_transformers(engines, temperature):
     vllm_engine, hf_engine, _, rows = engines

@@ -221,6 +221,8 @@ class RolloutConfig:
     top_k: int = opt(0, "Keep the k most likely tokens (0 = off).", ge=0)
     max_new_tokens: int = opt(16, "Longest response in tokens; longer ones are truncated.", ge=1)
     batch_size: int = opt(256, "Sequences per generate call.", ge=1)
+    stop: list[str] = opt(factory=list, doc="Stop strings: a response ends with the token that completes the first of "
+                                            "them; the text loses the stop string, later tokens are never trained on.")
     dump_dir: str | None = opt(None, "Write every GRPO step's training rollouts here (safetensors + jsonl, "
                                      "trainer/dump.py); a relative path is inside the run folder; null = off.")
 

@@ -37,4 +37,4 @@ def build_rollout(cfg: Any, *, model_dir: str | Path, tokenizer: Any, formatter:
     if model is None:
         model = load_causal_lm(model_dir, dtype=dtype, device=device)
     return HFRollout(model, tokenizer, formatter, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, stop=cfg.stop)

@@ -11,6 +11,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 from rl.hapo import sampling_temperatures
 from rl.types import RolloutBatch
 from trainer.loading import PromptFormatter, eos_token_ids
+from trainer.rollout.stops import apply_stop_strings
 
 
 def concat_rollouts(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
@@ -54,13 +55,14 @@ class HFRollout:
     finish_sync(version); load_weights(state_dict, version) does all three."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: Any, formatter: PromptFormatter, *, temperature: float,
-                 top_p: float, top_k: int, max_new_tokens: int, batch_size: int) -> None:
+                 top_p: float, top_k: int, max_new_tokens: int, batch_size: int, stop: list[str] = ()) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.format = formatter
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        self.stop = list(stop)
         self.eos_ids = eos_token_ids(tokenizer, model.generation_config)
         self.pad_id = tokenizer.pad_token_id
         self.version = 0
@@ -135,8 +137,9 @@ class HFRollout:
     def _generate_all(self, rows: list[dict], n: int, greedy: bool, adaptive: dict | None) -> RolloutBatch:
         self.model.eval()
         per_call = max(1, self.batch_size // n)
-        return concat_rollouts([self._generate(rows[i:i + per_call], n, greedy, None if greedy else adaptive)
-                                for i in range(0, len(rows), per_call)], self.pad_id)
+        batch = concat_rollouts([self._generate(rows[i:i + per_call], n, greedy, None if greedy else adaptive)
+                                 for i in range(0, len(rows), per_call)], self.pad_id)
+        return apply_stop_strings(batch, self.stop, self.tokenizer)
 
     def _generate(self, rows: list[dict], n: int, greedy: bool, adaptive: dict | None = None) -> RolloutBatch:
         texts = [self.format(r["prompt"]) for r in rows]

@@ -22,6 +22,7 @@ import torch
 from rl.errors import ConfigError
 from rl.types import RolloutBatch
 from trainer.loading import PromptFormatter
+from trainer.rollout.stops import apply_stop_strings
 
 _GIB = 1 << 30
 
@@ -84,6 +85,7 @@ class VLLMRollout:
         self.tokenizer, self.format = tokenizer, formatter
         self.temperature, self.top_p, self.top_k = cfg.temperature, cfg.top_p, cfg.top_k
         self.max_new_tokens = cfg.max_new_tokens
+        self.stop = list(cfg.stop)
         self.eos_ids, self.pad_id = list(eos_ids), tokenizer.pad_token_id
         self.device = device
         self.version = 0
@@ -177,7 +179,7 @@ class VLLMRollout:
             applied = self.llm.collective_rpc("tokenwise_take_temperatures", args=(keys,))[0]
             temps = [[applied[k].get(t, self.temperature) for t in range(len(c.token_ids))]
                      for k, c in zip(keys, completions)]
-        return self._batch(rows, prompt_ids, completions, n, temps)
+        return apply_stop_strings(self._batch(rows, prompt_ids, completions, n, temps), self.stop, self.tokenizer)
 
     def _batch(self, rows: list[dict], prompt_ids: list[list[int]], completions: list, n: int,
                temps: list[list[float]] | None) -> RolloutBatch:
