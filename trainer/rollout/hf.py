@@ -11,6 +11,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 from rl.hapo import sampling_temperatures
 from rl.types import RolloutBatch
 from trainer.loading import PromptFormatter, eos_token_ids
+from trainer.rollout.base import BucketedSync
 from trainer.rollout.stops import apply_stop_strings
 
 
@@ -50,7 +51,7 @@ class AdaptiveTemperature(LogitsProcessor):
         return scores / temps.to(scores.dtype).unsqueeze(-1)
 
 
-class HFRollout:
+class HFRollout(BucketedSync):
     """generate(rows, n, seed) → RolloutBatch. Weights arrive in buckets: begin_sync(), load_bucket(named tensors)...,
     finish_sync(version); load_weights(state_dict, version) does all three."""
 
@@ -85,11 +86,6 @@ class HFRollout:
             raise KeyError(f"weight sync ended without weights {sorted(self._pending)[:5]} "
                            f"({len(self._pending)} missing)")
         self.version = version
-
-    def load_weights(self, state_dict: dict[str, torch.Tensor], *, version: int) -> None:
-        self.begin_sync()
-        self.load_bucket(state_dict)
-        self.finish_sync(version)
 
     def sleep(self) -> None:
         """Free the accelerator for colocated learners (weights to CPU); a no-op on CPU."""

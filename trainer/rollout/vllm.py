@@ -22,6 +22,7 @@ import torch
 from rl.errors import ConfigError
 from rl.types import RolloutBatch
 from trainer.loading import PromptFormatter
+from trainer.rollout.base import BucketedSync
 from trainer.rollout.stops import apply_stop_strings
 
 _GIB = 1 << 30
@@ -74,7 +75,7 @@ def _tied(model_dir: str | Path) -> bool:
     return bool(config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False)))
 
 
-class VLLMRollout:
+class VLLMRollout(BucketedSync):
     """generate(rows, n, greedy, seed, adaptive) → RolloutBatch, like trainer.rollout.hf.HFRollout."""
 
     def __init__(self, model_dir: str | Path, tokenizer: Any, formatter: PromptFormatter, *, cfg: Any,
@@ -125,11 +126,6 @@ class VLLMRollout:
         self.llm.reset_prefix_cache()
         self._received = {}
         self.version = version
-
-    def load_weights(self, state_dict: dict[str, torch.Tensor], *, version: int) -> None:
-        self.begin_sync()
-        self.load_bucket(state_dict)
-        self.finish_sync(version)
 
     def sleep(self) -> None:
         """Colocated GPU mode: free weights and KV cache while the learners train (a no-op on CPU)."""
