@@ -25,17 +25,16 @@ def rollout_weights(old_BT: Tensor, rollout_BT: Tensor, mask_BT: Tensor, *, leve
     """[B, T] detached importance weights (0 on padding) and the mismatch metrics."""
     if level not in ("token", "sequence") or mode not in ("truncate", "mask"):
         raise ValueError(f"rollout correction: level must be token|sequence and mode truncate|mask, got {level}, {mode}")
-    log_ratio = (old_BT.double() - rollout_BT.double()) * mask_BT.double()
-    if level == "sequence":
-        log_ratio = log_ratio.sum(1, keepdim=True).expand_as(log_ratio)
-    over = log_ratio > math.log(cap)
-    if mode == "truncate":
-        weights = torch.exp(log_ratio.clamp(max=math.log(cap)))
-    else:
-        weights = torch.exp(log_ratio.clamp(max=math.log(cap))).masked_fill(over, 0.0)
     mask64 = mask_BT.double()
+    token_log_ratio = (old_BT.double() - rollout_BT.double()) * mask64
+    stats = _mismatch_stats(token_log_ratio, mask64)
+    log_ratio = (token_log_ratio.sum(1, keepdim=True).expand_as(token_log_ratio) if level == "sequence"
+                 else token_log_ratio)
+    over = log_ratio > math.log(cap)
+    weights = torch.exp(log_ratio.clamp(max=math.log(cap)))
+    if mode == "mask":
+        weights = weights.masked_fill(over, 0.0)
     weights = weights * mask64
-    stats = mismatch_stats(old_BT, rollout_BT, mask_BT)
     n = mask64.sum().clamp(min=1)
     if level == "token":
         stats["rollout/tis_clipped_frac"] = float((over * mask64).sum() / n)
@@ -43,14 +42,19 @@ def rollout_weights(old_BT: Tensor, rollout_BT: Tensor, mask_BT: Tensor, *, leve
         rows = mask64.sum(1) > 0
         stats["rollout/tis_clipped_frac"] = float(over[:, 0][rows].double().mean()) if rows.any() else 0.0
     stats["rollout/tis_weight_mean"] = float(weights.sum() / n)
-    weights = weights.to(old_BT.dtype)
-    return weights, stats
+    return weights.to(old_BT.dtype), stats
 
 
 def mismatch_stats(old_BT: Tensor, rollout_BT: Tensor, mask_BT: Tensor) -> dict[str, float]:
     """Mean |log π_old − log π_rollout| per token, and KL(π_rollout ‖ π_old) per token by the k3 estimator on the
     rollout's own samples (r − 1 − log r with r = π_old/π_rollout; non-negative, unbiased)."""
+    mask64 = mask_BT.double()
+    return _mismatch_stats((old_BT.double() - rollout_BT.double()) * mask64, mask64)
+
+
+def _mismatch_stats(log_ratio_BT: Tensor, mask_BT: Tensor) -> dict[str, float]:
+    """mismatch_stats from the masked per-token log-ratio log π_old − log π_rollout (float64)."""
     n = mask_BT.sum().clamp(min=1)
-    d = (old_BT.double() - rollout_BT.double()) * mask_BT
-    k3 = (torch.exp(d) - 1 - d) * mask_BT
-    return {"rollout/logprob_abs_diff": float(d.abs().sum() / n), "rollout/kl_rollout_train": float(k3.sum() / n)}
+    k3 = (torch.exp(log_ratio_BT) - 1 - log_ratio_BT) * mask_BT
+    return {"rollout/logprob_abs_diff": float(log_ratio_BT.abs().sum() / n),
+            "rollout/kl_rollout_train": float(k3.sum() / n)}

@@ -15,8 +15,7 @@ from rl.data import PromptStream
 from rl.rewards import compute_rewards
 from rl.shaping import informative_groups
 from rl.types import RolloutBatch
-from rl.errors import ConfigError
-from trainer.dump import dump_rollouts, dumped_steps, load_rollouts
+from trainer.dump import check_replay, dump_rollouts, load_rollouts
 from trainer.rollout.hf import concat_rollouts
 from trainer.evaluate import heldout_metrics
 from trainer.stage import StageEnv, StageResult, StageState, run_stage
@@ -31,10 +30,7 @@ def run_grpo(env: StageEnv) -> StageResult:
     algo = Algorithm(cfg.algorithm, max_response_len=cfg.rollout.max_new_tokens)
     data = PromptStream(env.data["train"], seed=cfg.seed)
     if cfg.trainer.replay is not None:
-        have = dumped_steps(cfg.trainer.replay)
-        if not have or have[-1] < g.steps:
-            raise ConfigError(f"trainer.replay: '{cfg.trainer.replay}' holds rollouts of "
-                              f"{f'steps {have[0]}..{have[-1]}' if have else 'no steps'}, grpo.steps is {g.steps}")
+        check_replay(cfg.trainer.replay, g.steps)
     return run_stage(
         env, panels=PANELS,
         make_workers=lambda: build_workers(

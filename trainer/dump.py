@@ -59,15 +59,24 @@ def dumped_steps(directory: str | Path) -> list[int]:
     return sorted(int(m.group(1)) for f in d.iterdir() if (m := re.fullmatch(r"step_(\d+)\.safetensors", f.name)))
 
 
+def _span(have: list[int]) -> str:
+    return f"steps {have[0]}..{have[-1]}" if have else "no steps"
+
+
+def check_replay(directory: str | Path, steps: int) -> None:
+    """Before a replayed stage starts: the dump must hold rollouts up to step `steps` (grpo.steps)."""
+    have = dumped_steps(directory)
+    if not have or have[-1] < steps:
+        raise ConfigError(f"trainer.replay: '{directory}' holds rollouts of {_span(have)}, grpo.steps is {steps}")
+
+
 def load_rollouts(directory: str | Path, step: int) -> tuple[RolloutBatch, Tensor, dict]:
     """(rollouts, rewards, reward stats) of one dumped step."""
     d = Path(directory)
     path = d / f"{_name(step)}.safetensors"
     if not path.exists() or not (d / f"{_name(step)}.jsonl").exists():
-        have = dumped_steps(d)
-        span = f"steps {have[0]}..{have[-1]}" if have else "no steps"
-        raise ConfigError(f"trainer.replay: '{d}' has no rollouts for step {step} (it has {span}); replay at most "
-                          f"as many grpo.steps as were dumped")
+        raise ConfigError(f"trainer.replay: '{d}' has no rollouts for step {step} (it has {_span(dumped_steps(d))}); "
+                          f"replay at most as many grpo.steps as were dumped")
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()

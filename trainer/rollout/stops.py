@@ -20,12 +20,16 @@ def apply_stop_strings(batch: RolloutBatch, stop: list[str], tokenizer: Any) -> 
     for b in range(len(batch)):
         n = int(batch.response_mask[b].sum())
         ids = batch.response_ids[b, :n].tolist()
-        if not any(s in tokenizer.decode(ids, skip_special_tokens=True) for s in stop):
+
+        def holds_stop(k: int) -> bool:
+            return any(s in tokenizer.decode(ids[:k], skip_special_tokens=True) for s in stop)
+
+        if not holds_stop(n):
             continue
         lo, hi = 1, n  # the shortest prefix whose text holds a stop string (prefix texts only grow)
         while lo < hi:
             mid = (lo + hi) // 2
-            if any(s in tokenizer.decode(ids[:mid], skip_special_tokens=True) for s in stop):
+            if holds_stop(mid):
                 hi = mid
             else:
                 lo = mid + 1

@@ -13,6 +13,7 @@ build, which repacks linear weights), then the prefix cache is reset so no KV bl
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -56,12 +57,15 @@ def checkpoint_names(model_dir: str | Path) -> set[str]:
     return names
 
 
+def _model_config(model_dir: str | Path) -> dict:
+    return json.loads((Path(model_dir) / "config.json").read_text())
+
+
 def unsupported_reason(model_dir: str | Path) -> str | None:
     """Why vLLM cannot serve this checkpoint (an architecture it has no implementation of, e.g. our own decoder
     with gates or MoE layers, model_type 'tokenwise'), or None."""
-    import json
     vllm = import_vllm()
-    archs = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
+    archs = _model_config(model_dir).get("architectures") or []
     supported = set(vllm.ModelRegistry.get_supported_archs())
     missing = [a for a in archs if a not in supported]
     if not archs or missing:
@@ -70,8 +74,7 @@ def unsupported_reason(model_dir: str | Path) -> str | None:
 
 
 def _tied(model_dir: str | Path) -> bool:
-    import json
-    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = _model_config(model_dir)
     return bool(config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False)))
 
 

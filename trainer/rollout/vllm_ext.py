@@ -90,7 +90,7 @@ class AdaptiveTemperatureProcessor(LogitsProcessor):
         if not rows:
             return logits
         # requests of one rollout call share T, tau and the statistics: one batched computation per setting
-        by_setting: dict[int, list] = {}
+        by_setting: dict[tuple, list] = {}
         for row in rows:
             by_setting.setdefault(_setting_key(row[1]), []).append(row)
         for group in by_setting.values():
