@@ -1,10 +1,11 @@
 """Rollout throughput: the vLLM engine vs the transformers backend on the same prompts, side by side in one run.
 
-    python benchmarks/rollout_engines.py [--model DIR] [--prompts 64] [--n 8] [--max-new-tokens 32] [--repeats 3]
+    python benchmarks/rollout_engines.py [--model DIR | --moe-gated] [--prompts 64] [--n 8] [--max-new-tokens 32]
 
 Both engines go through trainer.rollout.build_rollout, as a run builds them (fp32 on CPU, the recipe's dtype rule on
 CUDA), and generate G samples per prompt at temperature 1 with log-probs. Without --model the quick-start's built-in
-model (1.6M parameters) is built freshly: untrained, so its responses run to max_new_tokens and both engines
+model (1.6M parameters; with --moe-gated as our
+gated MoE decoder, served on vLLM by models/vllm_decoder.py) is built freshly: untrained, so its responses run to max_new_tokens and both engines
 generate the same number of tokens. Prints a table and writes benchmarks/results/rollout_engines.json.
 """
 
@@ -35,6 +36,8 @@ def main() -> None:
     ap.add_argument("--engines", default="hf,vllm")
     ap.add_argument("--hidden-size", type=int, help="built-in model: width (default: the quick start's)")
     ap.add_argument("--num-layers", type=int, help="built-in model: layers (default: the quick start's)")
+    ap.add_argument("--moe-gated", action="store_true",
+                    help="built-in model as our decoder with headwise gates and 4 experts, top-2 (moe_gated_tiny)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rollout_engines.json"))
     args = ap.parse_args()
 
@@ -56,7 +59,9 @@ def main() -> None:
         model_dir = save_builtin(Path(tmp.name) / "model", seed=0, hidden_size=hidden,
                                  num_layers=args.num_layers or m.num_layers, num_heads=m.num_heads,
                                  num_kv_heads=m.num_kv_heads, intermediate_size=hidden * 8 // 3,
-                                 max_position_embeddings=m.max_position_embeddings)
+                                 max_position_embeddings=m.max_position_embeddings,
+                                 **(dict(arch="tokenwise", attn_gate="headwise", ffn="moe", num_experts=4,
+                                         experts_per_token=2, moe_intermediate_size=128) if args.moe_gated else {}))
     tok = load_tokenizer(model_dir)
     from transformers import AutoConfig
     c = AutoConfig.from_pretrained(model_dir)
@@ -80,7 +85,7 @@ def main() -> None:
             batch = engine.generate(rows, n=args.n, seed=r + 1)
             seconds = time.perf_counter() - t0
             speeds.append(float(batch.response_mask.sum()) / seconds)
-        results.append({"engine": name, "device": where, "params_m": round(params / 1e6, 1), "dtype": str(dtype).removeprefix("torch."),
+        results.append({"engine": name, "model": c.model_type, "device": where, "params_m": round(params / 1e6, 1), "dtype": str(dtype).removeprefix("torch."),
                         "sequences": args.prompts * args.n, "max_new_tokens": args.max_new_tokens,
                         "start_s": round(start, 1), "first_call_s": round(first, 1),
                         "tokens_per_s": round(statistics.median(speeds)), "tokens_per_s_all": [round(s) for s in speeds]})

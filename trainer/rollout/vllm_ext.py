@@ -8,7 +8,9 @@ worker's process; `WeightSync.tokenwise_take_temperatures` hands the table's row
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -27,8 +29,13 @@ class WeightSync:
     def tokenwise_reload_weights(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> int:
         """Load checkpoint-format (HF-named) weights in place through vLLM's reload path, which also redoes the CPU
         build's weight repacking (its plain `load_weights` cannot load into repacked parameters)."""
-        self.model_runner.reload_weights(weights_iterator=iter(named_tensors))
-        repack_output_heads(self.model_runner.get_model())
+        model = self.model_runner.get_model()
+        moe = cpu_moe_layers(model)
+        experts = {n: t for n, t in named_tensors if moe and n.endswith(EXPERT_SUFFIXES)}
+        with _quiet_layers_not_reloaded() if experts else contextlib.nullcontext():
+            self.model_runner.reload_weights(weights_iterator=((n, t) for n, t in named_tensors if n not in experts))
+        repack_output_heads(model)
+        load_cpu_moe_experts(moe, experts)
         return len(named_tensors)
 
     def tokenwise_take_temperatures(self, keys: Sequence[str]) -> dict[str, dict[int, float]]:
@@ -47,6 +54,55 @@ def repack_output_heads(model: torch.nn.Module) -> int:
             method.process_weights_after_loading(module)
             repacked += 1
     return repacked
+
+
+EXPERT_SUFFIXES = (".experts_gate_up", ".experts_down")  # our decoder's 3-D expert tensors (models/decoder.py)
+
+
+@contextlib.contextmanager
+def _quiet_layers_not_reloaded() -> Iterator[None]:
+    """vLLM warns about layers a reload did not touch ('<layer>: Failed to load weights', 'Following weights were not
+    loaded') and keeps their weights: here, the CPU experts we load ourselves right after."""
+    logs = [logging.getLogger(f"vllm.model_executor.model_loader.reload.{m}") for m in ("layerwise", "inplace")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
+
+
+def cpu_moe_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """{MoE block prefix (e.g. 'model.layers.0.mlp'): its fused experts} for the CPU build's packed experts."""
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+    return {name.split(".experts.")[0]: m for name, m in model.named_modules()
+            if isinstance(m, RoutedExperts) and m.w13_weight.device.type == "cpu"
+            and getattr(m.quant_method, "moe_kernel", None) is not None}
+
+
+def load_cpu_moe_experts(layers: dict[str, torch.nn.Module], tensors: dict[str, torch.Tensor]) -> int:
+    """The CPU build pads and packs each MoE layer's w13 / w2 into its grouped-GEMM layout once, at load time, and a
+    reload (`is_weight_update`) skips that step — new weights would land unpacked (or not fit, once padded). So our
+    decoder's expert tensors bypass the reload: each pair is packed here by the layer's own kernel, on a scratch
+    module holding the checkpoint layout, and copied into the packed parameters in place."""
+    done = 0
+    for prefix, layer in layers.items():
+        gate_up, down = tensors.get(prefix + EXPERT_SUFFIXES[0]), tensors.get(prefix + EXPERT_SUFFIXES[1])
+        if gate_up is None or down is None:
+            continue
+        if gate_up.shape[1] != 2 * layer.moe_config.intermediate_size_per_partition:
+            raise ValueError(f"{prefix}: weight sync of tensor-parallel MoE experts on CPU is not supported")
+        scratch = torch.nn.Module()
+        scratch.moe_config = layer.moe_config
+        scratch.w13_weight = torch.nn.Parameter(gate_up.to(layer.w13_weight.dtype).contiguous(), requires_grad=False)
+        scratch.w2_weight = torch.nn.Parameter(down.to(layer.w2_weight.dtype).contiguous(), requires_grad=False)
+        layer.quant_method.moe_kernel.fused_experts.process_weights_after_loading(scratch)
+        layer.w13_weight.data.copy_(scratch.w13_weight.data)
+        layer.w2_weight.data.copy_(scratch.w2_weight.data)
+        done += 1
+    return done
 
 
 class AdaptiveTemperatureProcessor(LogitsProcessor):
