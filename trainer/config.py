@@ -33,6 +33,25 @@ def opt(default: Any = MISSING, doc: str = "", *, factory: Any = MISSING, choice
 
 # ----------------------------------------------------------------------------------------------------------- model
 @dataclass
+class LoraSpec:
+    """LoRA adapters (peft) trained instead of the full weights, in every stage; r: 0 trains the full model. The
+    reference policy is the model with its adapters switched off (no second copy); weight syncs and saved models
+    carry merged weights under the checkpoint's own names, and each saved model holds the adapter in `adapter/`."""
+    r: int = opt(0, "Adapter rank; 0 = no LoRA (full fine-tuning).", ge=0)
+    alpha: float = opt(16.0, "Scale numerator: the update is (alpha / r) * B A.", gt=0)
+    dropout: float = opt(0.0, "Dropout on the adapters' input.", ge=0, lt=1)
+    target_modules: list[str] = opt(
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        doc="Linear layers to adapt, by name suffix (our decoder's q_proj holds the attention gate's rows too).")
+    target_parameters: list[str] = opt(
+        factory=list, doc="3-D parameters to adapt, e.g. our MoE experts: [experts_gate_up, experts_down].")
+
+    def __post_init__(self) -> None:
+        if self.r and not (self.target_modules or self.target_parameters):
+            raise ConfigError("model.lora: r > 0 needs target_modules or target_parameters")
+
+
+@dataclass
 class BuiltinModel:
     """The embedded tiny Llama-architecture decoder with a character-level tokenizer, built from this config and
     saved with `save_pretrained` into the run folder, then loaded back like any local model."""
@@ -61,6 +80,7 @@ class BuiltinModel:
     router_aux_loss_coef: float = opt(1e-3, "ffn moe: weight of the load-balance loss E*sum f_e P_e (added to the "
                                             "training loss).", ge=0)
     router_z_loss_coef: float = opt(1e-3, "ffn moe: weight of the router z-loss mean(logsumexp(logits)^2).", ge=0)
+    lora: LoraSpec = opt(factory=LoraSpec, doc="LoRA adapters instead of full fine-tuning (r: 0 = off).")
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -90,6 +110,7 @@ class PretrainedModel:
     retrofit_gate: Literal["none", "headwise", "elementwise"] = opt(
         "none", "code tokenwise: add attention output gates to a dense checkpoint without changing its function at "
                 "step 0 (gate weights 0, so sigma = 0.5, and o_proj doubled).")
+    lora: LoraSpec = opt(factory=LoraSpec, doc="LoRA adapters instead of full fine-tuning (r: 0 = off).")
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -592,6 +613,10 @@ class RunConfig:
             raise ConfigError(f"stages must be [sft], [grpo] or [sft, grpo], got {self.stages}")
         if self.trainer.replay is not None and self.trainer.mode != "local":
             raise ConfigError("trainer.replay runs in debug mode: set trainer.mode to 'local'")
+        if self.model.lora.r and self.trainer.mode == "ray" and self.trainer.ray.zero_stage == 3:
+            raise ConfigError("model.lora with trainer.ray.zero_stage 3 is not supported (merging adapters needs whole "
+                              "weights on each learner): use zero_stage 1 or 2, whose frozen base weights are not "
+                              "sharded anyway")
         if self.algorithm.overlong.buffer >= self.rollout.max_new_tokens:
             raise ConfigError(f"algorithm.overlong.buffer ({self.algorithm.overlong.buffer}) must be smaller than "
                               f"rollout.max_new_tokens ({self.rollout.max_new_tokens})")

@@ -88,8 +88,8 @@ class DeepSpeedOptimizer:
         import deepspeed
         from trainer.learner import warmup_cosine
         self.spec = spec
-        base = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
-                                 weight_decay=optim.weight_decay)
+        base = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=optim.lr,
+                                 betas=tuple(optim.betas), weight_decay=optim.weight_decay)
         scheduler = LambdaLR(base, warmup_cosine(optim.warmup_steps, total_updates, optim.min_lr_ratio))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=base, lr_scheduler=scheduler, config=_config(spec, dtype, optim.grad_clip))

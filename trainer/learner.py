@@ -28,6 +28,7 @@ from rl.errors import CheckpointError
 from rl.types import RolloutBatch, SFTBatch, TrainBatch
 from trainer.batching import Micro, Update, gather_rows, plan_rows, plan_sft, plan_updates, row_tokens
 from trainer.loading import load_causal_lm
+from trainer.lora import AdaptersOff, add_adapters, is_lora, load_adapter, merged_state, save_adapter
 
 
 def token_logprobs_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,8 +73,8 @@ class TorchOptimizer:
 
     def __init__(self, model: torch.nn.Module, optim: Any, total_updates: int) -> None:
         self.module = self.forward_module = model
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
-                                           weight_decay=optim.weight_decay)
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=optim.lr,
+                                           betas=tuple(optim.betas), weight_decay=optim.weight_decay)
         self.scheduler = LambdaLR(self.optimizer, warmup_cosine(optim.warmup_steps, total_updates, optim.min_lr_ratio))
         self.grad_clip = optim.grad_clip
 
@@ -99,9 +100,12 @@ class TorchOptimizer:
         torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
 
     def load(self, path: Path, *, device: torch.device, dtype: torch.dtype) -> None:
-        saved = load_causal_lm(path / "model", dtype=dtype, device=device, what=f"checkpoint {path}")
-        self.module.load_state_dict(saved.state_dict(), strict=True)
-        del saved
+        if is_lora(self.module):  # the base is the stage's start model, already loaded: only the adapters come back
+            load_adapter(self.module, path / "model" / "adapter")
+        else:
+            saved = load_causal_lm(path / "model", dtype=dtype, device=device, what=f"checkpoint {path}")
+            self.module.load_state_dict(saved.state_dict(), strict=True)
+            del saved
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
 
@@ -113,10 +117,15 @@ class Learner:
     def __init__(self, model_dir: str | Path, tokenizer: Any, *, optim: Any, total_updates: int,
                  device: torch.device, dtype: torch.dtype, temperature: float = 1.0, algorithm: Any = None,
                  reference_dir: str | Path | None = None, rank: int = 0, world_size: int = 1,
-                 distributed: Any = None, logprobs: str = "fused") -> None:
+                 distributed: Any = None, logprobs: str = "fused", lora: Any = None,
+                 seed: int = 0) -> None:
         """`distributed`: None for debug mode, else a trainer.distributed.DeepSpeedSpec (ZeRO stage, offload).
-        `logprobs`: 'fused' (kernels/logprob_entropy where the model allows it) or 'naive' (the model's logits)."""
+        `logprobs`: 'fused' (kernels/logprob_entropy where the model allows it) or 'naive' (the model's logits).
+        `lora`: a trainer.config.LoraSpec; with r > 0 only adapters train (trainer/lora.py), initialised from `seed`."""
         model = load_causal_lm(model_dir, dtype=dtype, device=device)
+        self.lora = bool(lora is not None and lora.r)
+        if self.lora:
+            model = add_adapters(model, lora, seed=seed)
         model.train()
         self.tokenizer = tokenizer
         self.device, self.dtype = device, dtype
@@ -124,7 +133,9 @@ class Learner:
         self.algorithm = algorithm
         self.rank, self.world_size = rank, world_size
         reference = None
-        if reference_dir is not None:
+        # a LoRA policy starts as its base, so the reference is the policy with its adapters off (no second copy)
+        adapters_off = self.lora and reference_dir is not None and Path(reference_dir).resolve() == Path(model_dir).resolve()
+        if reference_dir is not None and not adapters_off:
             reference = load_causal_lm(reference_dir, dtype=dtype, device=device).eval().requires_grad_(False)
         if distributed is None:
             self.opt = TorchOptimizer(model, optim, total_updates)
@@ -133,7 +144,10 @@ class Learner:
             from trainer.distributed import DeepSpeedOptimizer, frozen_reference
             self.opt = DeepSpeedOptimizer(model, optim, total_updates, spec=distributed, dtype=dtype)
             self.reference = frozen_reference(reference, spec=distributed, dtype=dtype) if reference is not None else None
-        self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        if adapters_off:
+            self.reference = AdaptersOff(self.opt.module)
+        inner = model.get_base_model() if self.lora else model  # peft passes extra keyword arguments through
+        self._keep_arg = "logits_to_keep" in inspect.signature(inner.forward).parameters
         self.fused = logprobs == "fused" and self._fused_supported(model, distributed)
 
     @property
@@ -273,8 +287,9 @@ class Learner:
 
     # ------------------------------------------------------------------------------------------------- state
     def full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, full tensor) for every weight of the policy; under ZeRO-3 every rank must iterate together."""
-        return self.opt.full_parameters()
+        """(name, full tensor) for every weight of the policy (LoRA: merged, under the checkpoint's names); under
+        ZeRO-3 every rank must iterate together."""
+        return merged_state(self.model) if self.lora else self.opt.full_parameters()
 
     def save_model(self, path: Path) -> None:
         """A Hugging Face directory (safetensors + config + tokenizer) that `from_pretrained` loads; collective under
@@ -284,7 +299,11 @@ class Learner:
             if self.rank == 0:
                 state[k] = v.cpu().clone() if self.world_size > 1 else v
         if self.rank == 0:
-            self.model.save_pretrained(path, state_dict=state)
+            if self.lora:  # the merged model, loadable as is, and the adapter alone beside it
+                self.model.get_base_model().save_pretrained(path, state_dict=state)
+                save_adapter(self.model, path / "adapter")
+            else:
+                self.model.save_pretrained(path, state_dict=state)
             self.tokenizer.save_pretrained(path)
 
     def save(self, path: Path) -> None:

@@ -46,7 +46,7 @@ def prepare_base_model(cfg: RunConfig, run_dir: Path) -> tuple[str, str]:
             publish_dir(lambda p: convert_pretrained(m, p), base)
         return str(base), str(base)
     if not base.is_dir():
-        params = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in ("type", "dtype")}
+        params = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in ("type", "dtype", "lora")}
         publish_dir(lambda p: save_builtin(p, seed=cfg.seed, **params), base)
     return str(base), str(base)
 

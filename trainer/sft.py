@@ -57,4 +57,4 @@ def run_sft(env: StageEnv) -> StageResult:
     return run_stage(env, make_state=make_state, step=step, panels=PANELS, make_workers=lambda: build_workers(
         env, micro_batch_size=s.micro_batch_size, share_model=True, learner_kwargs=dict(
             model_dir=env.init_dir, optim=s.optim, total_updates=s.steps, device=env.device, dtype=env.dtype,
-            logprobs="naive")))
+            logprobs="naive", lora=env.cfg.model.lora, seed=env.cfg.seed)))
