@@ -28,7 +28,7 @@ from rl.errors import CheckpointError
 from rl.types import RolloutBatch, SFTBatch, TrainBatch
 from trainer.batching import Micro, Update, gather_rows, plan_rows, plan_sft, plan_updates, row_tokens
 from trainer.loading import load_causal_lm
-from trainer.lora import AdaptersOff, add_adapters, is_lora, load_adapter, merged_state, save_adapter
+from trainer.lora import AdaptersOff, add_adapters, is_lora, load_adapter, merged_state
 
 
 def token_logprobs_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,7 +301,7 @@ class Learner:
         if self.rank == 0:
             if self.lora:  # the merged model, loadable as is, and the adapter alone beside it
                 self.model.get_base_model().save_pretrained(path, state_dict=state)
-                save_adapter(self.model, path / "adapter")
+                self.model.save_pretrained(path / "adapter")  # peft: adapter weights + adapter_config.json
             else:
                 self.model.save_pretrained(path, state_dict=state)
             self.tokenizer.save_pretrained(path)

@@ -6,8 +6,8 @@
   (alpha / r · B A, computed by peft per wrapped layer) added to the base weights, never merged in place (an
   in-place merge/unmerge per sync would let rounding drift the frozen base).
 - `AdaptersOff` is the reference policy: the same model with its adapters switched off, i.e. the stage's start model.
-- `save_adapter` / `load_adapter`: the adapter alone (peft's `adapter_model.safetensors` + `adapter_config.json`), for
-  resuming and for users who want it.
+- `load_adapter`: the adapter alone (peft's `adapter_model.safetensors` + `adapter_config.json`, written by
+  `Learner.save_model` beside the merged model), for resuming.
 """
 
 from __future__ import annotations
@@ -81,10 +81,6 @@ class AdaptersOff:
 
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.model.get_output_embeddings()
-
-
-def save_adapter(model: torch.nn.Module, path: Path) -> None:
-    model.save_pretrained(path)
 
 
 def load_adapter(model: torch.nn.Module, path: Path) -> None:
