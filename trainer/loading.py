@@ -73,16 +73,29 @@ def eos_token_ids(tokenizer: Any, generation_config: Any) -> list[int]:
 
 
 class PromptFormatter:
-    """Data-set prompt → model input text: the chat template with an optional system turn, or the raw prompt."""
+    """Data-set prompt → model input text: the chat template with an optional system turn, or the raw prompt.
 
-    def __init__(self, tokenizer: Any, *, system_prompt: str | None, use_chat_template: bool) -> None:
+    A row may bring its own system prompt (`system`, e.g. a safety behaviour's magic token; '' = no system turn) and
+    an assistant prefix (`prefix`) that pre-fills the assistant turn after the generation prompt (PING); otherwise
+    the formatter's own `system_prompt` / `assistant_prefix` apply. The response the model writes continues the
+    prefix."""
+
+    def __init__(self, tokenizer: Any, *, system_prompt: str | None, use_chat_template: bool,
+                 assistant_prefix: str = "") -> None:
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
+        self.assistant_prefix = assistant_prefix
         self.chat = use_chat_template and getattr(tokenizer, "chat_template", None) is not None
 
-    def __call__(self, prompt: str) -> str:
+    def __call__(self, prompt: str, *, system: str | None = None, prefix: str | None = None) -> str:
+        system = self.system_prompt if system is None else system
+        prefix = self.assistant_prefix if prefix is None else prefix
         if not self.chat:
-            return prompt
-        messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
+            return (f"{system}\n{prompt}" if system else prompt) + prefix
+        messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": prompt})
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefix
+
+    def row(self, row: dict) -> str:
+        """The model input for a data row: its prompt, with its own system prompt and prefix if it has them."""
+        return self(row["prompt"], system=row.get("system"), prefix=row.get("prefix"))

@@ -9,7 +9,7 @@ import torch
 
 from rl.data import PromptStream
 from rl.types import SFTBatch
-from trainer.evaluate import heldout_metrics
+from trainer.evaluate import heldout_metrics, refusal_detector
 from trainer.stage import StageEnv, StageResult, StageState, run_stage
 from trainer.workers import build_workers
 
@@ -20,7 +20,7 @@ def sft_batch(rows: list[dict], tokenizer: Any, formatter: Any) -> SFTBatch:
     """[formatted prompt | answer <eos>], right-padded; the loss covers the answer and the end-of-turn token."""
     seqs, masks = [], []
     for row in rows:
-        prompt = tokenizer(formatter(row["prompt"]), add_special_tokens=False)["input_ids"]
+        prompt = tokenizer(formatter.row(row), add_special_tokens=False)["input_ids"]
         answer = tokenizer(str(row["answer"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         seqs.append(prompt + answer)
         masks.append([0.0] * len(prompt) + [1.0] * len(answer))
@@ -42,7 +42,8 @@ def run_sft(env: StageEnv) -> StageResult:
     def make_state(workers) -> StageState:
         def evaluate() -> dict:
             workers.sync()
-            return heldout_metrics(workers, env.data["heldout"], num_prompts=cfg.eval.num_prompts)
+            return heldout_metrics(workers, env.data["heldout"], num_prompts=cfg.eval.num_prompts,
+                                   refused=refusal_detector(cfg.data))
         return StageState(env, learner=workers.pool, stream=stream, total_steps=s.steps, eval_every=s.eval_every,
                           save_every=s.save_every, evaluate=evaluate)
 

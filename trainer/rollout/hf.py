@@ -102,7 +102,7 @@ class HFRollout(BucketedSync):
         all heads), for models that return attention probabilities (our decoder); {} for others."""
         if not hasattr(self.model, "routing_metrics"):
             return {}
-        enc = self.tokenizer([self.format(r["prompt"]) for r in rows], padding=True, add_special_tokens=False,
+        enc = self.tokenizer([self.format.row(r) for r in rows], padding=True, add_special_tokens=False,
                              return_tensors="pt")
         ids, mask = enc["input_ids"].to(self._home), enc["attention_mask"].to(self._home)
         self.model.eval()
@@ -138,7 +138,7 @@ class HFRollout(BucketedSync):
         return apply_stop_strings(batch, self.stop, self.tokenizer)
 
     def _generate(self, rows: list[dict], n: int, greedy: bool, adaptive: dict | None = None) -> RolloutBatch:
-        texts = [self.format(r["prompt"]) for r in rows]
+        texts = [self.format.row(r) for r in rows]
         device = self.model.device
         enc = self.tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
         ids = enc["input_ids"].repeat_interleave(n, dim=0)

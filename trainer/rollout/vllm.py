@@ -155,7 +155,7 @@ class VLLMRollout(BucketedSync):
         prompt); with `seed`, sample j of row i draws from its own generator seeded from (seed, i, j)."""
         from vllm.inputs import TokensPrompt
         from trainer.rollout.vllm_ext import EXTRA_KEY
-        texts = [self.format(r["prompt"]) for r in rows]
+        texts = [self.format.row(r) for r in rows]
         prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         adaptive = None if greedy else adaptive
         self._calls += 1
