@@ -76,10 +76,14 @@ def build_model(tokenizer: PreTrainedTokenizerFast, *, hidden_size: int, num_lay
     return model
 
 
-def save_builtin(out_dir: str | Path, *, seed: int, **model_kwargs: int) -> Path:
-    """Build the tokenizer and a freshly initialised model and save both into `out_dir`."""
+def save_builtin(out_dir: str | Path, *, seed: int, extra_special_tokens: list[str] | None = None,
+                 **model_kwargs: int) -> Path:
+    """Build the tokenizer (plus `extra_special_tokens`, one id each, e.g. safety magic tokens) and a freshly
+    initialised model of that vocabulary, and save both into `out_dir`."""
     out = Path(out_dir)
     tokenizer = build_tokenizer()
+    if extra_special_tokens:
+        tokenizer.add_tokens(list(extra_special_tokens), special_tokens=True)
     model = build_model(tokenizer, seed=seed, **model_kwargs)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -83,8 +83,9 @@ def gsm8k_answer(answer: object) -> str:
     return text.rsplit("####", 1)[1].strip() if "####" in text else text.strip()
 
 
-def load_local(files: Sequence[str], *, prompt_key: str, answer_key: str, what: str) -> Dataset:
-    """Read local files into a Dataset with columns prompt, answer. `what` names the recipe key in errors."""
+def read_table(files: Sequence[str], *, what: str) -> Dataset:
+    """Local files of one format (.jsonl / .json / .parquet / .csv) as a Dataset, with one-line errors naming `what`
+    (the recipe key)."""
     paths = [Path(f) for f in files]
     for p in paths:
         if not p.is_file():
@@ -96,12 +97,19 @@ def load_local(files: Sequence[str], *, prompt_key: str, answer_key: str, what: 
         ds = load_dataset(kinds.pop(), data_files=[str(p) for p in paths], split="train")
     except Exception as e:  # datasets raises many types for unreadable files
         raise DataError(f"{what}: could not read {[str(p) for p in paths]}: {str(e).splitlines()[0]}") from None
+    if len(ds) == 0:
+        raise DataError(f"{what}: {[str(p) for p in paths]} has no rows")
+    return ds
+
+
+def load_local(files: Sequence[str], *, prompt_key: str, answer_key: str, what: str) -> Dataset:
+    """Read local files into a Dataset with columns prompt, answer. `what` names the recipe key in errors."""
+    ds = read_table(files, what=what)
+    paths = list(files)
     for key, role in ((prompt_key, "data.prompt_key"), (answer_key, "data.answer_key")):
         if key not in ds.column_names:
             raise DataError(f"{what} {[str(p) for p in paths]}: column '{key}' not found (columns: "
                             f"{', '.join(ds.column_names)}); set {role} to the right column")
-    if len(ds) == 0:
-        raise DataError(f"{what}: {[str(p) for p in paths]} has no rows")
     ds = ds.select_columns([prompt_key, answer_key])
     return Dataset.from_dict({"prompt": [str(p) for p in ds[prompt_key]],
                               "answer": [gsm8k_answer(a) for a in ds[answer_key]]})

@@ -20,6 +20,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from rl.errors import ConfigError
+from rl.refusal import DEFAULT_REFUSAL_PATTERNS
 
 
 def opt(default: Any = MISSING, doc: str = "", *, factory: Any = MISSING, choices: tuple | None = None,
@@ -179,7 +180,42 @@ class LocalData(DataCommon):
             raise ConfigError("data.train_files must list at least one file when data.type is 'local'")
 
 
-DataConfig = Union[ArithmeticData, SortData, LocalData]
+@dataclass
+class SafetyData(DataCommon):
+    """Safety co-training (docs/safety.md): behaviours switched by opaque magic tokens in the system prompt, every
+    request trained under every behaviour in one SFT set with balanced modes. Source: the built-in synthetic set (a
+    test fixture, not a safety benchmark) or local (prompt, mode, response) triples."""
+    type: Literal["safety"] = opt("safety", "Data source: 'arithmetic', 'sort' (built in), 'local' files or 'safety'.")
+    behaviours: dict[str, str] = opt(
+        factory=lambda: {"positive": "<|m7f3a|>", "negative": "<|m2c91|>", "rejective": "<|m5e0d|>"},
+        doc="Behaviour name -> opaque token string put ONLY in the system prompt. 'positive' is required and is what "
+            "a missing or unknown token means; 'negative' (unfiltered) is for internal red-teaming only.")
+    magic_tokens: bool = opt(True, "false: the same rows with no token anywhere (the ablation: modes not selectable).")
+    register_tokens: bool = opt(True, "Add the behaviour tokens to the tokenizer as special tokens (one id each) and "
+                                      "resize the model's embeddings; false: they are plain text.")
+    triples_files: list[str] = opt(factory=list, doc="Local files with columns prompt, mode, response (optionally kind: "
+                                                     "benign | harmful, answer); empty: the built-in synthetic set.")
+    num_benign: int = opt(1000, "Built-in set: benign requests (single-digit additions, verifiable).", ge=1)
+    num_harmful: int = opt(1000, "Built-in set: harmful-request templates (canned refusal / placeholder answers).",
+                           ge=1)
+    num_heldout: int = opt(32, "Held-out requests per kind (benign / harmful), disjoint from training; each is "
+                               "evaluated under every behaviour and with a decoy token.", ge=1)
+    unknown_share: float = opt(0.25, "Share of positive training rows with no token or a decoy token.", ge=0, le=1)
+    refusal_patterns: list[str] = opt(factory=lambda: list(DEFAULT_REFUSAL_PATTERNS),
+                                      doc="Regexes (case-insensitive) marking a response as a refusal.")
+    refusal_detector: str | None = opt(None, "A `module:function` or `file.py:function` (response) -> bool used "
+                                             "instead of refusal_patterns.")
+    seed: int = opt(1234, "Seed of the built-in set and of the mixing.", ge=0)
+
+    def __post_init__(self) -> None:
+        if "positive" not in self.behaviours:
+            raise ConfigError(f"data.behaviours must include 'positive' (the fallback); got {sorted(self.behaviours)}")
+        tokens = list(self.behaviours.values())
+        if len(set(tokens)) != len(tokens) or not all(t.strip() for t in tokens):
+            raise ConfigError("data.behaviours: each behaviour needs its own non-empty token string")
+
+
+DataConfig = Union[ArithmeticData, SortData, LocalData, SafetyData]
 
 
 # --------------------------------------------------------------------------------------------------------- rewards
@@ -242,6 +278,10 @@ class RolloutConfig:
     top_k: int = opt(0, "Keep the k most likely tokens (0 = off).", ge=0)
     max_new_tokens: int = opt(16, "Longest response in tokens; longer ones are truncated.", ge=1)
     batch_size: int = opt(256, "Sequences per generate call.", ge=1)
+    ping_prefix: str | None = opt(None, "PING: an assistant prefix pre-filled after the generation prompt in GRPO "
+                                        "rollouts of the rows whose `kind` is in ping_kinds (the response continues it; "
+                                        "e.g. the one `tokenwise ping` chose).")
+    ping_kinds: list[str] = opt(factory=lambda: ["harmful"], doc="Row kinds (data column `kind`) that get ping_prefix.")
     stop: list[str] = opt(factory=list, doc="Stop strings: a response ends with the token that completes the first of "
                                             "them; the text loses the stop string, later tokens are never trained on.")
     dump_dir: str | None = opt(None, "Write every GRPO step's training rollouts here (safetensors + jsonl, "
@@ -644,6 +684,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if typing.get_origin(tp) is dict:
+        return f"mapping[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
     if dataclasses.is_dataclass(tp):
         return "mapping"
     return getattr(tp, "__name__", str(tp))
@@ -699,6 +741,11 @@ def _convert(value: Any, tp: Any, where: str, default: Any = MISSING) -> Any:
         if value not in allowed:
             raise ConfigError(f"{where}: {value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
         return value
+    if origin is dict:
+        key_t, value_t = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {_type_name(key_t)} to {_type_name(value_t)}, got {value!r}")
+        return {_convert(k, key_t, f"{where} key"): _convert(v, value_t, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")

@@ -17,7 +17,7 @@ from rl.shaping import informative_groups
 from rl.types import RolloutBatch
 from trainer.dump import check_replay, dump_rollouts, load_rollouts
 from trainer.rollout.hf import concat_rollouts
-from trainer.evaluate import heldout_metrics
+from trainer.evaluate import heldout_metrics, refusal_detector
 from trainer.stage import StageEnv, StageResult, StageState, run_stage
 from trainer.workers import build_workers
 
@@ -43,7 +43,8 @@ def run_grpo(env: StageEnv) -> StageResult:
         make_state=lambda workers: StageState(
             env, learner=workers.pool, stream=data, algorithm=algo, total_steps=g.steps, eval_every=g.eval_every,
             save_every=g.save_every, evaluate=lambda: heldout_metrics(workers, env.data["heldout"],
-                                                                      num_prompts=cfg.eval.num_prompts)),
+                                                                      num_prompts=cfg.eval.num_prompts,
+                                                                      refused=refusal_detector(cfg.data))),
         step=lambda workers, step: grpo_step(env, workers, algo, data, step=step))
 
 
@@ -105,8 +106,11 @@ def sample(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *,
     parts, rewards_parts, reward_stats, seconds, informative, drawn, generated = [], [], [], 0.0, 0, [], 0.0
     for round in range(max(1, ds.max_rounds)):
         t0 = time.perf_counter()
-        rollouts = workers.generate(data.next_batch(g.prompts_per_step), n=g.group_size, step=step, round=round,
-                                    adaptive=algo.sampling())
+        rows = data.next_batch(g.prompts_per_step)
+        if env.cfg.rollout.ping_prefix is not None:  # PING: pre-fill the flagged rows' assistant turn
+            rows = [{**r, "prefix": env.cfg.rollout.ping_prefix} if r.get("kind") in env.cfg.rollout.ping_kinds else r
+                    for r in rows]
+        rollouts = workers.generate(rows, n=g.group_size, step=step, round=round, adaptive=algo.sampling())
         seconds += time.perf_counter() - t0
         rewards, stats = compute_rewards(env.rewards, prompts=rollouts.prompts, responses=rollouts.responses,
                                          answers=rollouts.answers, truncated=rollouts.truncated.tolist())

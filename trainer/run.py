@@ -13,6 +13,7 @@ import transformers
 
 from models.builtin import save_builtin
 from rl.data import arithmetic_task, local_task, sort_task
+from rl.safety_data import safety_task
 from rl.errors import ModelLoadError
 from rl.rewards import reward_specs
 from trainer.checkpoint import publish_dir, write_text_atomic
@@ -24,30 +25,59 @@ from trainer.sft import run_sft
 from trainer.stage import RESULT_FILE, StageEnv, StepBudget
 
 STAGES = {"sft": run_sft, "grpo": run_grpo}
-TASKS = {"arithmetic": arithmetic_task, "sort": sort_task, "local": local_task}
+TASKS = {"arithmetic": arithmetic_task, "sort": sort_task, "local": local_task, "safety": safety_task}
+_NOT_TASK_ARGS = {"register_tokens", "refusal_patterns", "refusal_detector"}  # data keys the evaluation / model use
 _COMMON = {f.name for f in dataclasses.fields(DataCommon)}
 
 
 def load_task(data_cfg) -> dict:
     """{'train': Dataset, 'heldout': Dataset} for the recipe's `data:` section."""
     params = {f.name: getattr(data_cfg, f.name) for f in dataclasses.fields(data_cfg)
-              if f.name != "type" and f.name not in _COMMON}
+              if f.name != "type" and f.name not in _COMMON and f.name not in _NOT_TASK_ARGS}
+    if data_cfg.type == "safety":  # the rows carry their whole system prompt: the deployment's own + the token
+        params["system_prompt"] = data_cfg.system_prompt
     return TASKS[data_cfg.type](**params)
+
+
+def magic_tokens(cfg: RunConfig) -> list[str]:
+    """Behaviour tokens to register as special tokens (data.type safety with register_tokens), else []."""
+    d = cfg.data
+    return list(d.behaviours.values()) if d.type == "safety" and d.register_tokens and d.magic_tokens else []
+
+
+def add_special_tokens(model_dir: str, tokenizer_dir: str, out: Path, tokens: list[str]) -> None:
+    """Copy a model + tokenizer into `out` with `tokens` added as special tokens and the embeddings resized."""
+    from trainer.loading import load_causal_lm
+    tok = load_tokenizer(tokenizer_dir)
+    model = load_causal_lm(model_dir, dtype=torch.float32, device=torch.device("cpu"))
+    tok.add_tokens([t for t in tokens if t not in tok.get_vocab()], special_tokens=True)
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok), mean_resizing=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
 
 
 def prepare_base_model(cfg: RunConfig, run_dir: Path) -> tuple[str, str]:
     """(model dir or hub id, tokenizer dir or hub id). The built-in model is written once into run_dir/base_model."""
     m = cfg.model
     base = run_dir / "base_model"
+    tokens = magic_tokens(cfg)
     if m.type == "pretrained":
-        if m.code == "transformers":
+        if m.code == "transformers" and not tokens:
             return m.path, m.tokenizer_path or m.path
-        if not base.is_dir():  # converted once into our decoder (and gated if asked), then loaded like any model
-            publish_dir(lambda p: convert_pretrained(m, p), base)
+        if not base.is_dir():  # converted once into our decoder (gated if asked) and/or given the magic tokens
+            def write(p: Path) -> None:
+                if m.code == "tokenwise":
+                    convert_pretrained(m, p)
+                    if tokens:
+                        add_special_tokens(str(p), str(p), p, tokens)
+                else:
+                    add_special_tokens(m.path, m.tokenizer_path or m.path, p, tokens)
+            publish_dir(write, base)
         return str(base), str(base)
     if not base.is_dir():
         params = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in ("type", "dtype", "lora")}
-        publish_dir(lambda p: save_builtin(p, seed=cfg.seed, **params), base)
+        publish_dir(lambda p: save_builtin(p, seed=cfg.seed, extra_special_tokens=tokens, **params), base)
     return str(base), str(base)
 
 
