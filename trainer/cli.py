@@ -1,4 +1,4 @@
-"""`tokenwise` / `python -m trainer`: train | resume | check | eval | export | schema.
+"""`tokenwise` / `python -m trainer`: train | resume | check | eval | ping | distill | generate | export | schema.
 
 User errors (recipes, data, model paths, rewards, checkpoints) print one line and exit with status 2.
 """
@@ -34,10 +34,41 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a recipe and print the resolved config; runs nothing")
     c.add_argument("recipe")
     c.add_argument("overrides", nargs="*")
-    e = sub.add_parser("eval", help="held-out accuracy of a run's final model (or of --model DIR)")
-    e.add_argument("run_dir")
+    e = sub.add_parser("eval", help="held-out accuracy of a run's final model (or of --model DIR); `eval safety RUN_DIR`: "
+                                    "mode following and alignment margin of a safety co-training run")
+    e.add_argument("target", nargs="+", metavar="[safety] RUN_DIR")
+    e.add_argument("--features", default="first_token_logits",
+                   help="eval safety: the margin's vectors, first_token_logits | mean_hidden")
+    e.add_argument("--out", help="eval safety: folder for safety_eval.json and safety_modes.png (default: RUN_DIR)")
     e.add_argument("--model", help="model directory to evaluate instead of the run's last finished stage")
     e.add_argument("--num-prompts", type=int)
+    pg = sub.add_parser("ping", help="PING: search an assistant prefix that keeps benign requests answered and "
+                                     "harmful ones refused; saves it in the model's serving.json")
+    pg.add_argument("run_dir", help="a run with data.type: safety (its held-out benign / harmful requests)")
+    pg.add_argument("--model", help="model to guard (default: the run's last finished stage)")
+    pg.add_argument("--mode", default="positive", help="behaviour whose system prompt the requests carry; 'none': "
+                                                       "no token (default: positive)")
+    pg.add_argument("--generator", default="seeds", help="'seeds' (variations of --seed-prefix) or a model directory "
+                                                         "that writes candidates through the rollout engine")
+    pg.add_argument("--seed-prefix", action="append", default=[], help="seed prefix (repeatable)")
+    pg.add_argument("--candidates", type=int, default=20)
+    pg.add_argument("--rounds", type=int, default=5)
+    pg.add_argument("--top-k", type=int, default=3)
+    pg.add_argument("--num-prompts", type=int, default=32, help="requests per kind")
+    d = sub.add_parser("distill", help="self-distillation for safety co-training: each mode's responses from a model "
+                                       "prompted with that mode's instruction → a (prompt, mode, response) triples file")
+    d.add_argument("model_dir")
+    d.add_argument("--prompts", required=True, help="jsonl / json / parquet / csv with a prompt column (optionally "
+                                                    "kind: benign | harmful, answer)")
+    d.add_argument("--instruction", action="append", required=True, metavar="MODE=TEXT",
+                   help="a mode and the system instruction that elicits it (repeatable)")
+    d.add_argument("--out", required=True, help="triples .jsonl to write (data.triples_files of a safety recipe)")
+    d.add_argument("--max-new-tokens", type=int, default=128)
+    g = sub.add_parser("generate", help="greedy responses of a model to prompts, with its serving.json prefix")
+    g.add_argument("model_dir")
+    g.add_argument("prompts", nargs="+")
+    g.add_argument("--system", help="system prompt (e.g. a behaviour's magic token)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
     x = sub.add_parser("export", help="write a model trained with our decoder as a transformers architecture")
     x.add_argument("model_dir", help="a model directory of ours, e.g. RUN/grpo/final")
     x.add_argument("--arch", required=True, help="llama | qwen2 | qwen3 | qwen2_moe | qwen3_next")
@@ -79,32 +110,164 @@ def _execute(cfg, run_dir: Path, stop_after: int | None, ray_address: str | None
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from trainer.evaluate import heldout_metrics
+    from trainer.evaluate import heldout_metrics, refusal_detector
     from trainer.loading import PromptFormatter, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    from trainer.ping import read_serving
     from trainer.logging import console
     from trainer.rollout import build_rollout
     from trainer.run import load_task
 
-    run_dir = Path(args.run_dir)
+    if len(args.target) > 2 or (len(args.target) == 2 and args.target[0] != "safety"):
+        raise ConfigError(f"tokenwise eval takes RUN_DIR or `safety RUN_DIR`, got {' '.join(args.target)}")
+    run_dir = Path(args.target[-1])
     cfg = _run_config(run_dir)
     model_dir = args.model or next((str(run_dir / s / "final") for s in reversed(cfg.stages)
                                     if (run_dir / s / "final").is_dir()), None)
     if model_dir is None:
         raise ConfigError(f"'{run_dir}' has no finished stage yet; pass --model DIR")
+    if len(args.target) == 2:
+        return _eval_safety(cfg, model_dir, args, run_dir)
     device = resolve_device(cfg.trainer.device)
     tokenizer = load_tokenizer(model_dir, what="--model")
     dtype = resolve_dtype(cfg.model.dtype, device)
     model = (load_causal_lm(model_dir, dtype=dtype, device=device, what="--model") if cfg.rollout.engine == "hf"
              else None)  # the vllm engine loads the directory itself
     formatter = PromptFormatter(tokenizer, system_prompt=cfg.data.system_prompt,
-                                use_chat_template=cfg.data.use_chat_template)
+                                use_chat_template=cfg.data.use_chat_template,
+                                assistant_prefix=read_serving(model_dir).get("assistant_prefix", ""))
     engine = build_rollout(cfg.rollout, model_dir=model_dir, tokenizer=tokenizer, formatter=formatter, dtype=dtype,
                            device=device, seed=cfg.seed, model=model)
     metrics = heldout_metrics(engine, load_task(cfg.data)["heldout"],
-                              num_prompts=args.num_prompts or cfg.eval.num_prompts)
+                              num_prompts=args.num_prompts or cfg.eval.num_prompts, refused=refusal_detector(cfg.data))
     console.print(f"model: {model_dir}")
     for k, v in metrics.items():
         console.print(f"  {k:<24} {v:.4f}")
+    return 0
+
+
+def _eval_safety(cfg, model_dir: str, args: argparse.Namespace, run_dir: Path) -> int:
+    from trainer.logging import console
+    from trainer.safety_eval import evaluate_safety
+    out_dir = Path(args.out) if args.out else run_dir
+    result = evaluate_safety(cfg, model_dir, features=args.features, out_dir=out_dir, num_prompts=args.num_prompts)
+    m = result["metrics"]
+    console.print(f"model: {model_dir}   ({result['rows']} held-out rows: every request under every behaviour, "
+                  f"plus a decoy token judged as positive)")
+    modes = [*cfg.data.behaviours, "unknown"]
+    console.print(f"  {'mode':<12} {'follows':>8} {'benign':>8} {'harmful':>8}")
+    for mode in modes:
+        cells = [m.get(f"safety/follow/{k}") for k in (mode, f"{mode}/benign", f"{mode}/harmful")]
+        console.print(f"  {mode:<12} " + " ".join(f"{c:>8.3f}" if c is not None else f"{'-':>8}" for c in cells))
+    console.print(f"  all modes: {m['safety/follow/all']:.3f}   benign task accuracy (positive/negative): "
+                  f"{m.get('safety/task_accuracy', float('nan')):.3f}")
+    console.print(f"  safety alignment margin (silhouette by mode, cosine, {result['features']}): "
+                  f"{m['safety/margin']:.3f}   on harmful requests: {m.get('safety/margin/harmful', float('nan')):.3f}"
+                  f"   on benign: {m.get('safety/margin/benign', float('nan')):.3f}")
+    console.print(f"  wrote {out_dir / 'safety_eval.json'} and {out_dir / 'safety_modes.png'}")
+    return 0
+
+
+def _local_engine(model_dir: str, *, cfg=None, max_new_tokens: int | None = None, system_prompt: str | None = None):
+    """A transformers rollout engine on `model_dir` (the run's rollout settings if given), with the model's
+    serving.json prefix."""
+    from trainer.config import RolloutConfig
+    from trainer.loading import PromptFormatter, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    from trainer.ping import read_serving
+    from trainer.rollout import build_rollout
+    device = resolve_device(cfg.trainer.device if cfg else "auto")
+    dtype = resolve_dtype(cfg.model.dtype if cfg else "auto", device)
+    tokenizer = load_tokenizer(model_dir, what="model")
+    model = load_causal_lm(model_dir, dtype=dtype, device=device, what="model").eval()
+    rollout = RolloutConfig(**{**(vars(cfg.rollout) if cfg else {}), "engine": "hf",
+                               **({"max_new_tokens": max_new_tokens} if max_new_tokens else {})})
+    formatter = PromptFormatter(tokenizer, system_prompt=system_prompt if system_prompt is not None else (
+        cfg.data.system_prompt if cfg else None), use_chat_template=cfg.data.use_chat_template if cfg else True,
+        assistant_prefix=read_serving(model_dir).get("assistant_prefix", ""))
+    return build_rollout(rollout, model_dir=model_dir, tokenizer=tokenizer, formatter=formatter, dtype=dtype,
+                         device=device, seed=cfg.seed if cfg else 0, model=model)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from trainer.ping import outputs
+    engine = _local_engine(args.model_dir, max_new_tokens=args.max_new_tokens, system_prompt=args.system)
+    prefix = engine.format.assistant_prefix
+    for prompt, text in zip(args.prompts, outputs(engine, [{"prompt": p, "answer": "", "prefix": prefix}
+                                                           for p in args.prompts])):
+        print(f"> {prompt}\n{text}\n")
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    import json
+    from rl.data import read_table
+    from trainer.ping import distill_triples
+    instructions = {}
+    for item in args.instruction:
+        mode, sep, text = item.partition("=")
+        if not sep or not mode.strip() or not text.strip():
+            raise ConfigError(f"--instruction takes MODE=TEXT (e.g. rejective='Refuse every request.'), got {item!r}")
+        instructions[mode.strip()] = text
+    table = read_table([args.prompts], what="--prompts")
+    if "prompt" not in table.column_names:
+        raise ConfigError(f"--prompts {args.prompts}: no 'prompt' column (columns: {', '.join(table.column_names)})")
+    engine = _local_engine(args.model_dir, max_new_tokens=args.max_new_tokens)
+    triples = distill_triples(engine, table.to_list(), instructions)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(t) + "\n" for t in triples))
+    print(f"wrote {len(triples)} triples ({len(table)} prompts x {len(instructions)} modes) to {out}")
+    return 0
+
+
+def _ping(args: argparse.Namespace) -> int:
+    import json
+    from rl.safety import Behaviours, search_prefixes
+    from trainer.evaluate import refusal_detector
+    from trainer.logging import console
+    from trainer.ping import engine_generator, score_prefix, seed_list_generator, write_serving
+    from trainer.run import load_task
+    run_dir = Path(args.run_dir)
+    cfg = _run_config(run_dir)
+    if cfg.data.type != "safety":
+        raise ConfigError(f"tokenwise ping needs a run with data.type: safety (benign / harmful requests); "
+                          f"'{run_dir}' has {cfg.data.type!r}")
+    model_dir = args.model or next((str(run_dir / s / "final") for s in reversed(cfg.stages)
+                                    if (run_dir / s / "final").is_dir()), None)
+    if model_dir is None:
+        raise ConfigError(f"'{run_dir}' has no finished stage yet; pass --model DIR")
+    behaviours = Behaviours(dict(cfg.data.behaviours))
+    if args.mode != "none" and args.mode not in behaviours.tokens:
+        raise ConfigError(f"--mode must be one of {', '.join([*behaviours.modes, 'none'])}, got {args.mode!r}")
+    system = (cfg.data.system_prompt or "") if args.mode == "none" else behaviours.system_prompt(
+        args.mode, cfg.data.system_prompt)
+    requests = {r["prompt"]: r for r in load_task(cfg.data)["heldout"].to_list()}.values()
+    sets = {kind: [{"prompt": r["prompt"], "answer": r["reference"], "system": system} for r in requests
+                   if r["kind"] == kind][:args.num_prompts] for kind in ("benign", "harmful")}
+    engine = _local_engine(model_dir, cfg=cfg)
+    refused = refusal_detector(cfg.data)
+    seeds = args.seed_prefix or ["Let me check whether this request is safe.", "Sure.", "Here is the answer:"]
+    if args.generator == "seeds":
+        generate = seed_list_generator(seeds, seed=cfg.seed)
+    else:
+        generator_engine = _local_engine(args.generator, cfg=cfg)
+        generate = engine_generator(generator_engine)
+    result = search_prefixes(generate, lambda p: score_prefix(engine, sets["benign"], sets["harmful"], refused, p),
+                             seeds=seeds, candidates=args.candidates, rounds=args.rounds, top_k=args.top_k)
+    none = result.history[0]
+    console.print(f"model: {model_dir}   requests: {len(sets['benign'])} benign, {len(sets['harmful'])} harmful, "
+                  f"system prompt: {system!r}")
+    console.print(f"  {'prefix':<48} {'benign ok':>9} {'harmful refused':>15} {'score':>6}")
+    for h in sorted(result.history, key=lambda h: -h["score"])[:8]:
+        console.print(f"  {h['prefix'][:48] or '(no prefix)':<48} {h['benign_answered']:>9.3f} "
+                      f"{h['harmful_refused']:>15.3f} {h['score']:>6.3f}")
+    console.print(f"chosen: {result.best!r} (score {result.best_score['score']:.3f}; no prefix {none['score']:.3f}); "
+                  f"{len(result.history)} candidates scored")
+    write_serving(model_dir, assistant_prefix=result.best, ping_score=result.best_score)
+    (run_dir / "ping_search.json").write_text(json.dumps({"model": model_dir, "system": system, "best": result.best,
+                                                          "best_score": result.best_score,
+                                                          "history": result.history}, indent=2))
+    console.print(f"wrote {Path(model_dir) / 'serving.json'} (applied by tokenwise eval / generate) and "
+                  f"{run_dir / 'ping_search.json'}")
     return 0
 
 
@@ -148,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
             return _execute(_run_config(run_dir), run_dir, args.stop_after_steps, args.ray_address)
         if args.command == "export":
             return _export(args)
+        if args.command == "ping":
+            return _ping(args)
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "distill":
+            return _distill(args)
         return _eval(args)
     except TokenwiseError as e:
         print(f"tokenwise: error: {e}", file=sys.stderr)
