@@ -147,6 +147,23 @@ def test_adaptive_temperature_matches_the_transformers_function(engines):
     assert (batch.rollout_logprobs.double() - lp)[mask].abs().max() < 1e-3
 
 
+def test_assistant_prefix_in_both_backends(engines):
+    """PING's prefix pre-fills the assistant turn in both engines: the prompt ids end with it, the continuations are
+    the same, and they change with the prefix (the model conditions on it)."""
+    from trainer.ping import outputs, with_prefix
+    vllm_engine, hf_engine, tok, rows = engines
+    prefix = "#### 1"
+    want = tok(prefix, add_special_tokens=False)["input_ids"]
+    a = vllm_engine.generate(with_prefix(rows, prefix), n=1, greedy=True)
+    b = hf_engine.generate(with_prefix(rows, prefix), n=1, greedy=True)
+    for batch in (a, b):
+        assert all(batch.prompt_ids[i, -len(want):].tolist() == want for i in range(len(rows)))
+    assert a.responses == b.responses
+    assert a.responses != vllm_engine.generate(rows, n=1, greedy=True).responses
+    shown = outputs(vllm_engine, with_prefix(rows[:4], prefix)) + outputs(hf_engine, with_prefix(rows[:4], prefix))
+    assert all(o.startswith(prefix) for o in shown)
+
+
 def test_weight_sync_after_a_training_step(engines, sft_model):
     from trainer.config import OptimConfig
     from trainer.learner import Learner, local_pool
