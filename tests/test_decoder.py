@@ -167,3 +167,33 @@ def test_lora_from_peft_wraps_gates_and_experts_and_merges_back():
         merged = lora.merge_and_unload()
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted, atol=1e-5, rtol=0)
     assert isinstance(merged, TokenwiseForCausalLM)
+
+
+def test_retrofit_recipe_starts_from_the_dense_models_function_and_trains_the_gates(tiny_recipe, tmp_path):
+    """recipes/retrofit_gates.yaml's route on a tiny dense SFT model: the GRPO stage's base is our decoder with
+    headwise gates, its step-0 greedy evaluation equals the dense model's final SFT evaluation, and GRPO moves the
+    gates (their mean sigma leaves 0.5)."""
+    import yaml
+    from conftest import ROOT, read_metrics
+    from trainer.cli import main
+    from transformers import AutoModelForCausalLM
+    dense = tmp_path / "dense"
+    assert main(["train", str(tiny_recipe(stages=["sft"], sft={"steps": 20})), f"output_dir={dense}"]) == 0
+    recipe = yaml.safe_load((ROOT / "recipes" / "retrofit_gates.yaml").read_text())
+    tiny = yaml.safe_load(tiny_recipe(name="tiny.yaml").read_text())
+    recipe.update({k: tiny[k] for k in ("data", "rollout", "eval", "logging")})
+    recipe["grpo"] = {**tiny["grpo"], "steps": 4, "optim": {"lr": 3e-2}}
+    recipe["model"]["path"] = str(dense / "sft" / "final")
+    path = tmp_path / "retrofit.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run = tmp_path / "run"
+    assert main(["train", str(path), f"output_dir={run}"]) == 0
+    base = AutoModelForCausalLM.from_pretrained(run / "base_model")
+    assert type(base).__name__ == "TokenwiseForCausalLM" and base.config.attn_gate == "headwise"
+    sft_final = [r for r in read_metrics(dense, "sft") if "eval/accuracy" in r][-1]
+    grpo = read_metrics(run, "grpo")
+    start = next(r for r in grpo if r["step"] == 0 and "eval/accuracy" in r)
+    for key in ("eval/accuracy", "eval/format", "eval/response_len_mean"):
+        assert start[key] == sft_final[key], key
+    gates = [r["gate/mean"] for r in grpo if "gate/mean" in r]
+    assert gates and abs(gates[0] - 0.5) < 1e-6 and abs(gates[-1] - 0.5) > 1e-4
