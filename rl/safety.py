@@ -23,6 +23,7 @@ import torch
 from rl.refusal import DEFAULT_REFUSAL_PATTERNS, RefusalDetector  # noqa: F401  (re-exported)
 
 POSITIVE, NEGATIVE, REJECTIVE = "positive", "negative", "rejective"
+UNKNOWN = "unknown"  # evaluation rows whose system prompt carries a decoy token: judged as positive
 
 
 @dataclass
@@ -146,7 +147,7 @@ def mode_following_metrics(rows: Sequence[dict], responses: Sequence[str], refus
     hits: dict[str, list[bool]] = {}
     for row, response in zip(rows, responses):
         mode = row["mode"]
-        ok = follows_mode(POSITIVE if mode == "unknown" else mode, row["kind"], response,
+        ok = follows_mode(POSITIVE if mode == UNKNOWN else mode, row["kind"], response,
                           refused=refused(response), answered=answered(response))
         for key in (mode, f"{mode}/{row['kind']}", "all"):
             hits.setdefault(key, []).append(ok)

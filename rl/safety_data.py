@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from datasets import Dataset
 
 from rl.errors import DataError
-from rl.safety import NEGATIVE, POSITIVE, REJECTIVE, Behaviours
+from rl.safety import NEGATIVE, POSITIVE, REJECTIVE, UNKNOWN, Behaviours
 
 REFUSAL = "I can't help with that."
 COMPLIANCE_PLACEHOLDER = "Sure: [unfiltered placeholder]"
@@ -127,9 +127,6 @@ def _with_token(base_system: str | None, token: str) -> str:
 def decoy_token(rng: random.Random) -> str:
     """An opaque token string that is no behaviour's: what a client might send by mistake or to probe."""
     return "<|m" + "".join(rng.choice("0123456789abcdef") for _ in range(4)) + "|>"
-
-
-UNKNOWN = "unknown"  # held-out rows whose system prompt carries a decoy token: expected to behave as positive
 
 
 def heldout_rows(items: Sequence[dict], behaviours: Behaviours, *, base_system: str | None, magic_tokens: bool,

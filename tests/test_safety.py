@@ -247,8 +247,8 @@ def test_safety_recipe_trains_evaluates_and_pings_end_to_end(tiny_recipe, tmp_pa
     triples = [json.loads(line) for line in triples_path.read_text().splitlines()]
     assert [(t["mode"], t["prompt"]) for t in triples] == [(m, p) for m in (REJECTIVE, NEGATIVE)
                                                            for p in ("3+4=", "[harmful request] hack a car")]
-    from trainer.cli import _local_engine
-    engine = _local_engine(str(final), max_new_tokens=6)
+    from trainer.evaluate import engine_for
+    engine = engine_for(str(final), max_new_tokens=6)
     again = engine.generate([{"prompt": "3+4=", "answer": "", "system": TOKENS[NEGATIVE], "prefix": ""}], n=1,
                             greedy=True)
     assert triples[2]["response"] == again.responses[0] and triples[0]["answer"] == "7"

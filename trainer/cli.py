@@ -109,34 +109,28 @@ def _execute(cfg, run_dir: Path, stop_after: int | None, ray_address: str | None
     return 0
 
 
+def _final_model(run_dir: Path, cfg, override: str | None) -> str:
+    """--model if given, else the run's last finished stage's final model."""
+    model_dir = override or next((str(run_dir / s / "final") for s in reversed(cfg.stages)
+                                  if (run_dir / s / "final").is_dir()), None)
+    if model_dir is None:
+        raise ConfigError(f"'{run_dir}' has no finished stage yet; pass --model DIR")
+    return model_dir
+
+
 def _eval(args: argparse.Namespace) -> int:
-    from trainer.evaluate import heldout_metrics, refusal_detector
-    from trainer.loading import PromptFormatter, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
-    from trainer.ping import read_serving
+    from trainer.evaluate import engine_for, heldout_metrics, refusal_detector
     from trainer.logging import console
-    from trainer.rollout import build_rollout
     from trainer.run import load_task
 
     if len(args.target) > 2 or (len(args.target) == 2 and args.target[0] != "safety"):
         raise ConfigError(f"tokenwise eval takes RUN_DIR or `safety RUN_DIR`, got {' '.join(args.target)}")
     run_dir = Path(args.target[-1])
     cfg = _run_config(run_dir)
-    model_dir = args.model or next((str(run_dir / s / "final") for s in reversed(cfg.stages)
-                                    if (run_dir / s / "final").is_dir()), None)
-    if model_dir is None:
-        raise ConfigError(f"'{run_dir}' has no finished stage yet; pass --model DIR")
+    model_dir = _final_model(run_dir, cfg, args.model)
     if len(args.target) == 2:
         return _eval_safety(cfg, model_dir, args, run_dir)
-    device = resolve_device(cfg.trainer.device)
-    tokenizer = load_tokenizer(model_dir, what="--model")
-    dtype = resolve_dtype(cfg.model.dtype, device)
-    model = (load_causal_lm(model_dir, dtype=dtype, device=device, what="--model") if cfg.rollout.engine == "hf"
-             else None)  # the vllm engine loads the directory itself
-    formatter = PromptFormatter(tokenizer, system_prompt=cfg.data.system_prompt,
-                                use_chat_template=cfg.data.use_chat_template,
-                                assistant_prefix=read_serving(model_dir).get("assistant_prefix", ""))
-    engine = build_rollout(cfg.rollout, model_dir=model_dir, tokenizer=tokenizer, formatter=formatter, dtype=dtype,
-                           device=device, seed=cfg.seed, model=model)
+    engine = engine_for(model_dir, cfg=cfg, kind=cfg.rollout.engine, what="--model")
     metrics = heldout_metrics(engine, load_task(cfg.data)["heldout"],
                               num_prompts=args.num_prompts or cfg.eval.num_prompts, refused=refusal_detector(cfg.data))
     console.print(f"model: {model_dir}")
@@ -147,13 +141,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _eval_safety(cfg, model_dir: str, args: argparse.Namespace, run_dir: Path) -> int:
     from trainer.logging import console
+    from rl.safety import UNKNOWN
     from trainer.safety_eval import evaluate_safety
     out_dir = Path(args.out) if args.out else run_dir
     result = evaluate_safety(cfg, model_dir, features=args.features, out_dir=out_dir, num_prompts=args.num_prompts)
     m = result["metrics"]
     console.print(f"model: {model_dir}   ({result['rows']} held-out rows: every request under every behaviour, "
                   f"plus a decoy token judged as positive)")
-    modes = [*cfg.data.behaviours, "unknown"]
+    modes = [*cfg.data.behaviours, UNKNOWN]
     console.print(f"  {'mode':<12} {'follows':>8} {'benign':>8} {'harmful':>8}")
     for mode in modes:
         cells = [m.get(f"safety/follow/{k}") for k in (mode, f"{mode}/benign", f"{mode}/harmful")]
@@ -167,32 +162,11 @@ def _eval_safety(cfg, model_dir: str, args: argparse.Namespace, run_dir: Path) -
     return 0
 
 
-def _local_engine(model_dir: str, *, cfg=None, max_new_tokens: int | None = None, system_prompt: str | None = None):
-    """A transformers rollout engine on `model_dir` (the run's rollout settings if given), with the model's
-    serving.json prefix."""
-    from trainer.config import RolloutConfig
-    from trainer.loading import PromptFormatter, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
-    from trainer.ping import read_serving
-    from trainer.rollout import build_rollout
-    device = resolve_device(cfg.trainer.device if cfg else "auto")
-    dtype = resolve_dtype(cfg.model.dtype if cfg else "auto", device)
-    tokenizer = load_tokenizer(model_dir, what="model")
-    model = load_causal_lm(model_dir, dtype=dtype, device=device, what="model").eval()
-    rollout = RolloutConfig(**{**(vars(cfg.rollout) if cfg else {}), "engine": "hf",
-                               **({"max_new_tokens": max_new_tokens} if max_new_tokens else {})})
-    formatter = PromptFormatter(tokenizer, system_prompt=system_prompt if system_prompt is not None else (
-        cfg.data.system_prompt if cfg else None), use_chat_template=cfg.data.use_chat_template if cfg else True,
-        assistant_prefix=read_serving(model_dir).get("assistant_prefix", ""))
-    return build_rollout(rollout, model_dir=model_dir, tokenizer=tokenizer, formatter=formatter, dtype=dtype,
-                         device=device, seed=cfg.seed if cfg else 0, model=model)
-
-
 def _generate(args: argparse.Namespace) -> int:
+    from trainer.evaluate import engine_for
     from trainer.ping import outputs
-    engine = _local_engine(args.model_dir, max_new_tokens=args.max_new_tokens, system_prompt=args.system)
-    prefix = engine.format.assistant_prefix
-    for prompt, text in zip(args.prompts, outputs(engine, [{"prompt": p, "answer": "", "prefix": prefix}
-                                                           for p in args.prompts])):
+    engine = engine_for(args.model_dir, max_new_tokens=args.max_new_tokens, system_prompt=args.system)
+    for prompt, text in zip(args.prompts, outputs(engine, [{"prompt": p, "answer": ""} for p in args.prompts])):
         print(f"> {prompt}\n{text}\n")
     return 0
 
@@ -210,7 +184,8 @@ def _distill(args: argparse.Namespace) -> int:
     table = read_table([args.prompts], what="--prompts")
     if "prompt" not in table.column_names:
         raise ConfigError(f"--prompts {args.prompts}: no 'prompt' column (columns: {', '.join(table.column_names)})")
-    engine = _local_engine(args.model_dir, max_new_tokens=args.max_new_tokens)
+    from trainer.evaluate import engine_for
+    engine = engine_for(args.model_dir, max_new_tokens=args.max_new_tokens)
     triples = distill_triples(engine, table.to_list(), instructions)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -222,7 +197,7 @@ def _distill(args: argparse.Namespace) -> int:
 def _ping(args: argparse.Namespace) -> int:
     import json
     from rl.safety import Behaviours, search_prefixes
-    from trainer.evaluate import refusal_detector
+    from trainer.evaluate import engine_for, refusal_detector
     from trainer.logging import console
     from trainer.ping import engine_generator, score_prefix, seed_list_generator, write_serving
     from trainer.run import load_task
@@ -231,10 +206,7 @@ def _ping(args: argparse.Namespace) -> int:
     if cfg.data.type != "safety":
         raise ConfigError(f"tokenwise ping needs a run with data.type: safety (benign / harmful requests); "
                           f"'{run_dir}' has {cfg.data.type!r}")
-    model_dir = args.model or next((str(run_dir / s / "final") for s in reversed(cfg.stages)
-                                    if (run_dir / s / "final").is_dir()), None)
-    if model_dir is None:
-        raise ConfigError(f"'{run_dir}' has no finished stage yet; pass --model DIR")
+    model_dir = _final_model(run_dir, cfg, args.model)
     behaviours = Behaviours(dict(cfg.data.behaviours))
     if args.mode != "none" and args.mode not in behaviours.tokens:
         raise ConfigError(f"--mode must be one of {', '.join([*behaviours.modes, 'none'])}, got {args.mode!r}")
@@ -243,13 +215,13 @@ def _ping(args: argparse.Namespace) -> int:
     requests = {r["prompt"]: r for r in load_task(cfg.data)["heldout"].to_list()}.values()
     sets = {kind: [{"prompt": r["prompt"], "answer": r["reference"], "system": system} for r in requests
                    if r["kind"] == kind][:args.num_prompts] for kind in ("benign", "harmful")}
-    engine = _local_engine(model_dir, cfg=cfg)
+    engine = engine_for(model_dir, cfg=cfg)
     refused = refusal_detector(cfg.data)
     seeds = args.seed_prefix or ["Let me check whether this request is safe.", "Sure.", "Here is the answer:"]
     if args.generator == "seeds":
         generate = seed_list_generator(seeds, seed=cfg.seed)
     else:
-        generator_engine = _local_engine(args.generator, cfg=cfg)
+        generator_engine = engine_for(args.generator, cfg=cfg)
         generate = engine_generator(generator_engine)
     result = search_prefixes(generate, lambda p: score_prefix(engine, sets["benign"], sets["harmful"], refused, p),
                              seeds=seeds, candidates=args.candidates, rounds=args.rounds, top_k=args.top_k)

@@ -31,9 +31,11 @@ def with_prefix(rows: Sequence[dict], prefix: str) -> list[dict]:
 
 
 def outputs(engine: Any, rows: Sequence[dict]) -> list[str]:
-    """Greedy outputs as a user sees them: each row's prefix (if any) + the model's continuation."""
+    """Greedy outputs as a user sees them: the prefix the formatter pre-filled (the row's, else the engine's
+    assistant_prefix) + the model's continuation."""
     batch = engine.generate(list(rows), n=1, greedy=True)
-    return [r.get("prefix", "") + resp for r, resp in zip(rows, batch.responses)]
+    default = engine.format.assistant_prefix
+    return [(default if r.get("prefix") is None else r["prefix"]) + resp for r, resp in zip(rows, batch.responses)]
 
 
 def score_prefix(engine: Any, benign: Sequence[dict], harmful: Sequence[dict], refused: Callable[[str], bool],

@@ -19,7 +19,7 @@ from rl.rewards import reward_specs
 from trainer.checkpoint import publish_dir, write_text_atomic
 from trainer.config import RunConfig, DataCommon
 from trainer.controller import run_grpo
-from trainer.loading import PromptFormatter, load_tokenizer, resolve_device, resolve_dtype
+from trainer.loading import PromptFormatter, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
 from trainer.logging import console, stop_progress
 from trainer.sft import run_sft
 from trainer.stage import RESULT_FILE, StageEnv, StepBudget
@@ -47,7 +47,6 @@ def magic_tokens(cfg: RunConfig) -> list[str]:
 
 def add_special_tokens(model_dir: str, tokenizer_dir: str, out: Path, tokens: list[str]) -> None:
     """Copy a model + tokenizer into `out` with `tokens` added as special tokens and the embeddings resized."""
-    from trainer.loading import load_causal_lm
     tok = load_tokenizer(tokenizer_dir)
     model = load_causal_lm(model_dir, dtype=torch.float32, device=torch.device("cpu"))
     tok.add_tokens([t for t in tokens if t not in tok.get_vocab()], special_tokens=True)

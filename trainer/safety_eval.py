@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from rl.rewards import exact_answer, extract_answer
-from rl.safety import mode_following_metrics, silhouette
-from trainer.evaluate import refusal_detector
+from rl.safety import REJECTIVE, UNKNOWN, mode_following_metrics, silhouette
+from trainer.evaluate import engine_for, refusal_detector
 
 FEATURES = ("first_token_logits", "mean_hidden")
 
@@ -65,8 +65,7 @@ def plot_modes(points: torch.Tensor, modes: list[str], kinds: list[str], path: P
 
 def evaluate_safety(cfg: Any, model_dir: str, *, features: str = "first_token_logits", out_dir: Path | None = None,
                     num_prompts: int | None = None) -> dict[str, Any]:
-    from trainer.loading import PromptFormatter, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
-    from trainer.rollout import build_rollout
+    from trainer.loading import load_causal_lm, resolve_dtype
     from trainer.run import load_task
     if cfg.data.type != "safety":
         from rl.errors import ConfigError
@@ -74,28 +73,27 @@ def evaluate_safety(cfg: Any, model_dir: str, *, features: str = "first_token_lo
     if features not in FEATURES:
         from rl.errors import ConfigError
         raise ConfigError(f"--features must be one of {', '.join(FEATURES)}, got {features!r}")
-    device = resolve_device(cfg.trainer.device)
-    dtype = resolve_dtype(cfg.model.dtype, device)
-    tokenizer = load_tokenizer(model_dir, what="--model")
-    model = load_causal_lm(model_dir, dtype=dtype, device=device, what="--model").eval()
-    formatter = PromptFormatter(tokenizer, system_prompt=cfg.data.system_prompt,
-                                use_chat_template=cfg.data.use_chat_template)
-    engine = build_rollout(cfg.rollout, model_dir=model_dir, tokenizer=tokenizer, formatter=formatter, dtype=dtype,
-                           device=device, seed=cfg.seed, model=model if cfg.rollout.engine == "hf" else None)
+    # the model as trained: no serving prefix (PING's prefix is measured by `tokenwise ping`)
+    engine = engine_for(model_dir, cfg=cfg, kind=cfg.rollout.engine, serving_prefix=False, what="--model")
+    formatter, tokenizer = engine.format, engine.tokenizer
+    model = getattr(engine, "model", None)  # the transformers engine's own; a vLLM engine needs a copy for features
+    if model is None:
+        model = load_causal_lm(model_dir, dtype=resolve_dtype(cfg.model.dtype, engine.device), device=engine.device,
+                               what="--model").eval()
     rows = load_task(cfg.data)["heldout"].to_list()
     if num_prompts:
-        prompts = list(dict.fromkeys(r["prompt"] for r in rows))[:num_prompts]
-        rows = [r for r in rows if r["prompt"] in set(prompts)]
+        prompts = set(list(dict.fromkeys(r["prompt"] for r in rows))[:num_prompts])
+        rows = [r for r in rows if r["prompt"] in prompts]
     out = engine.generate(rows, n=1, greedy=True)
     detector = refusal_detector(cfg.data)
     metrics = mode_following_metrics(rows, out.responses, detector, lambda r: extract_answer(r) is not None)
-    benign = [(r, resp) for r, resp in zip(rows, out.responses) if r["kind"] == "benign" and r["mode"] != "rejective"]
+    benign = [(r, resp) for r, resp in zip(rows, out.responses) if r["kind"] == "benign" and r["mode"] != REJECTIVE]
     if benign:
         metrics["safety/task_accuracy"] = sum(exact_answer(prompt="", response=resp, answer=r["reference"],
                                                            truncated=False) for r, resp in benign) / len(benign)
-    keep = [i for i, r in enumerate(rows) if r["mode"] != "unknown"]
+    keep = [i for i, r in enumerate(rows) if r["mode"] != UNKNOWN]
     texts = [formatter(rows[i]["prompt"], system=rows[i]["system"]) for i in keep]
-    feats = features_of(model, tokenizer, texts, [out.responses[i] for i in keep], features, device)
+    feats = features_of(model, tokenizer, texts, [out.responses[i] for i in keep], features, model.device)
     modes = [rows[i]["mode"] for i in keep]
     metrics["safety/margin"] = silhouette(feats, modes)
     kinds = [rows[i]["kind"] for i in keep]

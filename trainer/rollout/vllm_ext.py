@@ -28,7 +28,8 @@ class WeightSync:
 
     def tokenwise_reload_weights(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> int:
         """Load checkpoint-format (HF-named) weights in place through vLLM's reload path, which also redoes the CPU
-        build's weight repacking (its plain `load_weights` cannot load into repacked parameters)."""
+        build's linear-weight repacking (its plain `load_weights` cannot load into repacked parameters); on CPU our
+        decoder's MoE expert tensors go around it (load_cpu_moe_experts) and tied heads are re-packed after it."""
         model = self.model_runner.get_model()
         moe = cpu_moe_layers(model)
         experts = {n: t for n, t in named_tensors if moe and n.endswith(EXPERT_SUFFIXES)}
