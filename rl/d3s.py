@@ -12,6 +12,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from rl.advantages import informative_groups
 from rl.shaping import SAMPLE_FILTERS, TOKEN_SHAPERS, keep_top_tokens
 from rl.types import TrainBatch
 
@@ -48,16 +49,16 @@ def row_advantages(batch: TrainBatch) -> Tensor:
 @SAMPLE_FILTERS.register("d3s")
 def d3s_samples(batch: TrainBatch, *, progress: float, n_init: float, n_final: float,
                 scope: str = "group") -> tuple[TrainBatch, dict]:
-    """Sample level. scope 'group': of the groups with any non-zero advantage, keep in each the round(n * G)
+    """Sample level. scope 'group': of the groups whose rewards differ, keep in each the round(n * G)
     responses (at least 1) whose advantages have the largest variance; groups stay contiguous and equal-sized
     (group_size becomes the kept count). scope 'batch': keep the round(n * B) responses (at most those of such groups)
     whose advantages have the largest variance over the whole batch; groups no longer line up, so every kept response
-    becomes its own group (group_size 1) for mini-batch splitting. Advantages are not re-normalised; all-zero groups
-    drop out (if every group is all-zero the batch is kept whole)."""
+    becomes its own group (group_size 1) for mini-batch splitting. Advantages are not re-normalised; groups whose
+    rewards are all equal (zero advantage) drop out (if every group is such, the batch is kept whole)."""
     G = batch.group_size
     frac = schedule(n_init, n_final, progress)
     adv = row_advantages(batch)
-    live = (adv.view(-1, G) != 0).any(1)
+    live = informative_groups(batch.rewards, G)
     if not live.any():
         return batch, {"d3s/sample_frac": 1.0, "d3s/groups_kept_frac": 1.0}
     if scope == "group":

@@ -21,7 +21,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from rl.advantages import ADVANTAGES, grpo
+from rl.advantages import ADVANTAGES, group_rewards, grpo, per_response
 from rl.losses import POLICY_LOSSES, clip_stats, log_ratio
 from rl.shaping import TOKEN_SHAPERS
 from rl.types import TrainBatch
@@ -76,15 +76,15 @@ def token_group_average(rewards_B: Tensor, group_size: int, *, lengths_B: Tensor
     y_i carries R_i); a group where any |A| >= fallback uses GRPO instead. Equal lengths give GRPO with a biased std."""
     if group_size == 1:
         return rewards_B.clone()
-    r = rewards_B.double().view(-1, group_size)
-    w = lengths_B.double().view(-1, group_size)
+    r = group_rewards(rewards_B, group_size)
+    w = group_rewards(lengths_B, group_size)
     n = w.sum(1, keepdim=True).clamp(min=1)
     mu = (r * w).sum(1, keepdim=True) / n
     sigma = torch.sqrt(((r - mu) ** 2 * w).sum(1, keepdim=True) / n)
     adv = (r - mu) / (sigma + eps)
     bad = (adv.abs() >= fallback).any(1, keepdim=True)
     adv = torch.where(bad, grpo(rewards_B, group_size, eps=eps).double().view(-1, group_size), adv)
-    return adv.reshape(-1).to(rewards_B.dtype)
+    return per_response(adv, rewards_B, group_size)
 
 
 @TOKEN_SHAPERS.register("hapo_entropy")

@@ -66,9 +66,3 @@ def forking_tokens(batch: TrainBatch, *, rho: float, progress: float = 0.0) -> t
     n = int((batch.response_mask > 0).sum())
     threshold = float(kept_entropy.min()) if keep else float("inf")
     return out, {"shaping/forking_kept_frac": keep / max(1, n), "shaping/forking_entropy_threshold": threshold}
-
-
-def informative_groups(rewards_B: Tensor, group_size: int) -> Tensor:
-    """[N] bool: groups whose rewards are not all equal (all-equal groups have zero advantage and teach nothing)."""
-    r_NG = rewards_B.view(-1, group_size)
-    return r_NG.max(1).values > r_NG.min(1).values

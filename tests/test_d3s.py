@@ -44,9 +44,11 @@ def test_schedule():
     assert schedule(0.2, 1.0, 0.5) == pytest.approx(0.6) and schedule(0.5, 1.0, 7.0) == 1.0
 
 
-def _batch(adv_rows, lengths, G):
+def _batch(adv_rows, lengths, G, rewards=None):
+    """Rewards default to the advantages themselves (a group of zeros is then a group of equal rewards)."""
     base = rollout_batch(lengths, G)
-    return TrainBatch.from_rollouts(base, advantages=torch.tensor(adv_rows)[:, None] * base.response_mask)
+    return TrainBatch.from_rollouts(base, advantages=torch.tensor(adv_rows)[:, None] * base.response_mask,
+                                    rewards=torch.tensor(rewards if rewards is not None else adv_rows))
 
 
 def test_sample_level_keeps_the_widest_responses_per_group_and_drops_zero_groups():
@@ -58,6 +60,15 @@ def test_sample_level_keeps_the_widest_responses_per_group_and_drops_zero_groups
     torch.testing.assert_close(out.advantages[:, 0], torch.tensor([1.0, -1.0, 2.0, -3.0]))  # not re-normalised
     full, _ = d3s_samples(batch, progress=1.0, n_init=0.5, n_final=1.0)  # the schedule ends at every response
     assert full.group_size == 4 and len(full) == 8
+
+
+def test_sample_level_drops_groups_of_equal_rewards_whatever_their_advantages():
+    """Liveness comes from the rewards: a group of 4 x 1.1 whose float32 advantages came out as rounding noise
+    (what the old float32 GRPO produced) is dropped; a group with a zero-advantage row but unequal rewards is kept."""
+    adv = [0.1, 0.1, -0.1, -0.1,   1.0, -1.0, 0.0, 0.0]
+    rewards = [1.1, 1.1, 1.1, 1.1,   1.0, 0.0, 0.5, 0.5]
+    out, stats = d3s_samples(_batch(adv, [2] * 8, G=4, rewards=rewards), progress=0.0, n_init=0.5, n_final=1.0)
+    assert out.prompts == ["4", "5"] and stats["d3s/groups_kept_frac"] == 0.5
 
 
 def test_sample_level_batch_scope_keeps_the_widest_responses_of_the_batch():

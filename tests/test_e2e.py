@@ -47,10 +47,20 @@ def test_train_writes_config_metrics_tensorboard_plots_and_models(tiny_recipe, t
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["stages"]) == {"sft", "grpo"} and summary["final_model"] == str(run / "grpo" / "final")
     assert summary["stages"]["grpo"]["accuracy_after"] == grpo[-1]["eval/accuracy"]
-    capsys.readouterr()
-    assert main(["eval", str(run), "--num-prompts", "16"]) == 0
+    # sampled evaluation (eval.k 8 by default) at every evaluation, in the stage results too
+    sampled = {"eval/mean@8", "eval/pass@2", "eval/pass@4", "eval/pass@8"}
+    assert all(sampled <= set(r) for r in grpo if "eval/accuracy" in r)
+    assert all(r["eval/mean@8"] <= r["eval/pass@2"] <= r["eval/pass@4"] <= r["eval/pass@8"] <= 1 for r in grpo
+               if "eval/accuracy" in r)
+    assert summary["stages"]["grpo"]["eval_after"]["eval/pass@8"] == grpo[-1]["eval/pass@8"]
+    out = capsys.readouterr().out
+    assert "pass@8 (sampled): start" in out
+    # `tokenwise eval` samples like the run's last evaluation (debug mode, same seed): the same numbers
+    assert main(["eval", str(run)]) == 0
     out = capsys.readouterr().out
     assert str(run / "grpo" / "final") in out and "eval/accuracy" in out
+    for key in ("eval/accuracy", "eval/mean@8", "eval/pass@8"):
+        assert f"{key:<24} {grpo[-1][key]:.4f}" in out, key
 
 
 ADAPTIVE = {"adaptive_temperature": {"tau": 0.3}, "kl": {"coef": 0.01}}  # algorithm state: entropy statistics

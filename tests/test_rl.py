@@ -30,6 +30,96 @@ def test_grpo_equal_rewards_give_zero_and_group_of_one_gives_reward():
     assert torch.equal(grpo(torch.tensor([0.3, -2.0]), 1), torch.tensor([0.3, -2.0]))
 
 
+def _reference_advantages(name: str, r: list[float], lengths: list[float]) -> list[float]:
+    """The estimators written out in Python floats (float64), one group."""
+    G, mean = len(r), sum(r) / len(r)
+    if name == "grpo":
+        std = math.sqrt(sum((x - mean) ** 2 for x in r) / (G - 1))
+        return [(x - mean) / (std + 1e-6) for x in r]
+    if name == "dr_grpo":
+        return [x - mean for x in r]
+    if name == "rloo":
+        return [x - (sum(r) - x) / (G - 1) for x in r]
+    n = sum(lengths)  # hapo: every token carries its response's reward
+    mu = sum(x * w for x, w in zip(r, lengths)) / n
+    sigma = math.sqrt(sum((x - mu) ** 2 * w for x, w in zip(r, lengths)) / n)
+    return [(x - mu) / (sigma + 1e-6) for x in r]
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo", "hapo"])
+@pytest.mark.parametrize("G", [2, 4, 8, 16])
+def test_all_equal_groups_get_exactly_zero_advantage_in_float32(name, G):
+    """Exact group statistics (ALGORITHMS.md §11): a float32 batch mixing all-equal groups (the quick start's reward
+    values 1.0·exact + 0.1·format, and k/100) with unequal ones. All-equal groups get A == 0 exactly (float32
+    rounding of the mean used to leave e.g. -0.0074 or ±0.1), the others match a float64 reference."""
+    from rl.advantages import ADVANTAGES, informative_groups
+    g = torch.Generator().manual_seed(G)
+    equal = [0.0, 0.1, 1.0, 1.1, 1.2] + [k / 100 for k in range(1, 300, 7)]
+    groups = [[v] * G for v in equal]
+    for _ in range(20):
+        groups.append([[0.0, 0.1, 1.0, 1.1][int(i)] for i in torch.randint(0, 4, (G,), generator=g)])
+        groups.append([int(k) / 100 for k in torch.randint(0, 300, (G,), generator=g)])
+    rewards = torch.tensor([x for grp in groups for x in grp], dtype=torch.float32)
+    lengths = torch.randint(1, 9, (len(rewards),), generator=g).float()
+    kwargs = {"lengths_B": lengths} if name == "hapo" else {}
+    adv = ADVANTAGES.get(name)(rewards, G, **kwargs)
+    assert adv.dtype == torch.float32
+    live = informative_groups(rewards, G)
+    for i, grp in enumerate(groups):
+        a = adv[i * G:(i + 1) * G]
+        r32 = rewards[i * G:(i + 1) * G].double().tolist()  # the float32 rewards, read exactly
+        if len(set(r32)) == 1:
+            assert not live[i] and torch.equal(a, torch.zeros(G)), (grp, a)
+        else:
+            assert live[i]
+            ref = _reference_advantages(name, r32, lengths[i * G:(i + 1) * G].tolist())
+            if name == "hapo" and max(map(abs, ref)) >= 5.0:  # hapo's fallback to GRPO
+                ref = _reference_advantages("grpo", r32, [])
+            torch.testing.assert_close(a.double(), torch.tensor(ref, dtype=torch.float64), atol=1e-6, rtol=1e-6)
+
+
+def _pass_at_k_brute_force(correct: list[bool], k: int) -> float:
+    """The probability that a random k-subset of the samples holds a correct one, by enumerating every subset."""
+    import itertools
+    subsets = list(itertools.combinations(correct, k))
+    return sum(any(s) for s in subsets) / len(subsets)
+
+
+def test_pass_at_k_equals_brute_force_and_hand_values():
+    from trainer.evaluate import pass_at_k, pass_ks
+    # hand values: n=4, c=1: pass@1 = 1/4, pass@2 = 1 - C(3,2)/C(4,2) = 1/2, pass@4 = 1
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25, abs=1e-15)
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5, abs=1e-15)
+    assert pass_at_k(4, 1, 4) == 1.0 and pass_at_k(4, 0, 4) == 0.0 and pass_at_k(8, 8, 1) == 1.0
+    # n=5, c=2, k=2: 1 - C(3,2)/C(5,2) = 1 - 3/10
+    assert pass_at_k(5, 2, 2) == pytest.approx(0.7, abs=1e-15)
+    g = torch.Generator().manual_seed(0)
+    for n in range(1, 11):
+        for _ in range(3):
+            correct = (torch.rand(n, generator=g) < 0.4).tolist()
+            for k in range(1, n + 1):
+                assert pass_at_k(n, sum(correct), k) == pytest.approx(_pass_at_k_brute_force(correct, k), abs=1e-12)
+    assert pass_ks(8) == [2, 4, 8] and pass_ks(6) == [2, 4, 6] and pass_ks(1) == [1]
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+
+
+def test_sampled_metrics_average_the_estimator_over_prompts():
+    """mean@k and pass@j from an engine whose samples are given: two prompts, k = 4, correct 1 of 4 and 4 of 4."""
+    from types import SimpleNamespace
+    from trainer.evaluate import sampled_metrics
+    responses = ["5", "7", "8", "9", "3", "3", "3", "3"]
+
+    class Engine:
+        def generate(self, rows, *, n, seed, temperature):
+            assert n == 4 and seed == 11 and temperature == 0.7
+            return SimpleNamespace(prompts=["a"] * 8, responses=responses, answers=["5"] * 4 + ["3"] * 4,
+                                   truncated=[False] * 8)
+    m = sampled_metrics(Engine(), [{}, {}], k=4, temperature=0.7, seed=11)
+    assert m == {"eval/mean@4": pytest.approx(5 / 8), "eval/pass@2": pytest.approx((0.5 + 1) / 2),
+                 "eval/pass@4": pytest.approx(1.0)}
+
+
 def test_ppo_clip_hand_computed():
     ratio = torch.tensor([[1.5, 0.5, 1.0, 5.0]])
     adv = torch.tensor([[1.0, -1.0, 2.0, -1.0]])

@@ -5,7 +5,7 @@ import torch
 
 from conftest import TINY, _merge, stage_env
 from rl.data import PromptStream
-from rl.shaping import informative_groups
+from rl.advantages import informative_groups
 from rl.algorithm import Algorithm
 from trainer.config import config_from_dict
 from trainer.controller import sample

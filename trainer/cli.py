@@ -119,7 +119,7 @@ def _final_model(run_dir: Path, cfg, override: str | None) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from trainer.evaluate import engine_for, heldout_metrics, refusal_detector
+    from trainer.evaluate import engine_for, run_heldout_eval
     from trainer.logging import console
     from trainer.run import load_task
 
@@ -131,8 +131,7 @@ def _eval(args: argparse.Namespace) -> int:
     if len(args.target) == 2:
         return _eval_safety(cfg, model_dir, args, run_dir)
     engine = engine_for(model_dir, cfg=cfg, kind=cfg.rollout.engine, what="--model")
-    metrics = heldout_metrics(engine, load_task(cfg.data)["heldout"],
-                              num_prompts=args.num_prompts or cfg.eval.num_prompts, refused=refusal_detector(cfg.data))
+    metrics = run_heldout_eval(engine, cfg, load_task(cfg.data)["heldout"], num_prompts=args.num_prompts)
     console.print(f"model: {model_dir}")
     for k, v in metrics.items():
         console.print(f"  {k:<24} {v:.4f}")

@@ -99,8 +99,8 @@ class RolloutWorker:
         return os.getpid()
 
     def generate(self, rows: list[dict], n: int, greedy: bool, seed: int | None,
-                 adaptive: dict | None = None) -> RolloutBatch:
-        return self.engine.generate(rows, n=n, greedy=greedy, seed=seed, adaptive=adaptive)
+                 adaptive: dict | None = None, temperature: float | None = None) -> RolloutBatch:
+        return self.engine.generate(rows, n=n, greedy=greedy, seed=seed, adaptive=adaptive, temperature=temperature)
 
     def attention_sink(self, rows: list[dict]) -> dict[str, float]:
         return self.engine.attention_sink(rows)
@@ -329,22 +329,30 @@ class RayWorkers:
 
     # ------------------------------------------------------------------------------------------------ rollout
     def generate(self, rows: list[dict], *, n: int, greedy: bool = False, step: int | None = None,
-                 round: int = 0, adaptive: dict | None = None) -> RolloutBatch:
-        """Prompts split into contiguous shards, one per rollout actor; shard k samples with step_seed(.., k, round)."""
+                 round: int = 0, adaptive: dict | None = None, seed: int | None = None,
+                 temperature: float | None = None) -> RolloutBatch:
+        """Prompts split into contiguous shards, one per rollout actor; shard k samples with step_seed(.., k, round),
+        or with seed + k when an explicit `seed` is given (evaluation)."""
         while True:
             try:
-                return self._generate(rows, n, greedy, step, round, adaptive)
+                return self._generate(rows, n, greedy, step, round, adaptive, seed, temperature)
             except ActorFailed as failure:
                 self._recover(failure, step)
 
     def _generate(self, rows: list[dict], n: int, greedy: bool, step: int | None, round: int,
-                  adaptive: dict | None) -> RolloutBatch:
+                  adaptive: dict | None, seed: int | None, temperature: float | None) -> RolloutBatch:
         from trainer.rollout.hf import concat_rollouts
         M = min(len(self.rollouts), len(rows))
         shards = [rows[k * len(rows) // M:(k + 1) * len(rows) // M] for k in range(M)]
-        refs = [self.rollouts.actors[k].generate.remote(
-            shards[k], n, greedy, None if greedy or step is None else step_seed(self.env.cfg.seed, step, k, round),
-            adaptive) for k in range(M)]
+
+        def shard_seed(k: int) -> int | None:
+            if greedy:
+                return None
+            if seed is not None:
+                return seed + k
+            return None if step is None else step_seed(self.env.cfg.seed, step, k, round)
+        refs = [self.rollouts.actors[k].generate.remote(shards[k], n, greedy, shard_seed(k), adaptive, temperature)
+                for k in range(M)]
         return concat_rollouts(self.rollouts.wait(refs, "generate"), self.env.tokenizer.pad_token_id)
 
     def attention_sink(self, rows: list[dict]) -> dict[str, float]:

@@ -426,7 +426,7 @@ TokenShaperConfig = Union[ForkingTokens, D3STokens, HAPOEntropy, TokenHiddenRewa
 @dataclass
 class D3SSamples:
     """D³S sample level: per group (or over the batch), keep the responses whose advantages have the largest variance
-    (groups with all-zero advantages drop out); the kept fraction n follows (1 - p) n_init + p n_final over training
+    (groups whose rewards are all equal drop out); the kept fraction n follows (1 - p) n_init + p n_final over training
     progress p."""
     type: Literal["d3s"] = opt("d3s", "Sample filter.")
     n_init: float = opt(0.5, "Fraction of each group (scope 'batch': of the batch) kept at the start.", gt=0, le=1)
@@ -559,6 +559,9 @@ class GRPOConfig:
 class EvalConfig:
     num_prompts: int = opt(256, "Held-out prompts scored (greedy decoding, exact answer; rollout.batch_size per call).",
                            ge=1)
+    k: int = opt(8, "Responses sampled per held-out prompt for eval/pass@j (the unbiased estimator, j = 2, 4, .., k) "
+                    "and eval/mean@k (their mean accuracy, = pass@1), beside greedy accuracy; 0 = greedy only.", ge=0)
+    temperature: float = opt(1.0, "Sampling temperature of those k responses (top-p / top-k as in rollout).", gt=0)
 
 
 @dataclass

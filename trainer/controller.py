@@ -13,16 +13,16 @@ from torch import Tensor
 from rl.algorithm import Algorithm
 from rl.data import PromptStream
 from rl.rewards import compute_rewards
-from rl.shaping import informative_groups
+from rl.advantages import informative_groups
 from rl.types import RolloutBatch
 from trainer.dump import check_replay, dump_rollouts, load_rollouts
 from trainer.rollout.hf import concat_rollouts
-from trainer.evaluate import heldout_metrics, refusal_detector
+from trainer.evaluate import EVAL_PANEL, run_heldout_eval
 from trainer.stage import StageEnv, StageResult, StageState, run_stage
 from trainer.workers import build_workers
 
 PANELS = [("reward/mean", "reward"), ("rollout/response_len_mean", "response length (tokens)"),
-          ("actor/entropy", "entropy"), ("actor/kl", "KL to reference"), ("eval/accuracy", "held-out accuracy")]
+          ("actor/entropy", "entropy"), ("actor/kl", "KL to reference"), (EVAL_PANEL, "held-out accuracy")]
 
 
 def run_grpo(env: StageEnv) -> StageResult:
@@ -42,9 +42,7 @@ def run_grpo(env: StageEnv) -> StageResult:
                 logprobs=cfg.trainer.logprobs, lora=cfg.model.lora, seed=cfg.seed)),
         make_state=lambda workers: StageState(
             env, learner=workers.pool, stream=data, algorithm=algo, total_steps=g.steps, eval_every=g.eval_every,
-            save_every=g.save_every, evaluate=lambda: heldout_metrics(workers, env.data["heldout"],
-                                                                      num_prompts=cfg.eval.num_prompts,
-                                                                      refused=refusal_detector(cfg.data))),
+            save_every=g.save_every, evaluate=lambda: run_heldout_eval(workers, cfg, env.data["heldout"])),
         step=lambda workers, step: grpo_step(env, workers, algo, data, step=step))
 
 

@@ -68,9 +68,20 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def plot_curves(history: Sequence[dict], path: Path, panels: Sequence[tuple[str, str]], title: str) -> Path | None:
-    """One panel per (metric, label) present in the history, against step."""
-    panels = [(k, label) for k, label in panels if any(k in r for r in history)]
+def panel_keys(history: Sequence[dict], spec: str) -> list[str]:
+    """The metrics a panel draws: `spec` itself, or with a trailing '*' every logged metric starting with the rest
+    ('eval/pass@*'), in order of first appearance."""
+    if not spec.endswith("*"):
+        return [spec] if any(spec in r for r in history) else []
+    return list(dict.fromkeys(k for r in history for k in r if k.startswith(spec[:-1])))
+
+
+def plot_curves(history: Sequence[dict], path: Path, panels: Sequence[tuple[str | tuple[str, ...], str]],
+                title: str) -> Path | None:
+    """One panel per (metric or tuple of metrics, label) present in the history, against step; a tuple draws one line
+    per metric, with a legend (see panel_keys for '*' patterns)."""
+    panels = [(keys, label) for spec, label in panels
+              if (keys := [k for s in ((spec,) if isinstance(spec, str) else spec) for k in panel_keys(history, s)])]
     if not panels:
         return None
     import matplotlib
@@ -80,9 +91,13 @@ def plot_curves(history: Sequence[dict], path: Path, panels: Sequence[tuple[str,
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, (key, label) in zip(axes.flat, panels):
-        pts = [(r["step"], r[key]) for r in history if key in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None, ms=3)
+    for ax, (keys, label) in zip(axes.flat, panels):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in history if key in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None, ms=3,
+                    label="greedy" if key == "eval/accuracy" else key.removeprefix("eval/"))
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
         ax.set_title(label)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -19,6 +19,7 @@ from rl.rewards import reward_specs
 from trainer.checkpoint import publish_dir, write_text_atomic
 from trainer.config import RunConfig, DataCommon
 from trainer.controller import run_grpo
+from trainer.evaluate import headline_sampled
 from trainer.loading import PromptFormatter, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
 from trainer.logging import console, stop_progress
 from trainer.sft import run_sft
@@ -159,6 +160,11 @@ def print_summary(summary: dict, run_dir: Path, num_prompts: int) -> None:
     parts = [f"start {first['accuracy_before']:.3f}"] + [f"after {s.upper()} {r['accuracy_after']:.3f}"
                                                           for s, r in stages.items()]
     console.print(f"held-out accuracy (greedy, {num_prompts} prompts): " + " → ".join(parts))
+    for key in headline_sampled(first.get("eval_after", {})):  # sampled metrics (eval.k > 0): mean@8, pass@8
+        if key in first.get("eval_before", {}):
+            values = [f"start {first['eval_before'][key]:.3f}"] + [
+                f"after {s.upper()} {r['eval_after'][key]:.3f}" for s, r in stages.items() if key in r.get("eval_after", {})]
+            console.print(f"  {key.removeprefix('eval/')} (sampled): " + " → ".join(values))
     if "grpo" in stages:
         g = stages["grpo"]
         console.print(f"GRPO changed held-out accuracy by {100 * (g['accuracy_after'] - g['accuracy_before']):+.1f} points")

@@ -13,6 +13,7 @@ import torch
 
 from trainer.checkpoint import CheckpointManager, load_training_state, publish_dir, save_training_state
 from trainer.config import RunConfig, to_dict
+from trainer.evaluate import headline_sampled
 from trainer.logging import MetricsLogger, StepProgress, console, plot_curves
 
 RESULT_FILE = "result.json"
@@ -135,11 +136,18 @@ class StageState:
     def finish(self, panels: list[tuple[str, str]]) -> StageResult:
         """Last checkpoint, the stage's model as an HF directory (atomically) with result.json, the curves PNG."""
         self.bar.stop()
-        before = self.log.history[0]["eval/accuracy"]
-        after = next(r["eval/accuracy"] for r in reversed(self.log.history) if "eval/accuracy" in r)
+        first = {k: v for k, v in self.log.history[0].items() if k.startswith("eval/")}
+        last = {k: v for k, v in next(r for r in reversed(self.log.history) if "eval/accuracy" in r).items()
+                if k.startswith("eval/")}
+        before, after = first["eval/accuracy"], last["eval/accuracy"]
         console.print(f"{self.env.stage}: held-out accuracy after {self.env.stage.upper()}: {after:.3f} "
                       f"(before: {before:.3f})")
-        metrics = {"accuracy_before": before, "accuracy_after": after}
+        sampled = [k for k in headline_sampled(last) if k in first]
+        if sampled:
+            e = self.env.cfg.eval
+            console.print(f"{self.env.stage}: sampled (k={e.k}, T={e.temperature:g}): " + ", ".join(
+                f"{k.removeprefix('eval/')} {first[k]:.3f} → {last[k]:.3f}" for k in sampled))
+        metrics = {"accuracy_before": before, "accuracy_after": after, "eval_before": first, "eval_after": last}
         self.save()
 
         def write(path: Path) -> None:

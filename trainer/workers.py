@@ -1,8 +1,10 @@
 """The learner and rollout workers a stage loop holds, in either process layout, behind one interface:
 
     workers.pool                      LearnerPool: score / train_step / sft_step / save / load / save_model / version
-    workers.generate(rows, n=, greedy=, step=, round=, adaptive=)   RolloutBatch; sampling seeded by (seed, step,
-                                      shard, round); adaptive = HAPO adaptive temperature {tau, stats} or None
+    workers.generate(rows, n=, greedy=, step=, round=, adaptive=, seed=, temperature=)   RolloutBatch; sampling
+                                      seeded by (seed, step, shard, round), or by an explicit `seed` (+ shard);
+                                      adaptive = HAPO adaptive temperature {tau, stats} or None; `temperature`
+                                      overrides rollout.temperature (evaluation)
     workers.sync(step=)               learner weights → rollout engine(s), stamped with pool.version
     workers.attention_sink(rows)      eval metrics of attention mass on the first token (our decoder only)
     workers.sleep_rollouts() / wake_rollouts()   colocated engines give the GPU to the learners while they train
@@ -52,9 +54,12 @@ class LocalWorkers:
                                     model=self.learner.model if share_model else None)
 
     def generate(self, rows: list[dict], *, n: int, greedy: bool = False, step: int | None = None,
-                 round: int = 0, adaptive: dict | None = None) -> RolloutBatch:
-        seed = None if greedy or step is None else step_seed(self.env.cfg.seed, step, 0, round)
-        return self.engine.generate(rows, n=n, greedy=greedy, seed=seed, adaptive=adaptive)
+                 round: int = 0, adaptive: dict | None = None, seed: int | None = None,
+                 temperature: float | None = None) -> RolloutBatch:
+        if seed is None and not greedy and step is not None:
+            seed = step_seed(self.env.cfg.seed, step, 0, round)
+        return self.engine.generate(rows, n=n, greedy=greedy, seed=None if greedy else seed, adaptive=adaptive,
+                                    temperature=temperature)
 
     def attention_sink(self, rows: list[dict]) -> dict[str, float]:
         return self.engine.attention_sink(rows)

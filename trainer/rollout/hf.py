@@ -118,26 +118,29 @@ class HFRollout(BucketedSync):
 
     @torch.no_grad()
     def generate(self, rows: list[dict], *, n: int, greedy: bool = False, seed: int | None = None,
-                 adaptive: dict | None = None) -> RolloutBatch:
+                 adaptive: dict | None = None, temperature: float | None = None) -> RolloutBatch:
         """n responses per row (groups contiguous). With `seed`, sampling draws from a generator seeded with it
         (the same rows, weights and seed give the same responses in any process); else from the global RNG.
         `adaptive` = {tau, stats}: HAPO adaptive temperature (ignored when greedy); the batch then records each
-        token's temperature."""
+        token's temperature. `temperature` overrides the engine's sampling temperature for this call."""
+        temperature = self.temperature if temperature is None else temperature
         if seed is None:
-            return self._generate_all(rows, n, greedy, adaptive)
+            return self._generate_all(rows, n, greedy, adaptive, temperature)
         devices = [self._home] if self._home.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            return self._generate_all(rows, n, greedy, adaptive)
+            return self._generate_all(rows, n, greedy, adaptive, temperature)
 
-    def _generate_all(self, rows: list[dict], n: int, greedy: bool, adaptive: dict | None) -> RolloutBatch:
+    def _generate_all(self, rows: list[dict], n: int, greedy: bool, adaptive: dict | None,
+                      temperature: float) -> RolloutBatch:
         self.model.eval()
         per_call = max(1, self.batch_size // n)
-        batch = concat_rollouts([self._generate(rows[i:i + per_call], n, greedy, None if greedy else adaptive)
-                                 for i in range(0, len(rows), per_call)], self.pad_id)
+        batch = concat_rollouts([self._generate(rows[i:i + per_call], n, greedy, None if greedy else adaptive,
+                                                temperature) for i in range(0, len(rows), per_call)], self.pad_id)
         return apply_stop_strings(batch, self.stop, self.tokenizer)
 
-    def _generate(self, rows: list[dict], n: int, greedy: bool, adaptive: dict | None = None) -> RolloutBatch:
+    def _generate(self, rows: list[dict], n: int, greedy: bool, adaptive: dict | None,
+                  temperature: float) -> RolloutBatch:
         texts = [self.format.row(r) for r in rows]
         device = self.model.device
         enc = self.tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
@@ -146,14 +149,14 @@ class HFRollout(BucketedSync):
         if greedy:
             gen = GenerationConfig(do_sample=False, max_new_tokens=self.max_new_tokens)
         else:
-            gen = GenerationConfig(do_sample=True, temperature=self.temperature, top_p=self.top_p,
+            gen = GenerationConfig(do_sample=True, temperature=temperature, top_p=self.top_p,
                                    top_k=self.top_k, max_new_tokens=self.max_new_tokens)
         gen.pad_token_id, gen.eos_token_id = self.pad_id, self.eos_ids
         gen.return_dict_in_generate, gen.output_scores = True, not greedy
         processors = LogitsProcessorList()
         if adaptive is not None:
             gen.temperature = 1.0  # the processor applies the (per-token) temperature
-            processors.append(AdaptiveTemperature(temperature=self.temperature, tau=adaptive["tau"],
+            processors.append(AdaptiveTemperature(temperature=temperature, tau=adaptive["tau"],
                                                   stats=adaptive["stats"]))
         out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen,
                                   logits_processor=processors)

@@ -150,14 +150,16 @@ class VLLMRollout(BucketedSync):
 
     # --------------------------------------------------------------------------------------------------- generate
     def generate(self, rows: list[dict], *, n: int, greedy: bool = False, seed: int | None = None,
-                 adaptive: dict | None = None) -> RolloutBatch:
+                 adaptive: dict | None = None, temperature: float | None = None) -> RolloutBatch:
         """n responses per row (groups contiguous). Each sample is its own request (prefix caching shares the
-        prompt); with `seed`, sample j of row i draws from its own generator seeded from (seed, i, j)."""
+        prompt); with `seed`, sample j of row i draws from its own generator seeded from (seed, i, j). `temperature`
+        overrides the engine's sampling temperature for this call."""
         from vllm.inputs import TokensPrompt
         from trainer.rollout.vllm_ext import EXTRA_KEY
         texts = [self.format.row(r) for r in rows]
         prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         adaptive = None if greedy else adaptive
+        temperature = self.temperature if temperature is None else temperature
         self._calls += 1
         requests, params, keys = [], [], []
         for i, ids in enumerate(prompt_ids):
@@ -165,11 +167,11 @@ class VLLMRollout(BucketedSync):
                 key = f"{self._calls}-{i}-{j}"
                 extra = None
                 if adaptive is not None:
-                    extra = {EXTRA_KEY: {"key": key, "temperature": self.temperature, "tau": adaptive["tau"],
+                    extra = {EXTRA_KEY: {"key": key, "temperature": temperature, "tau": adaptive["tau"],
                                          "stats": dict(adaptive["stats"])}}
                 requests.append(TokensPrompt(prompt_token_ids=ids))
                 params.append(self._vllm.SamplingParams(
-                    n=1, temperature=0.0 if greedy else (1.0 if adaptive is not None else self.temperature),
+                    n=1, temperature=0.0 if greedy else (1.0 if adaptive is not None else temperature),
                     top_p=1.0 if greedy else self.top_p, top_k=0 if greedy else self.top_k,
                     max_tokens=self.max_new_tokens, stop_token_ids=self.eos_ids, logprobs=None if greedy else 0,
                     detokenize=False, seed=None if seed is None or greedy else (seed * 1_000_003 + i * 4_099 + j) % (1 << 62),
@@ -182,7 +184,7 @@ class VLLMRollout(BucketedSync):
         temps = None
         if adaptive is not None:
             applied = self.llm.collective_rpc("tokenwise_take_temperatures", args=(keys,))[0]
-            temps = [[applied[k].get(t, self.temperature) for t in range(len(c.token_ids))]
+            temps = [[applied[k].get(t, temperature) for t in range(len(c.token_ids))]
                      for k, c in zip(keys, completions)]
         return apply_stop_strings(self._batch(rows, prompt_ids, completions, n, temps), self.stop, self.tokenizer)
 
