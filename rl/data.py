@@ -1,7 +1,9 @@
 """Prompt/answer data as `datasets.Dataset`s with columns `prompt` and `answer`, and a resumable cursor over them.
 
-Built-in tasks are generated deterministically from a seed, with a held-out split disjoint from train. User data is
-read with `datasets.load_dataset` from local jsonl/json/parquet/csv files.
+Built-in tasks are generated deterministically from a seed, with a held-out split disjoint from train. Their training
+rows may also carry `sft_answer`, the demonstration of a sloppy teacher (`teacher_error`), which SFT imitates while
+the verifier and the held-out evaluation keep the true `answer`. User data is read with `datasets.load_dataset` from
+local jsonl/json/parquet/csv files.
 """
 
 from __future__ import annotations
@@ -22,40 +24,52 @@ def _operand(rng: random.Random, min_digits: int, max_digits: int) -> int:
     return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
 
 
-def _arithmetic_problem(rng: random.Random, min_digits: int, max_digits: int, ops: Sequence[str]) -> tuple[str, str]:
+def _arithmetic_problem(rng: random.Random, min_digits: int, max_digits: int,
+                        ops: Sequence[str]) -> tuple[str, str, str]:
+    """(prompt, answer, answer): this task has no sloppy teacher."""
     a, b = _operand(rng, min_digits, max_digits), _operand(rng, min_digits, max_digits)
     op = rng.choice(list(ops))
-    value = {"+": a + b, "-": a - b, "*": a * b}[op]
-    return f"{a}{op}{b}=", str(value)
+    value = str({"+": a + b, "-": a - b, "*": a * b}[op])
+    return f"{a}{op}{b}=", value, value
 
 
-def _sort_problem(rng: random.Random, min_length: int, max_length: int) -> tuple[str, str]:
-    digits = [rng.randint(0, 9) for _ in range(rng.randint(min_length, max_length))]
-    return "sort " + " ".join(map(str, digits)), "".join(map(str, sorted(digits)))
+def _sort_problem(rng: random.Random, min_length: int, max_length: int) -> tuple[str, str, str]:
+    """(prompt, answer, the sloppy teacher's answer: on a list of max_length digits it stops one digit early)."""
+    digits = sorted(d := [rng.randint(0, 9) for _ in range(rng.randint(min_length, max_length))])
+    answer = "".join(map(str, digits))
+    return "sort " + " ".join(map(str, d)), answer, answer[:-1] if len(digits) == max_length else answer
 
 
-def _split_task(make, *, num_train: int, num_heldout: int, seed: int, what: str) -> dict[str, Dataset]:
-    """Held-out problems first (distinct), then training problems that never repeat a held-out prompt."""
+def _split_task(make, *, num_train: int, num_heldout: int, seed: int, what: str,
+                teacher_error: float = 0.0) -> dict[str, Dataset]:
+    """Held-out problems first (distinct), then training problems that never repeat a held-out prompt. With
+    `teacher_error` > 0 each training row also gets `sft_answer`: the teacher's slip (make's third value) with that
+    probability where the slip differs from the answer, else the answer (drawn from a generator of its own, so the
+    problems do not depend on teacher_error)."""
     rng = random.Random(seed)
     heldout: dict[str, str] = {}
     for _ in range(50 * num_heldout):
         if len(heldout) == num_heldout:
             break
-        prompt, answer = make(rng)
+        prompt, answer, _ = make(rng)
         heldout.setdefault(prompt, answer)
     if len(heldout) < num_heldout:
         raise DataError(f"data: the {what} task has fewer than {num_heldout} distinct problems with these settings; "
                         f"lower data.num_heldout or widen the task")
-    train = {"prompt": [], "answer": []}
+    train: dict[str, list[str]] = {"prompt": [], "answer": [], "sft_answer": []}
+    teacher = random.Random(f"{seed}-teacher")
     for _ in range(50 * num_train):
         if len(train["prompt"]) == num_train:
             break
-        prompt, answer = make(rng)
+        prompt, answer, slip = make(rng)
         if prompt not in heldout:
             train["prompt"].append(prompt)
             train["answer"].append(answer)
+            train["sft_answer"].append(slip if teacher.random() < teacher_error else answer)
     if len(train["prompt"]) < num_train:
         raise DataError(f"data: the {what} task leaves too few training problems outside the held-out set")
+    if not teacher_error:
+        del train["sft_answer"]
     return {"train": Dataset.from_dict(train),
             "heldout": Dataset.from_dict({"prompt": list(heldout), "answer": list(heldout.values())})}
 
@@ -67,10 +81,12 @@ def arithmetic_task(*, num_train: int, num_heldout: int, min_digits: int, max_di
                        num_heldout=num_heldout, seed=seed, what="arithmetic")
 
 
-def sort_task(*, num_train: int, num_heldout: int, min_length: int, max_length: int, seed: int) -> dict[str, Dataset]:
-    """'sort 3 9 1' → '139'."""
+def sort_task(*, num_train: int, num_heldout: int, min_length: int, max_length: int, seed: int,
+              teacher_error: float = 0.0) -> dict[str, Dataset]:
+    """'sort 3 9 1' → '139'. The sloppy teacher (teacher_error) stops one digit early on the longest lists
+    (max_length digits: 'sort 3 9 1' → '13' when max_length is 3)."""
     return _split_task(lambda rng: _sort_problem(rng, min_length, max_length), num_train=num_train,
-                       num_heldout=num_heldout, seed=seed, what="sort")
+                       num_heldout=num_heldout, seed=seed, what="sort", teacher_error=teacher_error)
 
 
 # ------------------------------------------------------------------------------------------------------ user data

@@ -27,6 +27,37 @@ def test_sort_task():
         assert 3 <= len(digits) <= 5 and row["answer"] == "".join(sorted(digits))
 
 
+def test_sloppy_teacher_stops_early_only_on_the_longest_lists_at_its_rate():
+    """sort's teacher_error: a training row's sft_answer drops the last digit of a max_length list with probability
+    teacher_error, and is the answer otherwise; the problems and the held-out split do not change with it."""
+    clean = sort_task(num_train=4000, num_heldout=50, min_length=3, max_length=5, seed=0)
+    t = sort_task(num_train=4000, num_heldout=50, min_length=3, max_length=5, seed=0, teacher_error=0.6)
+    assert "sft_answer" not in clean["train"].column_names and "sft_answer" not in t["heldout"].column_names
+    assert t["train"]["prompt"] == clean["train"]["prompt"] and t["train"]["answer"] == clean["train"]["answer"]
+    assert t["heldout"].to_list() == clean["heldout"].to_list()
+    longest = slips = 0
+    for row in t["train"]:
+        if len(row["answer"]) < 5:
+            assert row["sft_answer"] == row["answer"]
+            continue
+        longest += 1
+        assert row["sft_answer"] in (row["answer"], row["answer"][:-1])
+        slips += row["sft_answer"] != row["answer"]
+    assert longest > 1000 and abs(slips / longest - 0.6) < 0.05  # binomial sd ~0.015
+
+
+def test_sft_batch_trains_on_the_teachers_answer():
+    from models.builtin import build_tokenizer
+    from trainer.loading import PromptFormatter
+    from trainer.sft import sft_batch
+    tok = build_tokenizer()
+    fmt = PromptFormatter(tok, system_prompt=None, use_chat_template=True)
+    rows = [{"prompt": "sort 3 1 2", "answer": "123", "sft_answer": "12"}, {"prompt": "sort 5 4", "answer": "45"}]
+    batch = sft_batch(rows, tok, fmt)
+    targets = [tok.decode(ids[mask > 0]) for ids, mask in zip(batch.input_ids, batch.loss_mask)]
+    assert targets == ["12<|end|>", "45<|end|>"]
+
+
 def test_too_small_task_space_is_a_clear_error():
     with pytest.raises(DataError, match="num_heldout"):
         arithmetic_task(num_train=10, num_heldout=500, min_digits=1, max_digits=1, ops=["+"], seed=0)

@@ -157,6 +157,11 @@ class SortData(DataCommon):
     min_length: int = opt(3, "Fewest digits to sort.", ge=1)
     max_length: int = opt(6, "Most digits to sort.", ge=1, le=30)
     seed: int = opt(1234, "Seed of the generator.", ge=0)
+    teacher_error: float = opt(
+        0.0, "SFT imitates a sloppy teacher: with this probability a training problem's demonstration is wrong in one "
+             "systematic way (on a list of max_length digits it stops one digit early: 'sort 3 9 1' -> 13 when max_length "
+             "is 3); GRPO's verifier and the held-out evaluation always use the true answer, so only "
+             "RL can go beyond the teacher. 0 = a perfect teacher.", ge=0, le=1)
 
     def __post_init__(self) -> None:
         if self.min_length > self.max_length:

@@ -9,19 +9,22 @@ import torch
 
 from rl.data import PromptStream
 from rl.types import SFTBatch
-from trainer.evaluate import heldout_metrics, refusal_detector
+from trainer.evaluate import EVAL_PANEL, run_heldout_eval
 from trainer.stage import StageEnv, StageResult, StageState, run_stage
 from trainer.workers import build_workers
 
-PANELS = [("sft/loss", "SFT loss"), ("eval/accuracy", "held-out accuracy"), ("sft/lr", "learning rate")]
+PANELS = [("sft/loss", "SFT loss"), (EVAL_PANEL, "held-out accuracy"), ("sft/lr", "learning rate")]
 
 
 def sft_batch(rows: list[dict], tokenizer: Any, formatter: Any) -> SFTBatch:
-    """[formatted prompt | answer <eos>], right-padded; the loss covers the answer and the end-of-turn token."""
+    """[formatted prompt | answer <eos>], right-padded; the loss covers the answer and the end-of-turn token. The
+    answer is the row's demonstration `sft_answer` where the data has one (a built-in task's sloppy teacher), else
+    `answer`."""
     seqs, masks = [], []
     for row in rows:
         prompt = tokenizer(formatter.row(row), add_special_tokens=False)["input_ids"]
-        answer = tokenizer(str(row["answer"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        target = row.get("sft_answer", row["answer"])
+        answer = tokenizer(str(target), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         seqs.append(prompt + answer)
         masks.append([0.0] * len(prompt) + [1.0] * len(answer))
     L = max(map(len, seqs))
@@ -42,8 +45,7 @@ def run_sft(env: StageEnv) -> StageResult:
     def make_state(workers) -> StageState:
         def evaluate() -> dict:
             workers.sync()
-            return heldout_metrics(workers, env.data["heldout"], num_prompts=cfg.eval.num_prompts,
-                                   refused=refusal_detector(cfg.data))
+            return run_heldout_eval(workers, cfg, env.data["heldout"])
         return StageState(env, learner=workers.pool, stream=stream, total_steps=s.steps, eval_every=s.eval_every,
                           save_every=s.save_every, evaluate=evaluate)
 
