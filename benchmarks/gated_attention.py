@@ -52,7 +52,8 @@ def write_section(rows: list[dict], args: argparse.Namespace, out_md: Path) -> s
              f"{' '.join(map(str, args.lrs))} --seeds {' '.join(map(str, args.seeds))}` on "
              f"{datetime.date.today().isoformat()} ({os.cpu_count()} CPU cores, torch {torch.__version__}). "
              f"Our decoder at the quick-start size (4 layers, 6 heads, width 192), {args.steps} SFT steps on the "
-             "built-in addition task. Loss: mean over the last 20 steps; attention sink: mean attention mass on each "
+             "quick start's built-in task (recipes/quickstart.yaml). Loss: mean over the last 20 steps; attention sink: "
+             "mean attention mass on each "
              "held-out prompt's first token (queries after it, all heads), first to last layer.", "",
              "| attention | lr | loss (last 20 steps) | held-out accuracy | attention sink (mean) | sink per layer |",
              "|---|---:|---:|---:|---:|---|"]

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from kernels._common import write_json  # noqa: E402
+sys.path.insert(0, str(ROOT))
+from benchmarks.kernels._common import write_json  # noqa: E402
 
 QUIET = ["logging.progress=false", "logging.tensorboard=false"]
 
@@ -58,7 +58,7 @@ def run_one(recipe: Path, seed: int, threads: int, work: Path) -> dict:
     sft, grpo = stages.get("sft"), stages["grpo"]
     row = {"seed": seed, "threads": threads, "seconds": round(seconds, 1),
            "after_sft": grpo["accuracy_before"], "after_grpo": grpo["accuracy_after"],
-           "gain_points": round(100 * (grpo["accuracy_after"] - grpo["accuracy_before"]), 2),
+           "gain_points": 100 * (grpo["accuracy_after"] - grpo["accuracy_before"]),
            "sampled_before": {k: v for k, v in grpo["eval_before"].items() if "@" in k},
            "sampled_after": {k: v for k, v in grpo["eval_after"].items() if "@" in k}}
     if sft is not None:

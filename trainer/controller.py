@@ -10,10 +10,10 @@ import time
 import torch
 from torch import Tensor
 
+from rl.advantages import informative_groups
 from rl.algorithm import Algorithm
 from rl.data import PromptStream
 from rl.rewards import compute_rewards
-from rl.advantages import informative_groups
 from rl.types import RolloutBatch
 from trainer.dump import check_replay, dump_rollouts, load_rollouts
 from trainer.rollout.hf import concat_rollouts
