@@ -1,11 +1,13 @@
 """The quick start over seeds and thread counts: does its gain hold beyond one seed's luck?
 
     python benchmarks/quickstart_seeds.py [--seeds 0 1 2 3 4] [--threads 1 2] [--jobs 1] [--recipe recipes/quickstart.yaml]
+                                          [--set key=value ...] [--json PATH]
 
 Runs `tokenwise train <recipe> seed=S` for every seed × OMP_NUM_THREADS value (each run in its own process, the same
 command `make quickstart` runs, plus the seed and the thread count), reads each run's summary.json and prints a table:
 held-out accuracy after SFT and after GRPO (greedy, with pass@k / mean@k beside it), the GRPO gain and the wall time;
-then the median and min–max of each column. Writes benchmarks/results/quickstart_seeds.json.
+then the median and min–max of each column. Writes benchmarks/results/quickstart_seeds.json. Any recipe with a GRPO
+stage works (`--recipe`, with `--set` overrides for every run, e.g. the model path of a GRPO-only recipe).
 
 `--jobs 2` runs two single-thread runs side by side (the thread-count-2 runs always run alone); their wall times are
 then measured on a shared machine, which the JSON records.
@@ -43,12 +45,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_one(recipe: Path, seed: int, threads: int, work: Path) -> dict:
+def run_one(recipe: Path, seed: int, threads: int, work: Path, overrides: list[str] = ()) -> dict:
     out = work / f"seed{seed}-threads{threads}"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "trainer", "train", str(recipe), f"seed={seed}", f"trainer.threads={threads}",
-           f"output_dir={out}", *QUIET]
+           f"output_dir={out}", *QUIET, *overrides]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.time() - t0
@@ -95,6 +97,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--jobs", type=int, default=1, help="single-thread runs side by side (default 1: each run alone)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides for every run")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "quickstart_seeds.json"))
     args = ap.parse_args()
     print(f"quick start over seeds {args.seeds} x OMP_NUM_THREADS {args.threads} on {cpu_model()}", flush=True)
@@ -104,11 +107,12 @@ def main() -> None:
         for threads in args.threads:
             jobs = args.jobs if threads == 1 else 1
             with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-                rows += list(pool.map(lambda s, t=threads: run_one(Path(args.recipe), s, t, work), args.seeds))
+                rows += list(pool.map(lambda s, t=threads: run_one(Path(args.recipe), s, t, work, args.set),
+                                      args.seeds))
     text = table(rows)
     print(text)
-    write_json(args.json, rows, cpu=cpu_model(), recipe=str(Path(args.recipe).relative_to(ROOT)),
-               jobs=args.jobs, min_gain_points=min(r["gain_points"] for r in rows))
+    write_json(args.json, rows, cpu=cpu_model(), recipe=str(Path(args.recipe).resolve().relative_to(ROOT)),
+               overrides=args.set, jobs=args.jobs, min_gain_points=min(r["gain_points"] for r in rows))
 
 
 if __name__ == "__main__":
