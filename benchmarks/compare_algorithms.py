@@ -27,15 +27,13 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.quickstart_seeds import cpu_model  # noqa: E402
+from benchmarks.quickstart_seeds import cpu_model, train_process as _train  # noqa: E402
 
 RECIPES = ["grpo", "dr_grpo", "rloo", "dapo", "gspo", "forking_tokens", "hapo", "d3s", "thr"]
 QUIET = ["logging.progress=false", "logging.plot=false", "logging.tensorboard=false"]
@@ -57,17 +55,6 @@ def ci95(xs: list[float]) -> tuple[float, float]:
     df = len(xs) - 1
     t = T975.get(df) or T975[max(k for k in T975 if k <= df)]
     return statistics.mean(xs), t * statistics.stdev(xs) / math.sqrt(len(xs))
-
-
-def _train(args: list[str], threads: int) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1"}
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "trainer", "train", *args, f"trainer.threads={threads}"], cwd=ROOT,
-                          env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"run failed: {' '.join(args)}\n{proc.stdout}\n{proc.stderr}")
-    return time.time() - t0
 
 
 def _metrics(run: Path, stage: str) -> list[dict]:
@@ -142,8 +129,10 @@ def write_report(results: dict, seeds: list[int], steps: int, jobs: int, out_md:
         "| recipe | accuracy after SFT | accuracy after GRPO | gain (points) | vs grpo (points) | pass@8 after GRPO | "
         "reward, last 10 steps | generated tokens | GRPO wall time |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    # the gain's paired difference from grpo on the same seeds (same SFT start)
+    paired = {n: [a - b for a, b in zip(gs, gains["grpo"])] for n, gs in gains.items() if "grpo" in gains and n != "grpo"}
     for name, runs in results.items():
-        diff = ([a - b for a, b in zip(gains[name], gains["grpo"])] if "grpo" in gains and name != "grpo" else None)
+        diff = paired.get(name)
         lines.append(
             f"| `{name}` | {statistics.mean(r['accuracy_before'] for r in runs):.3f} | "
             f"{_fmt([r['accuracy_after'] for r in runs])} | {_fmt(gains[name], 1, sign=True)} | "
@@ -151,8 +140,7 @@ def write_report(results: dict, seeds: list[int], steps: int, jobs: int, out_md:
             f"{_fmt([r['reward_last10'] for r in runs])} | "
             f"{statistics.mean(r['generated_tokens'] for r in runs) / 1e3:.0f}k | "
             f"{statistics.mean(r['seconds'] for r in runs):.0f} s |")
-    separated = {n: ci95([a - b for a, b in zip(gs, gains["grpo"])]) for n, gs in gains.items()
-                 if "grpo" in gains and n != "grpo" and len(gs) > 1}
+    separated = {n: ci95(d) for n, d in paired.items() if len(d) > 1}
     above = [f"`{n}` ({m:+.1f} ± {h:.1f})" for n, (m, h) in separated.items() if m - h > 0]
     below = [f"`{n}` ({m:+.1f} ± {h:.1f})" for n, (m, h) in separated.items() if m + h < 0]
     if separated:
@@ -188,7 +176,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--grpo-steps", type=int, default=60)
     ap.add_argument("--recipes", nargs="+", default=RECIPES, choices=RECIPES)
-    ap.add_argument("--jobs", type=int, default=1, help="seeds run side by side, one thread each")
+    ap.add_argument("--jobs", type=int, default=1, help="runs side by side, one thread each")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "compare_algorithms.json"))
     ap.add_argument("--report-only", action="store_true",

@@ -45,17 +45,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_one(recipe: Path, seed: int, threads: int, work: Path, overrides: list[str] = ()) -> dict:
-    out = work / f"seed{seed}-threads{threads}"
+def train_process(args: list[str], threads: int) -> float:
+    """`tokenwise train ARGS` in its own process with `threads` CPU threads, offline; returns its wall time (s)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "trainer", "train", str(recipe), f"seed={seed}", f"trainer.threads={threads}",
-           f"output_dir={out}", *QUIET, *overrides]
+    cmd = [sys.executable, "-m", "trainer", "train", *args, f"trainer.threads={threads}"]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    seconds = time.time() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"run failed (seed {seed}, {threads} threads): {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
+        raise SystemExit(f"run failed ({threads} threads): {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
+    return time.time() - t0
+
+
+def run_one(recipe: Path, seed: int, threads: int, work: Path, overrides: list[str] = ()) -> dict:
+    out = work / f"seed{seed}-threads{threads}"
+    seconds = train_process([str(recipe), f"seed={seed}", f"output_dir={out}", *QUIET, *overrides], threads)
     stages = json.loads((out / "summary.json").read_text())["stages"]
     sft, grpo = stages.get("sft"), stages["grpo"]
     row = {"seed": seed, "threads": threads, "seconds": round(seconds, 1),
