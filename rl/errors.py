@@ -32,3 +32,8 @@ class CheckpointError(TokenwiseError):
 
 class ClusterError(TokenwiseError):
     """An actor died, hung past its timeout, or the cluster cannot place the actors the recipe asks for."""
+
+
+class NonFiniteError(TokenwiseError):
+    """A reward, advantage, loss, gradient norm or weight is NaN or infinite; the step stops before the optimizer
+    and before any checkpoint."""

@@ -96,11 +96,16 @@ def _run_config(run_dir: Path):
     return load_config(run_dir / RESOLVED_CONFIG)
 
 
+ERROR_LOG = "error.log"
+_RUN: dict[str, Path] = {}  # the run folder once a run has started: errors past that point go to its error.log
+
+
 def _execute(cfg, run_dir: Path, stop_after: int | None, ray_address: str | None = None) -> int:
     from trainer.logging import console
     from trainer.run import execute, print_summary
 
     console.print(f"run folder: {run_dir}")
+    _RUN["dir"] = run_dir
     summary = execute(cfg, run_dir, stop_after_steps=stop_after, ray_address=ray_address)
     if summary is None:
         console.print(f"stopped after {stop_after} steps; continue with: tokenwise resume {run_dir}")
@@ -262,7 +267,28 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _error_log(e: BaseException) -> str:
+    """Write the traceback of `e` (and any detail it carries, e.g. a reward process's own traceback) to the run
+    folder's error.log if a run had started; the text to append to the one-line message."""
+    run_dir = _RUN.pop("dir", None)
+    if run_dir is None or not run_dir.is_dir():
+        return ""
+    import datetime
+    import traceback
+    text = "".join(traceback.format_exception(e))
+    detail = getattr(e, "detail", None) or getattr(e.__cause__, "detail", None)
+    if detail:
+        text += f"\n--- from the process that failed ---\n{detail}"
+    try:
+        with open(run_dir / ERROR_LOG, "a") as f:
+            f.write(f"=== {datetime.datetime.now().isoformat(timespec='seconds')} ===\n{text}\n")
+    except OSError:
+        return ""
+    return f" (traceback: {run_dir / ERROR_LOG})"
+
+
 def main(argv: list[str] | None = None) -> int:
+    _RUN.clear()
     args = _parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -290,8 +316,15 @@ def main(argv: list[str] | None = None) -> int:
             return _distill(args)
         return _eval(args)
     except TokenwiseError as e:
-        print(f"tokenwise: error: {e}", file=sys.stderr)
+        print(f"tokenwise: error: {e}{_error_log(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug of ours or of a library: one line here, the whole traceback in error.log
+        log = _error_log(e)
+        if not log:
+            raise
+        print(f"tokenwise: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{log}; "
+              f"please report it with that file", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("tokenwise: interrupted; the last checkpoint is intact — continue with `tokenwise resume RUN_DIR`",
               file=sys.stderr)

@@ -246,6 +246,11 @@ class PythonReward:
     type: Literal["python"] = opt("python", "Reward function name.")
     function: str = opt("", "Where the function lives: 'package.module:function' or 'path/to/file.py:function'.")
     weight: float = opt(1.0, "Multiplier of this reward in the sum.")
+    timeout_s: float = opt(30.0, "Longest one call may take; past it the reward's process is stopped and the run ends "
+                                 "with an error naming the reward and the prompt. Python rewards run in a process "
+                                 "of their own (kept for the run, so module state persists between calls).", gt=0)
+    memory_mb: int | None = opt(None, "Address-space limit of the reward's process in MiB (null = none); a reward "
+                                      "past it fails with MemoryError or is killed, and the run says so.", ge=64)
 
     def __post_init__(self) -> None:
         module, _, name = self.function.rpartition(":")
@@ -628,6 +633,12 @@ class TrainerConfig:
                  "tokens x vocabulary logits); 'naive' from the model's logits. Applies to the GRPO learner (old, "
                  "reference and current policy); ZeRO-3 (partitioned head), models whose head is not a plain linear "
                  "layer, and THR's scoring pass use 'naive'; SFT uses the logits' cross-entropy.")
+    on_nonfinite: Literal["stop", "skip"] = opt(
+        "stop", "A reward, advantage, loss or gradient norm that is NaN or infinite: 'stop' ends the run before the "
+                "optimizer step and before any checkpoint, naming the reward and prompt (or the step and metric); "
+                "'skip' drops that step's update (a non-finite reward or advantage: the whole step; a non-finite "
+                "gradient: that optimizer step) and counts it in nonfinite/skipped_steps and "
+                "nonfinite/skipped_updates. Either way no checkpoint is ever written from non-finite weights.")
     ray: RayConfig = opt(factory=RayConfig, doc="Cluster mode settings (used when mode is 'ray').")
     replay: str | None = opt(None, "GRPO trains on the rollouts of a dump (rollout.dump_dir of an earlier run) "
                                    "instead of generating: step N replays the dump's step N, rewards included. Debug "

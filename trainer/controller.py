@@ -13,11 +13,13 @@ from torch import Tensor
 from rl.advantages import informative_groups
 from rl.algorithm import Algorithm
 from rl.data import PromptStream
+from rl.errors import NonFiniteError
 from rl.rewards import compute_rewards
 from rl.types import RolloutBatch
 from trainer.dump import check_replay, dump_rollouts, load_rollouts
 from trainer.rollout.hf import concat_rollouts
 from trainer.evaluate import EVAL_PANEL, run_heldout_eval
+from trainer.logging import console
 from trainer.stage import StageEnv, StageResult, StageState, run_stage
 from trainer.workers import build_workers
 
@@ -49,11 +51,16 @@ def run_grpo(env: StageEnv) -> StageResult:
 def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, step: int) -> tuple[dict, str]:
     g, learner = env.cfg.grpo, workers.pool
     t0 = time.perf_counter()
-    if env.cfg.trainer.replay is not None:
-        rollouts, rewards, metrics = load_rollouts(env.cfg.trainer.replay, step)
-        t_gen = 0.0
-    else:
-        rollouts, rewards, metrics, t_gen = sample(env, workers, algo, data, step=step)
+    try:
+        if env.cfg.trainer.replay is not None:
+            rollouts, rewards, metrics = load_rollouts(env.cfg.trainer.replay, step)
+            if not torch.isfinite(rewards).all():
+                raise NonFiniteError(f"the replayed rewards of step {step} ({env.cfg.trainer.replay}) are not finite")
+            t_gen = 0.0
+        else:
+            rollouts, rewards, metrics, t_gen = sample(env, workers, algo, data, step=step)
+    except NonFiniteError as e:
+        return nonfinite_step(env, step, str(e))
     if env.cfg.rollout.dump_dir is not None:
         dump_rollouts(env.run_dir / env.cfg.rollout.dump_dir, step, rollouts, rewards, metrics)
     t_reward = time.perf_counter()
@@ -64,11 +71,19 @@ def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, st
     batch, shaping_stats = algo.filter(made, progress=progress)
     batch, token_stats = algo.shape(learner.score(batch), progress=progress)
     shaping_stats.update(token_stats)
+    bad = ~torch.isfinite(batch.advantages) & (batch.response_mask > 0)
+    if bad.any():
+        row = int(bad.any(1).nonzero()[0])
+        return nonfinite_step(env, step, f"{int(bad.sum())} token advantages are not finite (after the "
+                                         f"{env.cfg.algorithm.advantage.type} advantage and token shaping), first on "
+                                         f"prompt {batch.prompts[row]!r}")
     t_score = time.perf_counter()
     workers.sleep_rollouts()
     metrics.update(learner.train_step(batch, ppo_epochs=g.ppo_epochs,
                                       mini_batches=min(g.mini_batches, len(batch) // batch.group_size)))
     workers.wake_rollouts()
+    if metrics["nonfinite/skipped_updates"]:
+        check_updates(env, step, metrics)
     t_train = time.perf_counter()
     workers.sync(step=step)
     t_sync = time.perf_counter()
@@ -80,6 +95,7 @@ def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, st
     metrics.update({"entropy/p10": q10.item(), "entropy/p50": q50.item(), "entropy/p90": q90.item(),
                     "advantage/std": batch.advantages[valid].std().item() if int(valid.sum()) > 1 else 0.0})
     metrics.update({
+        "nonfinite/skipped_steps": 0.0,
         "advantage/abs_mean": (batch.advantages.abs().sum() / mask.sum()).item(),
         "rollout/response_len_mean": mask.sum(1).mean().item(),
         "rollout/truncated_frac": rollouts.truncated.float().mean().item(),
@@ -93,6 +109,25 @@ def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, st
     info = (f"reward {metrics['reward/mean']:.3f} | gen {t_gen:.1f} lp {t_score - t_reward:.1f} "
             f"train {t_train - t_score:.1f} sync {t_sync - t_train:.2f} s")
     return metrics, info
+
+
+def nonfinite_step(env: StageEnv, step: int, reason: str) -> tuple[dict, str]:
+    """A non-finite reward or advantage: stop the run (trainer.on_nonfinite: stop) or skip this step's update."""
+    if env.cfg.trainer.on_nonfinite == "stop":
+        raise NonFiniteError(reason)
+    console.print(f"{env.stage} step {step}: skipped (trainer.on_nonfinite: skip): {reason}")
+    return {"nonfinite/skipped_steps": 1.0, "nonfinite/skipped_updates": 0.0}, "skipped: non-finite values"
+
+
+def check_updates(env: StageEnv, step: int, metrics: dict) -> None:
+    """The learners refused one or more optimizer steps because the gradient norm was not finite (the weights did
+    not change): stop the run, or (trainer.on_nonfinite: skip) say so and go on."""
+    n = int(metrics["nonfinite/skipped_updates"])
+    reason = (f"the gradient norm was not finite in {n} of {int(metrics['actor/updates'])} optimizer steps (loss "
+              f"{metrics.get('actor/loss', float('nan')):.4g}); those updates were not applied")
+    if env.cfg.trainer.on_nonfinite == "stop":
+        raise NonFiniteError(reason)
+    console.print(f"{env.stage} step {step}: {reason} (trainer.on_nonfinite: skip)")
 
 
 def sample(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *,

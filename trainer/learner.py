@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
 from kernels.logprob_entropy import logprob_entropy
-from rl.errors import CheckpointError
+from rl.errors import CheckpointError, NonFiniteError
 from rl.types import RolloutBatch, SFTBatch, TrainBatch
 from trainer.batching import Micro, Update, gather_rows, plan_rows, plan_sft, plan_updates, row_tokens
 from trainer.loading import load_causal_lm
@@ -82,8 +82,13 @@ class TorchOptimizer:
         loss.backward()
 
     def step(self) -> float:
+        """Clip and step; a non-finite gradient norm skips the step (weights, moments and schedule unchanged), as
+        DeepSpeed's ZeRO optimizers do, and is returned for the caller to report."""
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return grad_norm
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -297,6 +302,8 @@ class Learner:
         state = {}
         for k, v in self.full_parameters():  # every rank iterates (ZeRO-3 gathers are collective); rank 0 keeps
             if self.rank == 0:
+                if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                    raise NonFiniteError(f"refusing to save {path}: weight '{k}' holds NaN or infinite values")
                 state[k] = v.cpu().clone() if self.world_size > 1 else v
         if self.rank == 0:
             if self.lora:  # the merged model, loadable as is, and the adapter alone beside it
@@ -371,8 +378,10 @@ class LearnerPool:
         self.version += 1
         metrics = {k: v / tokens for k, v in sums.items()}
         grad_norms = outs[0]["grad_norms"]
-        metrics.update({"actor/grad_norm": sum(grad_norms) / len(grad_norms), "actor/lr": outs[0]["lrs"][-1],
-                        "actor/updates": float(len(grad_norms))})
+        finite = [n for n in grad_norms if math.isfinite(n)]
+        metrics.update({"actor/grad_norm": sum(finite) / len(finite) if finite else float("nan"),
+                        "actor/lr": outs[0]["lrs"][-1], "actor/updates": float(len(grad_norms)),
+                        "nonfinite/skipped_updates": float(len(grad_norms) - len(finite))})
         metrics.update(_mean_dicts([o["model"] for o in outs if o.get("model")]))  # MoE load, gates (per-rank means)
         return metrics
 
@@ -385,6 +394,7 @@ class LearnerPool:
             args.append((sub, Update(micros, u.num_tokens)))
         outs = self.fanout("sft", args)
         return {"sft/loss": sum(o["loss"] for o in outs), "sft/grad_norm": outs[0]["grad_norm"],
+                "nonfinite/skipped_updates": float(not math.isfinite(outs[0]["grad_norm"])),
                 "sft/lr": outs[0]["lr"], "sft/tokens": float(updates[0].num_tokens)}
 
     def save_model(self, path: Path) -> None:

@@ -15,7 +15,7 @@ from models.builtin import save_builtin
 from rl.data import arithmetic_task, local_task, sort_task
 from rl.safety_data import safety_task
 from rl.errors import ModelLoadError
-from rl.rewards import reward_specs
+from rl.rewards import close_rewards, reward_specs
 from trainer.checkpoint import publish_dir, write_text_atomic
 from trainer.config import RunConfig, DataCommon
 from trainer.controller import run_grpo
@@ -129,18 +129,25 @@ def _execute(cfg: RunConfig, run_dir: Path, stop_after_steps: int | None) -> dic
     formatter = PromptFormatter(tokenizer, system_prompt=cfg.data.system_prompt,
                                 use_chat_template=cfg.data.use_chat_template)
     data = load_task(cfg.data)
-    rewards = reward_specs(cfg.rewards)  # imports user reward functions now, not after the SFT stage
-    budget = StepBudget(stop_after_steps)
+    rewards = reward_specs(cfg.rewards)  # loads user reward functions now, not after the SFT stage
+    try:
+        return _run_stages(cfg, run_dir, StepBudget(stop_after_steps), model_dir=model_dir, tokenizer=tokenizer,
+                           tokenizer_dir=tokenizer_dir, formatter=formatter, data=data, device=device, dtype=dtype,
+                           rewards=rewards)
+    finally:
+        close_rewards(rewards)
+
+
+def _run_stages(cfg: RunConfig, run_dir: Path, budget: StepBudget, *, model_dir: str, tokenizer_dir: str,
+                **shared) -> dict | None:
     results = {}
     for stage in cfg.stages:
         final = run_dir / stage / "final"
         if not final.is_dir():
             if budget.exhausted:
                 return None
-            env = StageEnv(cfg=cfg, run_dir=run_dir, stage=stage, init_dir=Path(model_dir), tokenizer=tokenizer,
-                           tokenizer_dir=Path(tokenizer_dir),
-                           formatter=formatter, data=data, device=device, dtype=dtype, rewards=rewards,
-                           budget=budget)
+            env = StageEnv(cfg=cfg, run_dir=run_dir, stage=stage, init_dir=Path(model_dir),
+                           tokenizer_dir=Path(tokenizer_dir), budget=budget, **shared)
             try:
                 result = STAGES[stage](env)
             finally:

@@ -8,8 +8,10 @@ from typing import Any
 import torch
 
 from rl.data import PromptStream
+from rl.errors import NonFiniteError
 from rl.types import SFTBatch
 from trainer.evaluate import EVAL_PANEL, run_heldout_eval
+from trainer.logging import console
 from trainer.stage import StageEnv, StageResult, StageState, run_stage
 from trainer.workers import build_workers
 
@@ -49,10 +51,16 @@ def run_sft(env: StageEnv) -> StageResult:
         return StageState(env, learner=workers.pool, stream=stream, total_steps=s.steps, eval_every=s.eval_every,
                           save_every=s.save_every, evaluate=evaluate)
 
-    def step(workers, _: int) -> tuple[dict, str]:
+    def step(workers, n: int) -> tuple[dict, str]:
         t0 = time.perf_counter()
         batch = sft_batch(stream.next_batch(s.batch_size), env.tokenizer, env.formatter)
         metrics = workers.pool.sft_step(batch)
+        if metrics["nonfinite/skipped_updates"]:
+            reason = (f"the gradient norm was {metrics['sft/grad_norm']} (loss {metrics['sft/loss']:.4g}); the "
+                      f"update was not applied")
+            if cfg.trainer.on_nonfinite == "stop":
+                raise NonFiniteError(reason)
+            console.print(f"sft step {n}: {reason} (trainer.on_nonfinite: skip)")
         metrics["perf/tokens_per_s"] = float(batch.attention_mask.sum()) / (time.perf_counter() - t0)
         return metrics, f"loss {metrics['sft/loss']:.3f}  {metrics['perf/tokens_per_s']:.0f} tok/s"
 

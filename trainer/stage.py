@@ -166,6 +166,7 @@ def run_stage(env: StageEnv, *, make_workers: Callable[[], Any], make_state: Cal
     """The frame of every stage loop: start the workers, restore or start the state, bring the rollout engines
     to the learner's weights, then `step(workers, n) -> (metrics, progress text)` until done or out of budget.
     A failed actor becomes one paragraph naming it and the step; the workers are always shut down."""
+    from rl.errors import NonFiniteError
     from trainer.workers import ActorFailed
     workers = state = None
     try:
@@ -181,9 +182,26 @@ def run_stage(env: StageEnv, *, make_workers: Callable[[], Any], make_state: Cal
         return state.finish(panels)
     except ActorFailed as failure:
         raise stage_failure(env, failure, state) from None
+    except NonFiniteError as e:
+        raise nonfinite_failure(env, e, state) from None
     finally:
         if workers is not None:
             workers.close()
+
+
+def _kept(state: "StageState | None") -> str:
+    latest = state.ckpt.latest() if state is not None else None
+    return f"the last good checkpoint {latest} is intact" if latest else "no checkpoint of this stage was written yet"
+
+
+def nonfinite_failure(env: StageEnv, error: Exception, state: "StageState | None") -> Exception:
+    """A NaN or infinity stopped the step before the optimizer and before any checkpoint: what, where, what is safe."""
+    from rl.errors import NonFiniteError
+    step = f"step {state.step}" if state is not None else "start-up"
+    out = NonFiniteError(f"{env.stage} {step}: {error}. The run stopped before the optimizer step; {_kept(state)}. "
+                         f"Fix the cause and `tokenwise resume {env.run_dir}`, or set trainer.on_nonfinite: skip")
+    out.detail = getattr(error, "detail", None)
+    return out
 
 
 def stage_failure(env: StageEnv, failure: Any, state: "StageState | None") -> Exception:
@@ -191,8 +209,7 @@ def stage_failure(env: StageEnv, failure: Any, state: "StageState | None") -> Ex
     run is safe."""
     from rl.errors import ClusterError
     step = f"step {state.step}" if state is not None else "start-up"
-    latest = state.ckpt.latest() if state is not None else None
-    kept = f"the last good checkpoint {latest} is intact" if latest else "no checkpoint of this stage was written yet"
+    kept = _kept(state)
     hint = (" Set trainer.ray.max_restarts > 0 to replace a dead rollout actor and retry its step."
             if failure.role == "rollout" else "")
     return ClusterError(f"{env.stage}: {failure} during {step}. The run stopped; {kept}; continue with "

@@ -2,23 +2,22 @@
 
 A reward has the signature `fn(*, prompt: str, response: str, answer: str, truncated: bool) -> float`. The recipe's
 `rewards:` list names them with weights; `compute_rewards` sums them. A reward that raises fails the step with a
-`RewardError` naming the reward and the prompt.
+`RewardError` naming the reward and the prompt; one that returns NaN or an infinity with a `NonFiniteError`. Your
+own (`python`) rewards run in a process of their own with a timeout per call (rl/rewards/isolated.py).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import math
 import re
-import sys
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from rl.errors import RewardError
+from rl.errors import NonFiniteError, RewardError
 from rl.registry import Registry
+from rl.rewards.isolated import CallFailed, IsolatedReward, first_line, import_function
 
 RewardFn = Callable[..., float]
 REWARDS: Registry[RewardFn] = Registry("reward")
@@ -65,45 +64,51 @@ def format_reward(*, prompt: str, response: str, answer: str, truncated: bool) -
 
 
 def load_function(spec: str, *, what: str) -> RewardFn:
-    """'package.module:function' or 'path/to/file.py:function' → the function. `what` names the recipe key."""
-    module_name, _, attr = spec.rpartition(":")
+    """'package.module:function' or 'path/to/file.py:function' → the function, imported in this process (refusal
+    detectors, tests). `what` names the recipe key in errors."""
     try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise FileNotFoundError(f"file '{path}' does not exist")
-            mod_spec = importlib.util.spec_from_file_location(f"tokenwise_user_reward_{path.stem}", path)
-            module = importlib.util.module_from_spec(mod_spec)
-            sys.modules[mod_spec.name] = module
-            mod_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-        fn = getattr(module, attr)
+        fn = import_function(spec)
     except Exception as e:  # import errors of user code come in every type
-        raise RewardError(f"{what}: cannot load {spec!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                          ) from None
+        raise RewardError(f"{what}: cannot load {spec!r}: {first_line(e)}") from None
     if not callable(fn):
         raise RewardError(f"{what}: {spec!r} is not callable")
     return fn
+
+
+def _failure(name: str, what: str, prompt: str, response: str) -> str:
+    return f"reward '{name}' {what} on prompt {prompt!r} (response {response!r})"
 
 
 def compute_rewards(specs: Sequence[tuple[str, float, RewardFn]], *, prompts: Sequence[str],
                     responses: Sequence[str], answers: Sequence[str],
                     truncated: Sequence[bool]) -> tuple[Tensor, dict[str, float]]:
     """Weighted sum of rewards per response → ([B] float32, {'reward/<name>': mean of the raw reward}).
-    `specs` lists (name, weight, function)."""
+    `specs` lists (name, weight, function). A reward that raises, times out or ends its process raises RewardError;
+    one that returns NaN or an infinity raises NonFiniteError; both name the reward, the prompt and the response."""
     total = torch.zeros(len(responses), dtype=torch.float32)
     means = {}
+    items = [dict(prompt=p, response=r, answer=a, truncated=bool(t))
+             for p, r, a, t in zip(prompts, responses, answers, truncated)]
     for name, weight, fn in specs:
-        values = []
-        for prompt, response, answer, trunc in zip(prompts, responses, answers, truncated):
+        if isinstance(fn, IsolatedReward):
             try:
-                value = float(fn(prompt=prompt, response=response, answer=answer, truncated=bool(trunc)))
-            except Exception as e:  # a user's reward may raise anything; report which one and on what
-                detail = str(e).splitlines()[0] if str(e) else ""
-                raise RewardError(f"reward '{name}' raised {type(e).__name__}: {detail} on prompt {prompt!r} "
-                                  f"(response {response!r})") from e
-            values.append(value)
+                values = fn.batch(items)
+            except CallFailed as e:
+                item = items[e.index]
+                error = RewardError(_failure(name, e.reason, item["prompt"], item["response"]))
+                error.detail = e.detail
+                raise error from None
+        else:
+            values = []
+            for item in items:
+                try:
+                    values.append(float(fn(**item)))
+                except Exception as e:  # a user's reward may raise anything; report which one and on what
+                    raise RewardError(_failure(name, f"raised {first_line(e)}", item["prompt"], item["response"])) from e
+        for item, value in zip(items, values):
+            if not math.isfinite(value):
+                raise NonFiniteError(_failure(name, f"returned {value}", item["prompt"], item["response"]) +
+                                     "; rewards must be finite numbers")
         raw = torch.tensor(values, dtype=torch.float32)
         total += weight * raw
         means[f"reward/{name}"] = raw.mean().item()
@@ -111,12 +116,32 @@ def compute_rewards(specs: Sequence[tuple[str, float, RewardFn]], *, prompts: Se
 
 
 def reward_specs(configs: Sequence) -> list[tuple[str, float, RewardFn]]:
-    """The recipe's `rewards:` entries (trainer.config reward dataclasses, duck-typed) → (name, weight, function)."""
+    """The recipe's `rewards:` entries (trainer.config reward dataclasses, duck-typed) → (name, weight, function).
+    `python` rewards are loaded in a process of their own now (an import error is reported before any training);
+    close them with `close_rewards`."""
     specs = []
-    for i, cfg in enumerate(configs):
-        if cfg.type == "python":
-            name = cfg.function.rpartition(":")[2]
-            specs.append((name, cfg.weight, load_function(cfg.function, what=f"rewards[{i}].function")))
-        else:
-            specs.append((cfg.type, cfg.weight, REWARDS.get(cfg.type)))
+    try:
+        for i, cfg in enumerate(configs):
+            if cfg.type == "python":
+                name = cfg.function.rpartition(":")[2]
+                try:
+                    fn = IsolatedReward(cfg.function, what=f"rewards[{i}]", timeout_s=cfg.timeout_s,
+                                        memory_mb=cfg.memory_mb)
+                except CallFailed as e:
+                    error = RewardError(f"rewards[{i}].function: {e.reason}")
+                    error.detail = e.detail
+                    raise error from None
+                specs.append((name, cfg.weight, fn))
+            else:
+                specs.append((cfg.type, cfg.weight, REWARDS.get(cfg.type)))
+    except BaseException:
+        close_rewards(specs)
+        raise
     return specs
+
+
+def close_rewards(specs: Sequence[tuple[str, float, RewardFn]]) -> None:
+    """Stop the processes of isolated rewards."""
+    for _, _, fn in specs:
+        if isinstance(fn, IsolatedReward):
+            fn.close()
