@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -21,11 +22,12 @@ from trainer.cli import main
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file under root with its size and mtime (ns): what 'nothing on disk changed' compares."""
+    """Every file under root with its size and mtime (ns): what 'nothing on disk changed' compares. error.log, where
+    the error's traceback is appended, is the one file an error may add to."""
     if not root.exists():
         return {}
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
-            if p.is_file()}
+            if p.is_file() and p.name != "error.log"}
 
 
 def one_line_error(capsys, argv: list[str], *fragments: str, watch: Path | None = None) -> str:
@@ -161,3 +163,50 @@ def test_isolated_reward_keeps_state_and_matches_in_process(tmp_path):
         close_rewards(specs)
     assert first.tolist() == [1.0, 2.5] and second.tolist() == [3.0, 4.5] and means == {"reward/r": 3.75}
     assert specs[0][2].proc is None
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def test_kill_between_rename_and_latest_then_resume_repoints_and_prunes(tiny_recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    recipe = tiny_recipe(stages=["grpo"], grpo={"save_every": 1}, checkpoint={"keep_last": 2})
+    assert main(["train", str(recipe), f"output_dir={run}", "--stop-after-steps", "3"]) == 0
+    ckpts = run / "grpo" / "checkpoints"
+    # as if killed after step_3 was renamed into place but before `latest` was repointed and step_1 pruned
+    shutil.copytree(ckpts / "step_00000002", ckpts / "step_00000001")
+    (ckpts / "latest").write_text("step_00000002")
+    assert main(["resume", str(run), "--stop-after-steps", "1"]) == 0  # redoes step 3, whose folder exists
+    assert (ckpts / "latest").read_text() == "step_00000003"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000002", "step_00000003"]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(tiny_recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    recipe = tiny_recipe(stages=["grpo"], grpo={"save_every": 1}, checkpoint={"keep_last": 2})
+    assert main(["train", str(recipe), f"output_dir={run}", "--stop-after-steps", "3"]) == 0
+    weights = run / "grpo" / "checkpoints" / "step_00000003" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capsys.readouterr()
+    assert main(["resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "step_00000003 is corrupt: model/model.safetensors has" in out
+    assert "resuming from step_00000002" in out
+    steps = [r["step"] for r in read_metrics(run, "grpo")]
+    assert steps == [0, 1, 2, 3, 4, 5, 6]  # step 3 ran again from step 2's state
+    assert (run / "grpo" / "final" / "model.safetensors").is_file()
+
+
+def test_corrupt_optimizer_state_without_an_intact_fallback_is_one_line(tiny_recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    recipe = tiny_recipe(stages=["grpo"], grpo={"save_every": 2}, checkpoint={"keep_last": 1})
+    assert main(["train", str(recipe), f"output_dir={run}", "--stop-after-steps", "2"]) == 0
+    opt = run / "grpo" / "checkpoints" / "step_00000002" / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:100])
+    one_line_error(capsys, ["resume", str(run)], "no intact checkpoint", "optimizer.pt")
+
+
+def test_resume_with_the_checkpoints_folder_deleted_changes_nothing(tiny_recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    recipe = tiny_recipe(stages=["grpo"], grpo={"save_every": 1})
+    assert main(["train", str(recipe), f"output_dir={run}", "--stop-after-steps", "2"]) == 0
+    shutil.rmtree(run / "grpo" / "checkpoints")
+    one_line_error(capsys, ["resume", str(run)], "checkpoints is missing", "records steps up to 2", watch=run)

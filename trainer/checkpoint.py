@@ -7,6 +7,7 @@ back with `weights_only=True` / safetensors / JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -60,6 +61,45 @@ def publish_dir(write: Callable[[Path], None], final: Path) -> Path:
     return final
 
 
+CHECKSUMS = "checksums.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(root: Path) -> None:
+    """checksums.json: size and SHA-256 of every file under root, written last (inside the .tmp folder)."""
+    files = {str(p.relative_to(root)): [p.stat().st_size, _sha256(p)] for p in sorted(root.rglob("*"))
+             if p.is_file() and p.name != CHECKSUMS}
+    (root / CHECKSUMS).write_text(json.dumps(files, indent=0))
+
+
+def verify_checksums(root: Path) -> str | None:
+    """None if every file checksums.json lists is there with its size and hash (or the checkpoint predates
+    checksums); else what is wrong, in a few words."""
+    listing = root / CHECKSUMS
+    if not listing.is_file():
+        return None
+    try:
+        files = json.loads(listing.read_text())
+    except ValueError:
+        return f"{CHECKSUMS} is unreadable"
+    for name, (size, digest) in files.items():
+        path = root / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        if _sha256(path) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
 class CheckpointManager:
     def __init__(self, root: Path, *, keep_last: int) -> None:
         self.root = Path(root)
@@ -72,13 +112,41 @@ class CheckpointManager:
                 stale.unlink()
 
     def save(self, step: int, write: Callable[[Path], None]) -> Path:
+        """Publish step_N (with checksums.json), then point `latest` at it and prune. If step_N exists (this exact
+        state was saved already, or a crash came between the rename and the pointer) only repoint and prune."""
         final = self.root / f"step_{step:08d}"
-        if final.is_dir():  # this exact state was already saved (e.g. the end of a stage on a save_every step)
-            return final
-        publish_dir(write, final)
+        if not final.is_dir():
+            publish_dir(lambda tmp: (write(tmp), write_checksums(tmp)), final)
         write_text_atomic(self.root / LATEST, final.name)
         self._prune(keep=final.name)
         return final
+
+    def resume_point(self, log: Callable[[str], None] = print) -> Path | None:
+        """The checkpoint to resume from: `latest` if it is intact, else (saying so through `log`) the newest intact
+        one; None if there is none to resume. Raises CheckpointError if checkpoints exist but none is intact."""
+        pointer = self.root / LATEST
+        named = self.root / pointer.read_text().strip() if pointer.is_file() else None
+        candidates = self.complete()[::-1]
+        if named is not None and named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+        elif named is not None:
+            log(f"{pointer} names '{named.name}', which is missing")
+        problems = []
+        for path in candidates:
+            problem = verify_checksums(path)
+            if problem is None:
+                if problems or (named is not None and path != named):
+                    log(f"resuming from {path.name}, the newest intact checkpoint, instead "
+                        f"(skipped: {'; '.join(problems) or named.name + ' (missing)'})")
+                    write_text_atomic(pointer, path.name)
+                return path
+            problems.append(f"{path.name}: {problem}")
+            log(f"checkpoint {path} is corrupt: {problem}")
+        if problems:
+            raise CheckpointError(f"no intact checkpoint under {self.root} ({'; '.join(problems)}); restore one from "
+                                  f"a backup, or start the stage over by removing {self.root.parent}")
+        return None
 
     def complete(self) -> list[Path]:
         return sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))

@@ -14,6 +14,7 @@ import dataclasses
 import inspect
 import json
 import math
+import pickle
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -111,8 +112,12 @@ class TorchOptimizer:
             saved = load_causal_lm(path / "model", dtype=dtype, device=device, what=f"checkpoint {path}")
             self.module.load_state_dict(saved.state_dict(), strict=True)
             del saved
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        try:
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+            self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # truncated / damaged
+            raise CheckpointError(f"checkpoint {path}: cannot read the optimizer state: "
+                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 class Learner:

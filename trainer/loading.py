@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 import models.decoder  # noqa: F401  (registers model_type 'tokenwise' with the Auto classes)
@@ -59,7 +60,7 @@ def load_causal_lm(path: str | Path, *, dtype: torch.dtype, device: torch.device
     _check_source(path, what)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a truncated or damaged weights file
         raise ModelLoadError(f"{what}: cannot load a causal LM from '{path}': {str(e).splitlines()[0]}") from None
     return model.to(device)
 

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from rl.errors import CheckpointError
 from trainer.checkpoint import CheckpointManager, load_training_state, publish_dir, save_training_state
 from trainer.config import RunConfig, to_dict
 from trainer.evaluate import headline_sampled
@@ -77,8 +78,15 @@ class StageState:
         self.env, self.learner, self.stream, self.algorithm = env, learner, stream, algorithm
         self.evaluate, self.total_steps = evaluate, total_steps
         self.eval_every, self.save_every = eval_every, save_every
-        self.ckpt = CheckpointManager(env.stage_dir / "checkpoints", keep_last=env.cfg.checkpoint.keep_last)
-        latest = self.ckpt.latest()
+        root = env.stage_dir / "checkpoints"
+        if not root.is_dir() and (env.stage_dir / "metrics.jsonl").is_file():
+            steps = [json.loads(line).get("step", 0) for line in (env.stage_dir / "metrics.jsonl").open() if line.strip()]
+            if max(steps, default=0) > 0:
+                raise CheckpointError(f"{root} is missing, but {env.stage_dir / 'metrics.jsonl'} records steps up to "
+                                      f"{max(steps)}: the checkpoints were moved or deleted. Put them back to resume, "
+                                      f"or remove {env.stage_dir} to run the {env.stage} stage again from its start")
+        self.ckpt = CheckpointManager(root, keep_last=env.cfg.checkpoint.keep_last)
+        latest = self.ckpt.resume_point(log=lambda text: console.print(f"{env.stage}: {text}"))
         history: list[dict] = []
         self.step = 0
         if latest is not None:
