@@ -106,13 +106,16 @@ def read_table(files: Sequence[str], *, what: str) -> Dataset:
     for p in paths:
         if not p.is_file():
             raise DataError(f"{what}: file '{p}' does not exist")
+        if p.stat().st_size == 0:
+            raise DataError(f"{what}: file '{p}' is empty")
     kinds = {_FORMATS.get(p.suffix.lower()) for p in paths}
     if None in kinds or len(kinds) != 1:
         raise DataError(f"{what}: files must all be one of {', '.join(_FORMATS)}; got {[p.name for p in paths]}")
     try:
         ds = load_dataset(kinds.pop(), data_files=[str(p) for p in paths], split="train")
     except Exception as e:  # datasets raises many types for unreadable files
-        raise DataError(f"{what}: could not read {[str(p) for p in paths]}: {str(e).splitlines()[0]}") from None
+        detail = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{what}: could not read {[str(p) for p in paths]}: {detail}") from None
     if len(ds) == 0:
         raise DataError(f"{what}: {[str(p) for p in paths]} has no rows")
     return ds
@@ -127,6 +130,11 @@ def load_local(files: Sequence[str], *, prompt_key: str, answer_key: str, what: 
             raise DataError(f"{what} {[str(p) for p in paths]}: column '{key}' not found (columns: "
                             f"{', '.join(ds.column_names)}); set {role} to the right column")
     ds = ds.select_columns([prompt_key, answer_key])
+    for key, role in ((prompt_key, "data.prompt_key"), (answer_key, "data.answer_key")):
+        missing = [i for i, v in enumerate(ds[key]) if v is None or (isinstance(v, str) and not v.strip())]
+        if missing:
+            raise DataError(f"{what} {[str(p) for p in paths]}: column '{key}' ({role}) is empty or null in "
+                            f"{len(missing)} row(s), first at row {missing[0]}; fill or drop those rows")
     return Dataset.from_dict({"prompt": [str(p) for p in ds[prompt_key]],
                               "answer": [gsm8k_answer(a) for a in ds[answer_key]]})
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -210,3 +211,129 @@ def test_resume_with_the_checkpoints_folder_deleted_changes_nothing(tiny_recipe,
     assert main(["train", str(recipe), f"output_dir={run}", "--stop-after-steps", "2"]) == 0
     shutil.rmtree(run / "grpo" / "checkpoints")
     one_line_error(capsys, ["resume", str(run)], "checkpoints is missing", "records steps up to 2", watch=run)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> Path:
+    """A pretrained-layout model directory (64 positions) for the model.path cases."""
+    from models.builtin import save_builtin
+    out = tmp_path_factory.mktemp("model")
+    save_builtin(out, seed=0, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                 max_position_embeddings=64)
+    return out
+
+
+def _local(tmp_path: Path, rows: list, name: str = "train.jsonl") -> dict:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"type": "local", "train_files": [str(path)], "heldout_size": 2}
+
+
+GOOD_ROWS = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(8)]
+
+
+def _case_empty_jsonl(tmp_path, small_model):
+    (tmp_path / "empty.jsonl").write_text("")
+    return {"data": {"type": "local", "train_files": [str(tmp_path / "empty.jsonl")]}}, [], ["empty.jsonl"]
+
+
+def _case_null_prompt(tmp_path, small_model):
+    rows = GOOD_ROWS[:3] + [{"prompt": None, "answer": "3"}] + GOOD_ROWS[3:]
+    return {"data": _local(tmp_path, rows)}, [], ["column 'prompt'", "empty or null in 1 row(s), first at row 3"]
+
+
+def _case_null_answer(tmp_path, small_model):
+    rows = GOOD_ROWS + [{"prompt": "9+1=", "answer": None}]
+    return {"data": _local(tmp_path, rows)}, [], ["column 'answer'", "row 8"]
+
+
+def _case_truncated_weights(tmp_path, small_model):
+    copy = tmp_path / "model"
+    shutil.copytree(small_model, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return {"model": {"type": "pretrained", "path": str(copy)}}, [], ["model.path", "model.safetensors", "cut short"]
+
+
+def _case_output_dir_is_a_file(tmp_path, small_model):
+    (tmp_path / "afile").write_text("x")
+    return {}, [f"output_dir={tmp_path / 'afile'}"], ["is a file"]
+
+
+def _case_output_dir_under_a_file(tmp_path, small_model):
+    (tmp_path / "afile").write_text("x")
+    return {}, [f"output_dir={tmp_path / 'afile' / 'run'}"], ["is a file, so no folder can be made under it"]
+
+
+def _case_long_prompt(tmp_path, small_model):
+    rows = GOOD_ROWS + [{"prompt": "1+" * 5000 + "1=", "answer": "5001"}]
+    return ({"data": _local(tmp_path, rows), "model": {"type": "pretrained", "path": str(small_model)}}, [],
+            ["prompt", "tokens", "max_position_embeddings 64"])
+
+
+def _case_max_new_tokens_past_positions(tmp_path, small_model):
+    return ({"model": {"type": "pretrained", "path": str(small_model)}, "rollout": {"max_new_tokens": 512}}, [],
+            ["rollout.max_new_tokens (512)", "max_position_embeddings 64"])
+
+
+def _case_no_rewards(tmp_path, small_model):
+    return {"rewards": []}, [], ["rewards is empty"]
+
+
+def _case_negative_stop(tmp_path, small_model):
+    return {}, ["--stop-after-steps", "-3"], ["--stop-after-steps", ">= 1"]
+
+
+def _case_ray_address_in_local_mode(tmp_path, small_model):
+    return {}, ["--ray-address", "127.0.0.1:6379"], ["--ray-address", "trainer.mode: local", "trainer.mode=ray"]
+
+
+BAD_INPUTS = [_case_empty_jsonl, _case_null_prompt, _case_null_answer, _case_truncated_weights,
+              _case_output_dir_is_a_file, _case_output_dir_under_a_file, _case_long_prompt,
+              _case_max_new_tokens_past_positions, _case_no_rewards, _case_negative_stop,
+              _case_ray_address_in_local_mode]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c.__name__.removeprefix("_case_") for c in BAD_INPUTS])
+def test_bad_input_is_one_line_and_leaves_disk_unchanged(case, tiny_recipe, tmp_path, small_model, capsys):
+    sections, args, fragments = case(tmp_path, small_model)
+    recipe = recipe_with(tiny_recipe, **sections)
+    run = tmp_path / "run"
+    if not any(a.startswith("output_dir=") for a in args):
+        args = [f"output_dir={run}", *args]
+    one_line_error(capsys, ["train", str(recipe), *args], *fragments, watch=tmp_path)
+    assert not run.exists()  # a failed start leaves no folder that would block the corrected rerun
+
+
+def recipe_with(tiny_recipe, name: str = "recipe.yaml", **sections) -> Path:
+    """TINY with `sections` merged in, except that a model or data section replaces TINY's (another variant)."""
+    path = tiny_recipe(name, **{k: v for k, v in sections.items() if k not in ("model", "data")})
+    tree = yaml.safe_load(path.read_text())
+    tree.update({k: v for k, v in sections.items() if k in ("model", "data")})
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_empty_recipe_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    one_line_error(capsys, ["train", str(tmp_path / "empty.yaml")], "empty.yaml is empty", "recipes/quickstart.yaml")
+
+
+def test_unwritable_output_parent_is_one_line(tiny_recipe, tmp_path, capsys, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real(p, mode))  # root ignores modes
+    one_line_error(capsys, ["train", str(tiny_recipe()), f"output_dir={locked / 'run'}"],
+                   "no permission to write in", str(locked), watch=tmp_path)
+
+
+def test_a_failed_start_does_not_block_the_corrected_rerun(tiny_recipe, tmp_path, small_model, capsys):
+    run = tmp_path / "run"
+    model = {"type": "pretrained", "path": str(small_model)}
+    bad = recipe_with(tiny_recipe, stages=["grpo"], model=model, rollout={"max_new_tokens": 200})
+    one_line_error(capsys, ["train", str(bad), f"output_dir={run}"], "rollout.max_new_tokens (200)")
+    good = recipe_with(tiny_recipe, "good.yaml", stages=["grpo"], model=model, grpo={"steps": 1})
+    assert main(["train", str(good), f"output_dir={run}"]) == 0
+    assert (run / "grpo" / "final").is_dir()

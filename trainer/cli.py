@@ -16,17 +16,24 @@ from trainer.config import load_config, schema_lines, to_yaml
 RESOLVED_CONFIG = "config.yaml"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Command-line mistakes are one line like every other user error (no usage block)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tokenwise", description="RL fine-tuning of language models (SFT → GRPO).")
+    p = _Parser(prog="tokenwise", description="RL fine-tuning of language models (SFT → GRPO).")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="start a run from a recipe")
     t.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. grpo.steps=20")
-    t.add_argument("--stop-after-steps", type=int, metavar="N",
+    t.add_argument("--stop-after-steps", type=_steps, metavar="N",
                    help="checkpoint and exit after N steps (continue with `tokenwise resume`)")
     r = sub.add_parser("resume", help="continue a run from its latest checkpoint")
     r.add_argument("run_dir")
-    r.add_argument("--stop-after-steps", type=int, metavar="N")
+    r.add_argument("--stop-after-steps", type=_steps, metavar="N")
     for cmd in (t, r):
         cmd.add_argument("--ray-address", metavar="ADDR",
                          help="cluster mode: attach to this Ray cluster ('auto' or host:port) instead of "
@@ -78,16 +85,65 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.recipe, args.overrides)
-    run_dir = cfg.resolved_output_dir()
-    if run_dir.exists() and any(run_dir.iterdir()):
+def _steps(text: str) -> int:
+    """--stop-after-steps: a positive number of steps."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of steps >= 1, got {text!r}")
+    return value
+
+
+def _check_ray_address(cfg, ray_address: str | None, source: str) -> None:
+    if ray_address is not None and cfg.trainer.mode != "ray":
+        raise ConfigError(f"--ray-address attaches a cluster-mode run, but {source} has trainer.mode: "
+                          f"{cfg.trainer.mode}; add trainer.mode=ray to run on that cluster, or drop --ray-address")
+
+
+def _check_output_dir(run_dir: Path) -> None:
+    """The run folder must be new (or empty) and creatable: one line saying why not, before anything is written."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output_dir '{run_dir}' is a file; set output_dir to a folder path")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
         raise ConfigError(f"run folder '{run_dir}' already exists; continue it with `tokenwise resume {run_dir}` "
-                          f"or set run.output_dir / name to a new folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
+                          f"or set output_dir (or name) to a new folder")
+    parent = run_dir.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"output_dir '{run_dir}': '{parent}' is a file, so no folder can be made under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir '{run_dir}': no permission to write in '{parent}'; choose a folder you can "
+                          f"write to")
+
+
+def _train(args: argparse.Namespace) -> int:
+    import shutil
+    from trainer.run import preflight
+    cfg = load_config(args.recipe, args.overrides)
+    _check_ray_address(cfg, args.ray_address, args.recipe)
+    run_dir = cfg.resolved_output_dir()
+    _check_output_dir(run_dir)
+    preflight(cfg)  # data, rewards: before the run folder exists
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output_dir '{run_dir}': cannot create it: {e.strerror}") from None
     cfg.output_dir = str(run_dir)
     (run_dir / RESOLVED_CONFIG).write_text(to_yaml(cfg))
-    return _execute(cfg, run_dir, args.stop_after_steps, args.ray_address)
+    try:
+        return _execute(cfg, run_dir, args.stop_after_steps, args.ray_address)
+    except TokenwiseError:
+        # a failed start (bad model, prompts too long, no cluster, ...) leaves nothing behind to block a corrected
+        # rerun; once a stage has begun (metrics.jsonl written) the folder holds a run to resume and is kept
+        if not any((run_dir / stage / "metrics.jsonl").exists() for stage in cfg.stages):
+            _RUN.pop("dir", None)
+            for child in ([run_dir] if created else list(run_dir.iterdir())):
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        raise
 
 
 def _run_config(run_dir: Path):
@@ -289,9 +345,9 @@ def _error_log(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     _RUN.clear()
-    args = _parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        args = _parser().parse_args(argv)
         if args.command == "check":
             print(to_yaml(load_config(args.recipe, args.overrides)), end="")
             return 0
@@ -305,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "resume":
             run_dir = Path(args.run_dir)
-            return _execute(_run_config(run_dir), run_dir, args.stop_after_steps, args.ray_address)
+            cfg = _run_config(run_dir)
+            _check_ray_address(cfg, args.ray_address, str(run_dir / RESOLVED_CONFIG))
+            return _execute(cfg, run_dir, args.stop_after_steps, args.ray_address)
         if args.command == "export":
             return _export(args)
         if args.command == "ping":

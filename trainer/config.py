@@ -670,6 +670,9 @@ class RunConfig:
             raise ConfigError("stages must list at least one of 'sft', 'grpo'")
         if len(set(self.stages)) != len(self.stages) or self.stages not in (["sft"], ["grpo"], ["sft", "grpo"]):
             raise ConfigError(f"stages must be [sft], [grpo] or [sft, grpo], got {self.stages}")
+        if "grpo" in self.stages and not self.rewards:
+            raise ConfigError("rewards is empty, but the grpo stage needs at least one reward, e.g. "
+                              "rewards: [{type: exact_answer}]")
         if self.trainer.replay is not None and self.trainer.mode != "local":
             raise ConfigError("trainer.replay runs in debug mode: set trainer.mode to 'local'")
         if self.model.lora.r and self.trainer.mode == "ray" and self.trainer.ray.zero_stage == 3:
@@ -841,7 +844,35 @@ def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
             raise ConfigError(f"{source}: '{dotted}' is not an index of a list of {len(node)}")
         node[int(last)] = value
     else:
+        if last == "type" and node.get("type") != value:
+            _keep_variant_keys(tree, parts[:-1], node, value)
         node[last] = value
+
+
+def _keep_variant_keys(tree: dict, parts: list[str], node: dict, kind: Any) -> None:
+    """An override that switches a section's variant (`data.type=sort` on a recipe with arithmetic keys) drops the
+    section's keys that the new variant does not have, instead of failing on them."""
+    tp: Any = RunConfig
+    here: Any = tree
+    for part in parts:
+        if typing.get_origin(tp) is list:
+            tp, here = typing.get_args(tp)[0], here[int(part)] if isinstance(here, list) else {}
+        elif _is_dataclass_union(tp):
+            variant = _variant_types(tp).get(here.get("type") if isinstance(here, dict) else None)
+            if variant is None:
+                return
+            tp, here = typing.get_type_hints(variant).get(part), here.get(part, {})
+        elif dataclasses.is_dataclass(tp):
+            tp, here = typing.get_type_hints(tp).get(part), here.get(part, {}) if isinstance(here, dict) else {}
+        else:
+            return
+        if tp is None:
+            return
+    if not _is_dataclass_union(tp) or kind not in _variant_types(tp):
+        return  # not a variant section, or an unknown type that _build reports
+    allowed = {f.name for f in dataclasses.fields(_variant_types(tp)[kind])}
+    for key in [k for k in node if k not in allowed]:
+        del node[key]
 
 
 def _default_list(parts: list[str]) -> Any:
@@ -873,12 +904,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not path.is_file():
         raise ConfigError(f"recipe '{path}' does not exist")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
+    if tree is None:
+        raise ConfigError(f"{path} is empty; a recipe names at least its model, data and stages (start from a copy of "
+                          f"recipes/quickstart.yaml; `tokenwise schema` lists every key)")
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(tree).__name__}")
     return config_from_dict(tree, source=str(path), overrides=overrides)

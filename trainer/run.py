@@ -14,7 +14,7 @@ import transformers
 from models.builtin import save_builtin
 from rl.data import arithmetic_task, local_task, sort_task
 from rl.safety_data import safety_task
-from rl.errors import ModelLoadError
+from rl.errors import ConfigError, DataError, ModelLoadError
 from rl.rewards import close_rewards, reward_specs
 from trainer.checkpoint import publish_dir, write_text_atomic
 from trainer.config import RunConfig, DataCommon
@@ -28,6 +28,7 @@ from trainer.stage import RESULT_FILE, StageEnv, StepBudget
 STAGES = {"sft": run_sft, "grpo": run_grpo}
 TASKS = {"arithmetic": arithmetic_task, "sort": sort_task, "local": local_task, "safety": safety_task}
 _NOT_TASK_ARGS = {"register_tokens", "refusal_patterns", "refusal_detector"}  # data keys the evaluation / model use
+LENGTH_CHECK_ROWS = 64  # rows per split whose token length check_lengths measures
 _COMMON = {f.name for f in dataclasses.fields(DataCommon)}
 
 
@@ -96,13 +97,79 @@ def convert_pretrained(m, out: Path) -> None:
     load_tokenizer(m.tokenizer_path or m.path).save_pretrained(out)
 
 
-def quiet_libraries(device: torch.device) -> None:
-    """Our progress bar and log lines only: no per-save/load bars from transformers, and DeepSpeed (imported by
-    accelerate inside save_pretrained) told it is on CPU instead of warning that it found no GPU."""
+def quiet_libraries(device: torch.device | None = None) -> None:
+    """Our progress bar and log lines only: no per-save/load bars from transformers or datasets, and DeepSpeed
+    (imported by accelerate inside save_pretrained) told it is on CPU instead of warning that it found no GPU."""
+    import datasets
+    datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    if device.type == "cpu":
+    if device is not None and device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def preflight(cfg: RunConfig) -> None:
+    """What can be checked before a run folder exists: the data loads (files, columns, no empty prompts), the reward
+    functions import, a pretrained model's directory has a config and weights that are not cut short."""
+    quiet_libraries()
+    load_task(cfg.data)
+    close_rewards(reward_specs(cfg.rewards))
+    if cfg.model.type == "pretrained":
+        check_weights(cfg.model.path, what="model.path")
+
+
+def check_weights(model_dir: str, *, what: str) -> None:
+    """Every *.safetensors file of a local model directory is complete: its header reads and the file is as long as
+    the header says (a copy cut short is a one-line error here, not a SafetensorError deep inside a load)."""
+    import struct
+    path = Path(model_dir)
+    if not path.is_dir():
+        return  # a hub id, or a missing folder that load_tokenizer reports
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (struct.error, ValueError, KeyError, TypeError, MemoryError, OverflowError):
+            raise ModelLoadError(f"{what}: {f} is not a readable safetensors file (damaged or cut short)") from None
+        if f.stat().st_size < 8 + n + end:
+            raise ModelLoadError(f"{what}: {f} is cut short ({f.stat().st_size} bytes; its header describes "
+                                 f"{8 + n + end}); copy the model again")
+
+
+def check_lengths(cfg: RunConfig, model_dir: str, tokenizer, formatter, data: dict) -> None:
+    """Prompt (+ answer for SFT) + rollout.max_new_tokens must fit the model's positions: one line naming the row,
+    not responses running past max_position_embeddings."""
+    from transformers import AutoConfig
+    try:
+        limit = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
+    except (OSError, ValueError):
+        return  # load_causal_lm reports it
+    if not limit:
+        return
+    n = cfg.rollout.max_new_tokens
+    if n >= limit:
+        raise ConfigError(f"rollout.max_new_tokens ({n}) leaves no room for a prompt: the model ({model_dir}) has "
+                          f"max_position_embeddings {limit}; lower rollout.max_new_tokens")
+    for split, rows in (("training", data["train"]), ("held-out", data["heldout"])):
+        sft = "sft" in cfg.stages and split == "training"
+        answer_key = "sft_answer" if "sft_answer" in rows.column_names else "answer"
+        prompts, answers = rows["prompt"], [str(a) for a in rows[answer_key]]
+        # tokenize only the rows longest in characters (a proxy for tokens), so a million-row file costs no time
+        size = [len(p) + (len(a) if sft else 0) for p, a in zip(prompts, answers)]
+        longest = sorted(range(len(size)), key=size.__getitem__)[-LENGTH_CHECK_ROWS:]
+        for i in longest:
+            tokens = len(tokenizer(formatter.row(rows[i]), add_special_tokens=False)["input_ids"])
+            if sft:
+                total = tokens + len(tokenizer(answers[i], add_special_tokens=False)["input_ids"]) + 1
+                if total > limit:
+                    raise DataError(f"data: training row {i} is {total} tokens (prompt + answer), more than the "
+                                    f"model's max_position_embeddings {limit}; shorten or drop such rows")
+            if tokens + n > limit:
+                raise DataError(f"data: {split} prompt {i} is {tokens} tokens; with rollout.max_new_tokens {n} that "
+                                f"exceeds the model's max_position_embeddings {limit}; shorten or drop such prompts, "
+                                f"or lower rollout.max_new_tokens to {max(1, limit - tokens)} or less")
 
 
 def execute(cfg: RunConfig, run_dir: Path, *, stop_after_steps: int | None = None,
@@ -129,6 +196,7 @@ def _execute(cfg: RunConfig, run_dir: Path, stop_after_steps: int | None) -> dic
     formatter = PromptFormatter(tokenizer, system_prompt=cfg.data.system_prompt,
                                 use_chat_template=cfg.data.use_chat_template)
     data = load_task(cfg.data)
+    check_lengths(cfg, model_dir, tokenizer, formatter, data)
     rewards = reward_specs(cfg.rewards)  # loads user reward functions now, not after the SFT stage
     try:
         return _run_stages(cfg, run_dir, StepBudget(stop_after_steps), model_dir=model_dir, tokenizer=tokenizer,
