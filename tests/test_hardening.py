@@ -337,3 +337,92 @@ def test_a_failed_start_does_not_block_the_corrected_rerun(tiny_recipe, tmp_path
     good = recipe_with(tiny_recipe, "good.yaml", stages=["grpo"], model=model, grpo={"steps": 1})
     assert main(["train", str(good), f"output_dir={run}"]) == 0
     assert (run / "grpo" / "final").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------- README examples
+def _fenced(text: str) -> list[tuple[str, str]]:
+    """(language, body) of every fenced code block."""
+    blocks, lang, body = [], None, []
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if lang is None:
+                lang, body = line[3:].strip(), []
+            else:
+                blocks.append((lang, "\n".join(body) + "\n"))
+                lang = None
+        elif lang is not None:
+            body.append(line)
+    return blocks
+
+
+def _unfenced(text: str) -> list[str]:
+    out, inside = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            inside = not inside
+        elif not inside:
+            out.append(line)
+    return out
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every `tokenwise train|check RECIPE overrides` the README shows (code blocks with their line continuations,
+    and inline code), as argument lists without flags and placeholders."""
+    import re
+    import shlex
+    from conftest import ROOT
+    text = (ROOT / "README.md").read_text()
+    sources = [b.replace("\\\n", " ") for lang, b in _fenced(text) if lang in ("", "bash")]
+    prose = "\n".join(line for line in _unfenced(text))
+    sources += re.findall(r"`(tokenwise (?:train|check) [^`]+)`", prose)
+    commands = []
+    for source in sources:
+        for line in source.splitlines():
+            match = re.search(r"tokenwise (?:train|check) (.*)", line)
+            if not match:
+                continue
+            words = shlex.split(match.group(1).split("#")[0])
+            if not words or words[0].isupper():  # the synopsis line: tokenwise train RECIPE [key.sub=value ...]
+                continue
+            args, skip = [], False
+            for w in words:
+                if skip:
+                    skip = False
+                elif w.startswith("--"):
+                    skip = w in ("--ray-address", "--stop-after-steps")
+                else:
+                    args.append(w)
+            commands.append(args)
+    return commands
+
+
+def test_readme_commands_and_overrides_pass_check(capsys):
+    import re
+    from conftest import ROOT
+    commands = _readme_commands()
+    assert len(commands) >= 6 and any("rollout.engine=vllm" in c for c in commands)
+    inline = re.search(r"Overrides use dotted keys and YAML values: (.*?)--stop-after-steps", (ROOT / "README.md").read_text(), re.S)
+    overrides = re.findall(r"`([^`]+=[^`]+)`", inline.group(1))
+    assert len(overrides) >= 3
+    commands += [["recipes/quickstart.yaml", o] for o in overrides]
+    commands += [[str(r.relative_to(ROOT)), "data.type=arithmetic", "data.max_digits=3"] for r in (ROOT / "recipes").glob("*.yaml")
+                 if yaml.safe_load(r.read_text()).get("data", {}).get("type") == "sort"]
+    for args in commands:
+        old = os.getcwd()
+        os.chdir(ROOT)
+        try:
+            code = main(["check", *args])
+        finally:
+            os.chdir(old)
+        assert code == 0, (args, capsys.readouterr().err)
+
+
+def test_readme_recipe_blocks_are_valid_recipes():
+    import re
+    from conftest import ROOT
+    from trainer.config import config_from_dict
+    blocks = [yaml.safe_load(b) for lang, b in _fenced((ROOT / "README.md").read_text()) if lang == "yaml"]
+    full = [b for b in blocks if isinstance(b, dict) and "model" in b and ("data" in b or "stages" in b)]
+    assert full
+    for tree in full:
+        config_from_dict(tree, source="README.md")
