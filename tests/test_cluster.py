@@ -208,7 +208,9 @@ def kill_rollout_at_step_2(*, prompt, response, answer, truncated):
 def _killer_recipe(recipe_for, tmp_path, name, **ray_cfg):
     per_step = TINY["grpo"]["prompts_per_step"] * TINY["grpo"]["group_size"]
     (tmp_path / "killer.py").write_text(KILLER.replace("{per_step}", str(per_step)))
-    return recipe_for(name, "ray", rewards=[{"type": "python", "function": f"{tmp_path}/killer.py:kill_rollout_at_step_2"}],
+    # in the driver process (isolated: false): the reward reaches the rollout actor through the driver's Ray session
+    return recipe_for(name, "ray", rewards=[{"type": "python", "function": f"{tmp_path}/killer.py:kill_rollout_at_step_2",
+                                             "isolated": False}],
                       trainer={"ray": ray_cfg})
 
 
@@ -258,3 +260,70 @@ def test_actors_that_do_not_fit_the_cluster_are_a_clear_error(local_ray, recipe_
     while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU") == 2  # the placement group was given back
+
+
+LEARNER_KILLER = """
+import os, signal, ray
+_done = []
+def kill_learner_1_at_step_2(*, prompt, response, answer, truncated):
+    # the second step's first reward call SIGKILLs learner rank 1; under ZeRO-3 rank 0 then waits for it in the
+    # all-gather of the scoring forward
+    _done.append(1)
+    if len(_done) == 1 + {per_step}:
+        actor = ray.get_actor("tokenwise-{pid}-grpo-learner-1".format(pid=os.getpid()))
+        os.kill(ray.get(actor.pid.remote()), signal.SIGKILL)
+    return float(len(response) % 2)
+"""
+
+
+def test_dead_learner_rank_is_named_with_its_own_rank(local_ray, recipe_for, tmp_path, capsys):
+    per_step = TINY["grpo"]["prompts_per_step"] * TINY["grpo"]["group_size"]
+    (tmp_path / "lk.py").write_text(LEARNER_KILLER.replace("{per_step}", str(per_step)))
+    recipe = recipe_for("learner-kill", "ray", rewards=[{"type": "python", "function": f"{tmp_path}/lk.py:kill_learner_1_at_step_2",
+                                                         "isolated": False}],
+                        trainer={"ray": {"zero_stage": 3, "call_timeout_s": 300}})
+    run = tmp_path / "run"
+    capsys.readouterr()
+    t0 = time.monotonic()
+    assert main(["train", str(recipe), f"output_dir={run}"]) == 2
+    assert time.monotonic() - t0 < 120  # well inside the 300 s call timeout: found by its death, not by a timeout
+    err = capsys.readouterr().err
+    assert "learner actor 1" in err and "died" in err and "during step 2" in err, err
+    assert "max_restarts" not in err  # learners are not restarted; no hint about rollout restarts
+    assert (run / "error.log").is_file()
+
+
+def test_restart_budget_is_counted_over_the_run_across_resume(local_ray, recipe_for, tmp_path):
+    run = tmp_path / "run"
+    recipe = _killer_recipe(recipe_for, tmp_path, "budget", max_restarts=1)
+    assert main(["train", str(recipe), f"output_dir={run}", "--stop-after-steps", "2"]) == 0
+    assert main(["resume", str(run)]) == 0
+    assert [r["rollout/actor_restarts"] for r in _steps(run)] == [0.0, 1.0, 1.0]  # step 3 ran after the resume
+    state = json.loads((run / "grpo" / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    assert state["workers"] == {"rollout_restarts": 1}
+
+
+def test_an_error_raised_in_a_rollout_actor_is_reported_not_retried(local_ray):
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from trainer.cluster import CallTimer, LearnerWorker, RayWorkers, WorkerGroup
+    from trainer.config import RayConfig
+    from trainer.workers import ActorFailed
+    pg = placement_group([{"CPU": 0.5}])
+    ray.get(pg.ready(), timeout=60)
+    # an actor shell whose engine was never set up: every score() call raises the same AttributeError
+    group = WorkerGroup(LearnerWorker, "rollout", pg=pg, bundles=[0], num_cpus=0.5, num_gpus=0,
+                        init_args=lambda r: (0, 1, 0.5), timer=CallTimer(None), namespace_prefix=f"test-{os.getpid()}")
+    try:
+        with pytest.raises(ActorFailed) as info:
+            group.call_all("score", None)
+        assert info.value.kind == "raised" and "AttributeError" in info.value.cause
+        assert "self.learner.score(*args)" in info.value.detail  # the remote traceback, for error.log
+        workers = RayWorkers.__new__(RayWorkers)  # only the restart decision: no stage, no learners
+        workers.cfg, workers.restarts, workers.rollouts = RayConfig(max_restarts=3), 0, group
+        with pytest.raises(ActorFailed):
+            workers._recover(info.value, step=1)
+        assert workers.restarts == 0  # the budget is untouched: a raised error would only repeat
+        assert group.call_all("pid") == [ray.get(group.actors[0].pid.remote())]  # the same actor, not replaced
+    finally:
+        group.kill()
+        remove_placement_group(pg)

@@ -426,3 +426,45 @@ def test_readme_recipe_blocks_are_valid_recipes():
     assert full
     for tree in full:
         config_from_dict(tree, source="README.md")
+
+
+# ----------------------------------------------------------------------------------------------- cluster attach
+def _cli(args: list[str], cwd: Path) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+    exe = Path(sys.executable).parent / "tokenwise"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def _attach_error(proc, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("tokenwise: error:")]
+    assert len(errors) == 1, proc.stderr
+    ours = [line for line in (proc.stdout + proc.stderr).splitlines()
+            if line.strip() and not line.startswith("run folder:")]
+    assert len(ours) <= 3, ours  # our line, plus at most Ray's own last retry notice from its connecting thread
+    for f in fragments:
+        assert f in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("listening", [False, True], ids=["refused", "silent"])
+def test_attaching_to_an_address_that_does_not_answer_ends_in_time(tiny_recipe, tmp_path, listening):
+    import socket
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    if listening:
+        server.listen(8)  # accepts TCP connections but never speaks Ray's protocol (a wrong port, a firewall box)
+    else:
+        server.close()  # nothing listens: refused at once
+    recipe = tiny_recipe(trainer={"mode": "ray", "ray": {"connect_timeout_s": 5}})
+    t0 = time.monotonic()
+    try:
+        proc = _cli(["train", str(recipe), f"output_dir={tmp_path / 'run'}", "--ray-address", f"127.0.0.1:{port}"],
+                    cwd=tmp_path)
+    finally:
+        server.close()
+    assert time.monotonic() - t0 < 90
+    _attach_error(proc, f"127.0.0.1:{port}", *(["connect_timeout_s (5 s)"] if listening else ["nothing answers"]))
+    assert not (tmp_path / "run").exists()

@@ -44,16 +44,50 @@ def ray_session(cfg: Any, address: str | None) -> Iterator[None]:
     address = address or cfg.address
     try:
         if address:
-            ray.init(address=address, runtime_env={"env_vars": _actor_env()})
+            attach(address, timeout_s=cfg.connect_timeout_s)
         else:
             start_local_ray(num_cpus=cfg.num_cpus or os.cpu_count(), object_store_mb=cfg.object_store_mb)
     except (ConnectionError, RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ClusterError(f"cannot {'attach to the Ray cluster at ' + repr(address) if address else 'start a local Ray'}: "
-                           f"{e}. Start one with `ray start --head` or leave trainer.ray.address empty") from None
+                           f"{first}. Start one with `ray start --head` or leave trainer.ray.address empty") from None
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def attach(address: str, *, timeout_s: float) -> None:
+    """ray.init(address) within `timeout_s`: a host:port where nothing listens is refused at once, and a head that
+    never answers (wrong node address, firewall) is given up after the timeout instead of retried forever."""
+    import logging
+    import threading
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # no retry chatter from the core worker while we wait
+    host, sep, port = address.rpartition(":")
+    if sep and port.isdigit() and "://" not in address:
+        try:
+            socket.create_connection((host, int(port)), timeout=min(timeout_s, 10.0)).close()
+        except OSError as e:
+            raise ClusterError(f"cannot attach to the Ray cluster at {address!r}: {e.strerror or e} (nothing answers "
+                               f"there). Check the head's address (`ray status` on the head), or start one with "
+                               f"`ray start --head`") from None
+    outcome: dict[str, BaseException | None] = {}
+
+    def connect() -> None:
+        try:
+            ray.init(address=address, runtime_env={"env_vars": _actor_env()}, logging_level=logging.ERROR)
+            outcome["error"] = None
+        except BaseException as e:  # noqa: BLE001 — handed to the caller's thread
+            outcome["error"] = e
+    thread = threading.Thread(target=connect, name="ray-attach", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if "error" not in outcome:
+        raise ClusterError(f"no answer from the Ray cluster at {address!r} within trainer.ray.connect_timeout_s "
+                           f"({timeout_s:g} s); the head may be unreachable from this node, or advertise another "
+                           f"address (compare `ray status` on the head)")
+    if outcome["error"] is not None:
+        raise outcome["error"]
 
 
 def _actor_env() -> dict[str, str]:
@@ -171,18 +205,24 @@ class LearnerWorker:
 
     def push_weights(self, rollouts: list[Any], version: int, bucket_bytes: int, timeout_s: float) -> dict:
         """Stream the full weights to the rollout actors in buckets (every rank iterates: ZeRO-3 gathers are
-        collective; rank 0 sends). Rollout actors that fail are skipped and reported, so the ranks stay in step."""
-        failed: dict[int, str] = {}
+        collective; rank 0 sends). Each bucket (and the begin / finish calls) has its own deadline of `timeout_s`;
+        rollout actors that fail or miss it are skipped and reported, so the ranks stay in step. Returns the
+        failures, the bucket count and the slowest bucket's seconds (the controller's adaptive timeout)."""
+        failed: dict[int, tuple[str, str, str]] = {}
         alive = dict(enumerate(rollouts)) if self.rank == 0 else {}
-        deadline = time.monotonic() + timeout_s  # for the whole sync, so the controller's wait (2x) outlasts it
+        slowest = 0.0
 
         def call_all(method: str, *args: Any) -> None:
+            nonlocal slowest
+            t0 = time.monotonic()
+            deadline = t0 + timeout_s
             refs = {i: getattr(a, method).remote(*args) for i, a in alive.items() if i not in failed}
             for i, ref in refs.items():
                 try:
                     ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
                 except Exception as e:  # noqa: BLE001 — any failure of that actor is reported to the controller
                     failed[i] = _describe(e)
+            slowest = max(slowest, time.monotonic() - t0)
 
         call_all("begin_sync")
         bucket: dict[str, torch.Tensor] = {}
@@ -200,30 +240,57 @@ class LearnerWorker:
             call_all("load_bucket", ray.put(bucket))
             sent += 1
         call_all("finish_sync", version)
-        return {"failed": failed, "buckets": sent}
+        return {"failed": failed, "buckets": sent, "slowest_s": slowest}
 
 
-def _describe(e: BaseException) -> str:
+FIRST_CALL_TIMEOUT_S = 900.0  # adaptive timeouts: a method's first call (may load a model or compile)
+MIN_TIMEOUT_S = 60.0
+DEATH_GRACE_S = 5.0  # after one rank raised: how long to look for a rank that died (the likely cause)
+
+
+class CallTimer:
+    """Timeouts per method: trainer.ray.call_timeout_s if set, else adaptive: 10x the slowest earlier call of the
+    method per unit of work (rows x samples for generation), at least MIN_TIMEOUT_S, and FIRST_CALL_TIMEOUT_S for
+    a method not seen yet. A hung actor on the quick start is so found in about a minute, not 15."""
+
+    def __init__(self, fixed: float | None) -> None:
+        self.fixed = fixed
+        self.rate: dict[str, float] = {}
+
+    def timeout(self, method: str, work: float = 1.0) -> float:
+        if self.fixed:
+            return self.fixed
+        if method not in self.rate:
+            return FIRST_CALL_TIMEOUT_S
+        return max(MIN_TIMEOUT_S, 10.0 * self.rate[method] * work)
+
+    def record(self, method: str, seconds: float, work: float = 1.0) -> None:
+        self.rate[method] = max(self.rate.get(method, 0.0), seconds / max(work, 1e-9))
+
+
+def _describe(e: BaseException) -> tuple[str, str, str]:
+    """(cause in one line, kind: 'hung' | 'died' | 'raised', remote traceback or '')."""
     if isinstance(e, ray.exceptions.GetTimeoutError):
-        return "no answer within the call timeout (hung?)"
+        return "no answer within the call timeout (hung?)", "hung", ""
     if isinstance(e, ray.exceptions.RayActorError):
-        return "its process died (killed, out of memory, or crashed)"
+        return "its process died (killed, out of memory, or crashed)", "died", ""
     if isinstance(e, ray.exceptions.RayTaskError):
         cause = e.cause if getattr(e, "cause", None) is not None else e
-        return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
-    return f"{type(e).__name__}: {e}"
+        text = str(cause).strip()
+        return f"{type(cause).__name__}: {text.splitlines()[-1] if text else ''}", "raised", str(e)
+    return f"{type(e).__name__}: {e}", "raised", ""
 
 
 class WorkerGroup:
     """N ranked actors of `cls`, actor i on bundle `bundles[i]` of placement group `pg`."""
 
     def __init__(self, cls: type, role: str, *, pg: Any, bundles: list[int], num_cpus: float, num_gpus: float,
-                 init_args: Any, timeout_s: float, namespace_prefix: str) -> None:
+                 init_args: Any, timer: CallTimer, namespace_prefix: str) -> None:
         self.remote_cls = ray.remote(cls)
         self.role, self.pg, self.bundles = role, pg, bundles
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.init_args = init_args  # rank -> (args tuple)
-        self.timeout_s = timeout_s
+        self.timer = timer
         self.prefix = namespace_prefix
         self.actors = [self._spawn(rank) for rank in range(len(bundles))]
 
@@ -236,16 +303,52 @@ class WorkerGroup:
     def __len__(self) -> int:
         return len(self.actors)
 
-    def wait(self, refs: list[Any], method: str, timeout_s: float | None = None) -> list[Any]:
-        """Results in rank order; the first failing rank raises ActorFailed (dead, raised, or past the timeout)."""
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
-        out = []
-        for rank, ref in enumerate(refs):
-            try:
-                out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
-            except Exception as e:  # noqa: BLE001
-                raise ActorFailed(self.role, rank, method, _describe(e)) from None
-        return out
+    def wait(self, refs: list[Any], method: str, timeout_s: float | None = None, *, ranks: list[int] | None = None,
+             work: float = 1.0) -> list[Any]:
+        """Results in rank order. All ranks are waited on together: the first to fail (dead, raised) raises
+        ActorFailed with its own rank and remote traceback, even while other ranks block on it in a collective;
+        past the timeout the ranks still running are named. `ranks`: the actor rank of each ref (default 0..)."""
+        ranks = list(range(len(refs))) if ranks is None else ranks
+        limit = timeout_s or self.timer.timeout(method, work)
+        t0 = time.monotonic()
+        pending = dict(zip(refs, ranks))
+        results: dict[int, Any] = {}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, t0 + limit - time.monotonic()))
+            if not ready:
+                waiting = sorted(pending.values())
+                cause = f"no answer within the call timeout ({limit:.0f} s; hung?)"
+                if len(waiting) > 1:
+                    cause += f"; {self.role} ranks {waiting} were all still running"
+                raise ActorFailed(self.role, waiting[0], method, cause, kind="hung")
+            for ref in ready:
+                rank = pending.pop(ref)
+                try:
+                    results[rank] = ray.get(ref)
+                except Exception as e:  # noqa: BLE001
+                    raise self._root_cause(rank, method, e, pending) from None
+        if timeout_s is None:
+            self.timer.record(method, time.monotonic() - t0, work)
+        return [results[r] for r in ranks]
+
+    def _root_cause(self, rank: int, method: str, error: Exception, pending: dict) -> ActorFailed:
+        """The failure to report: when a rank raised (e.g. a collective broke off), a rank whose process died within
+        DEATH_GRACE_S is the cause and is named instead; the other rank's error goes into the detail."""
+        cause, kind, detail = _describe(error)
+        if kind == "raised" and pending:
+            deadline = time.monotonic() + DEATH_GRACE_S
+            while pending and time.monotonic() < deadline:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+                for ref in ready:
+                    other = pending.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except Exception as e:  # noqa: BLE001
+                        c, k, d = _describe(e)
+                        if k == "died":
+                            note = f"{self.role} actor {rank} raised meanwhile: {cause}\n{detail}"
+                            return ActorFailed(self.role, other, method, c, kind=k, detail=note)
+        return ActorFailed(self.role, rank, method, cause, kind=kind, detail=detail)
 
     def call(self, method: str, per_rank_args: list[tuple], timeout_s: float | None = None) -> list[Any]:
         refs = [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_rank_args)]
@@ -259,7 +362,8 @@ class WorkerGroup:
         try:
             ray.get(self.actors[rank].pid.remote(), timeout=timeout_s)
         except Exception as e:  # noqa: BLE001
-            raise ActorFailed(self.role, rank, "__init__", _describe(e)) from None
+            cause, kind, detail = _describe(e)
+            raise ActorFailed(self.role, rank, "__init__", cause, kind=kind, detail=detail) from None
 
     def restart(self, rank: int) -> None:
         with contextlib.suppress(Exception):
@@ -272,14 +376,22 @@ class WorkerGroup:
                 ray.kill(a, no_restart=True)
 
 
+def _expected_buckets(model_dir: Any, bucket_bytes: int) -> int:
+    """Weight-sync buckets of a model directory's weights, for the first sync's overall deadline."""
+    size = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) if Path(model_dir).is_dir() else 0
+    return max(1, -(-size // bucket_bytes)) + 1
+
+
 class RayWorkers:
     """Learner and rollout actors of one stage, behind the interface the stage loops use (see LocalWorkers)."""
 
     def __init__(self, env: Any, *, learner_kwargs: dict, micro_batch_size: int, max_tokens: int = 0) -> None:
         r = env.cfg.trainer.ray
         self.cfg, self.env = r, env
-        self.restarts_left = r.max_restarts
-        self.restarts = 0
+        self.restarts = 0  # over the run: restored from the checkpoint on resume (restore_state)
+        self.timer = CallTimer(r.call_timeout_s)
+        self.sync_timer = CallTimer(r.call_timeout_s)
+        self.sync_buckets = _expected_buckets(env.init_dir, int(r.sync_bucket_mb * 2 ** 20))
         self.bucket_bytes = int(r.sync_bucket_mb * 2 ** 20)
         gpu_split = 2 if r.colocate else 1
         if r.colocate:
@@ -306,19 +418,19 @@ class RayWorkers:
         device = env.device.type
         self.learners = WorkerGroup(
             LearnerWorker, "learner", pg=self.pg, bundles=learner_bundles, num_cpus=r.cpus_per_learner,
-            num_gpus=r.gpus_per_learner / gpu_split, timeout_s=r.call_timeout_s, namespace_prefix=prefix,
+            num_gpus=r.gpus_per_learner / gpu_split, timer=self.timer, namespace_prefix=prefix,
             init_args=lambda rank: (rank, r.num_learners, r.cpus_per_learner))
         formatter_kwargs = {"system_prompt": env.cfg.data.system_prompt, "use_chat_template": env.cfg.data.use_chat_template}
         rollout_gpus = r.gpus_per_learner / gpu_split if r.colocate else r.gpus_per_rollout
         self.rollouts = WorkerGroup(
             RolloutWorker, "rollout", pg=self.pg, bundles=rollout_bundles, num_cpus=r.cpus_per_rollout,
-            num_gpus=rollout_gpus, timeout_s=r.call_timeout_s, namespace_prefix=prefix,
+            num_gpus=rollout_gpus, timer=self.timer, namespace_prefix=prefix,
             init_args=lambda rank: (env.cfg.rollout, str(env.init_dir), str(env.tokenizer_dir), formatter_kwargs,
                                     device, str(env.dtype).removeprefix("torch."), r.cpus_per_rollout,
                                     env.cfg.seed + rank))
         master = self.learners.wait([self.learners.actors[0].address.remote()], "address", r.start_timeout_s)[0]
-        self.learners.call_all("setup", master, learner_kwargs, str(env.tokenizer_dir), r.call_timeout_s,
-                               timeout_s=r.start_timeout_s)
+        self.learners.call_all("setup", master, learner_kwargs, str(env.tokenizer_dir),
+                               r.call_timeout_s or FIRST_CALL_TIMEOUT_S, timeout_s=r.start_timeout_s)
         self.rollouts.call_all("pid", timeout_s=r.start_timeout_s)  # constructed (model loaded) before any timed call
         self.pool = LearnerPool(self._fanout, world=r.num_learners, micro_batch_size=micro_batch_size,
                                 max_tokens_per_micro_batch=max_tokens)
@@ -353,7 +465,8 @@ class RayWorkers:
             return None if step is None else step_seed(self.env.cfg.seed, step, k, round)
         refs = [self.rollouts.actors[k].generate.remote(shards[k], n, greedy, shard_seed(k), adaptive, temperature)
                 for k in range(M)]
-        return concat_rollouts(self.rollouts.wait(refs, "generate"), self.env.tokenizer.pad_token_id)
+        work = max(len(sh) for sh in shards) * n  # samples per actor: the adaptive timeout scales with it
+        return concat_rollouts(self.rollouts.wait(refs, "generate", work=work), self.env.tokenizer.pad_token_id)
 
     def attention_sink(self, rows: list[dict]) -> dict[str, float]:
         return self.rollouts.wait([self.rollouts.actors[0].attention_sink.remote(rows)], "attention_sink")[0]
@@ -362,24 +475,29 @@ class RayWorkers:
         """Learner weights → every rollout actor; a failed rollout actor is restarted (if allowed) and re-synced."""
         targets = list(range(len(self.rollouts)))
         while targets:
+            per_bucket = self.sync_timer.timeout("bucket")  # each bucket's deadline, inside the learner
             refs = [a.push_weights.remote([self.rollouts.actors[i] for i in targets] if rank == 0 else [],
-                                          self.pool.version, self.bucket_bytes, self.cfg.call_timeout_s)
+                                          self.pool.version, self.bucket_bytes, per_bucket)
                     for rank, a in enumerate(self.learners.actors)]
-            result = self.learners.wait(refs, "push_weights", 2 * self.cfg.call_timeout_s)[0]
-            self.last_sync_buckets = result["buckets"]
+            # the learners' own wait: every bucket plus begin and finish may use its whole deadline
+            result = self.learners.wait(refs, "push_weights", per_bucket * (self.sync_buckets + 2) + 30)[0]
+            self.last_sync_buckets = self.sync_buckets = max(1, result["buckets"])
+            self.sync_timer.record("bucket", result["slowest_s"])
             failed = {targets[i]: cause for i, cause in result["failed"].items()}
-            for rank, cause in failed.items():
-                self._recover(ActorFailed("rollout", rank, "sync", cause), step, resync=False)
+            for rank, (cause, kind, detail) in failed.items():
+                self._recover(ActorFailed("rollout", rank, "sync", cause, kind=kind, detail=detail), step,
+                              resync=False)
             targets = sorted(failed)
 
     def _recover(self, failure: ActorFailed, step: int | None, *, resync: bool = True) -> None:
-        if failure.role != "rollout" or self.restarts_left <= 0:
+        """Replace a dead or hung rollout actor while the run's restart budget lasts; an error the actor raised
+        would only repeat, so it is reported, not retried."""
+        if failure.role != "rollout" or failure.kind == "raised" or self.restarts >= self.cfg.max_restarts:
             raise failure
-        self.restarts_left -= 1
         self.restarts += 1
         from trainer.logging import console
         console.print(f"[yellow]rollout actor {failure.rank} failed at step {step} ({failure.cause}); restarting it "
-                      f"({self.restarts_left} restart(s) left) and retrying[/yellow]")
+                      f"({self.cfg.max_restarts - self.restarts} restart(s) left) and retrying[/yellow]")
         self.rollouts.restart(failure.rank)
         self.rollouts.ready(failure.rank, self.cfg.start_timeout_s)
         if resync:
@@ -392,6 +510,12 @@ class RayWorkers:
     def wake_rollouts(self) -> None:
         if self.cfg.colocate:
             self.rollouts.call_all("wake_up")
+
+    def state_dict(self) -> dict:
+        return {"rollout_restarts": self.restarts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.restarts = int(state.get("rollout_restarts", 0))
 
     def rollout_pids(self) -> list[int]:
         return self.rollouts.call_all("pid")

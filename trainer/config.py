@@ -251,6 +251,9 @@ class PythonReward:
                                  "of their own (kept for the run, so module state persists between calls).", gt=0)
     memory_mb: int | None = opt(None, "Address-space limit of the reward's process in MiB (null = none); a reward "
                                       "past it fails with MemoryError or is killed, and the run says so.", ge=64)
+    isolated: bool = opt(True, "false: call the function in the driver process instead (no process hop, access to "
+                               "the driver's state such as its Ray session; no timeout, no memory limit, and a reward "
+                               "that ends the process ends the run).")
 
     def __post_init__(self) -> None:
         module, _, name = self.function.rpartition(":")
@@ -607,11 +610,16 @@ class RayConfig:
     offload_optimizer: bool = opt(False, "Keep optimizer states in CPU memory (ZeRO-Offload).")
     sync_bucket_mb: float = opt(64.0, "Weight sync sends parameters learner -> rollout in buckets of at most this "
                                       "many MiB (a larger tensor travels alone).", gt=0)
-    max_restarts: int = opt(0, "Times over the run a dead rollout actor is replaced and its step retried; "
-                               "0 = a dead actor ends the run with an error.", ge=0)
-    call_timeout_s: float = opt(900.0, "Longest wait for any actor call; past it the run stops with an error "
-                                       "naming the actor.", gt=0)
+    max_restarts: int = opt(0, "Times over the run (counted across resumes) a dead or hung rollout actor is "
+                               "replaced and its step retried; 0 = a dead actor ends the run with an error. An error "
+                               "an actor raises is reported, never retried.", ge=0)
+    call_timeout_s: float | None = opt(
+        None, "Longest wait for one actor call (one weight-sync bucket for syncs); past it the run stops with an error "
+              "naming the actor. null = adaptive: 10x the slowest earlier call of the same method, at least 60 s "
+              "(900 s for a method's first call, which may load or compile).", gt=0)
     start_timeout_s: float = opt(300.0, "Longest wait for actors to be placed and start.", gt=0)
+    connect_timeout_s: float = opt(60.0, "Longest wait to attach to a Ray cluster (--ray-address / address); past "
+                                         "it the run stops with an error instead of retrying forever.", gt=0)
 
     def __post_init__(self) -> None:
         if self.colocate and self.num_rollout_workers > self.num_learners:

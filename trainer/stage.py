@@ -89,6 +89,8 @@ class StageState:
         latest = self.ckpt.resume_point(log=lambda text: console.print(f"{env.stage}: {text}"))
         history: list[dict] = []
         self.step = 0
+        self.workers: Any = None      # set by run_stage; its state (rollout restarts used) is checkpointed
+        self.workers_state: dict = {}
         if latest is not None:
             learner.load(latest)
             state = load_training_state(latest)
@@ -96,6 +98,7 @@ class StageState:
             if algorithm is not None:
                 algorithm.load_state_dict(state["algorithm"])
             self.step, history = state["step"], state["history"]
+            self.workers_state = state.get("workers", {})
             console.print(f"{env.stage}: resuming from {latest} (step {self.step})")
         else:
             seed_everything(env.cfg.seed)
@@ -130,6 +133,7 @@ class StageState:
             save_training_state(path, {
                 "stage": self.env.stage, "step": self.step, "data": self.stream.state_dict(),
                 "algorithm": self.algorithm.state_dict() if self.algorithm is not None else {},
+                "workers": self.workers.state_dict() if self.workers is not None else {},
                 "history": self.log.history,
             })
         return self.ckpt.save(self.step, write)
@@ -180,6 +184,8 @@ def run_stage(env: StageEnv, *, make_workers: Callable[[], Any], make_state: Cal
     try:
         workers = make_workers()
         state = make_state(workers)
+        state.workers = workers
+        workers.load_state_dict(state.workers_state)  # the restart budget is per run, not per invocation
         workers.sync(step=state.step)
         state.begin()
         while state.step < state.total_steps:
@@ -218,7 +224,17 @@ def stage_failure(env: StageEnv, failure: Any, state: "StageState | None") -> Ex
     from rl.errors import ClusterError
     step = f"step {state.step}" if state is not None else "start-up"
     kept = _kept(state)
-    hint = (" Set trainer.ray.max_restarts > 0 to replace a dead rollout actor and retry its step."
-            if failure.role == "rollout" else "")
-    return ClusterError(f"{env.stage}: {failure} during {step}. The run stopped; {kept}; continue with "
-                        f"`tokenwise resume {env.run_dir}`.{hint}")
+    limit = env.cfg.trainer.ray.max_restarts
+    if failure.kind == "raised":
+        hint = " The actor raised an error (not retried: it would only repeat); its traceback is in the error log."
+    elif failure.role != "rollout":
+        hint = ""
+    elif limit == 0:
+        hint = " Set trainer.ray.max_restarts > 0 to replace a dead rollout actor and retry its step."
+    else:
+        hint = (f" All {limit} rollout-actor restart(s) of trainer.ray.max_restarts were used (counted over the run); "
+                f"raise it to replace more.")
+    error = ClusterError(f"{env.stage}: {failure} during {step}. The run stopped; {kept}; continue with "
+                         f"`tokenwise resume {env.run_dir}`.{hint}")
+    error.detail = failure.detail
+    return error

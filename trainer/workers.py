@@ -24,11 +24,13 @@ from trainer.rollout import build_rollout
 
 
 class ActorFailed(Exception):
-    """A call on one actor raised, the actor process died, or the call outlived its timeout."""
+    """A call on one actor raised (`kind` 'raised': a deterministic error, reported and never retried), the actor
+    process died ('died') or the call outlived its timeout ('hung'); `detail` holds the remote traceback if any."""
 
-    def __init__(self, role: str, rank: int, method: str, cause: str) -> None:
+    def __init__(self, role: str, rank: int, method: str, cause: str, *, kind: str = "died", detail: str = "") -> None:
         super().__init__(f"{role} actor {rank} failed in {method}(): {cause}")
         self.role, self.rank, self.method, self.cause = role, rank, method, cause
+        self.kind, self.detail = kind, detail
 
 
 def step_seed(seed: int, step: int, shard: int, round: int = 0) -> int:
@@ -42,6 +44,12 @@ class LocalWorkers:
     `share_model` the learner's model itself under the transformers backend, so syncing is free)."""
 
     restarts = 0
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def __init__(self, env: Any, *, learner_kwargs: dict, micro_batch_size: int, max_tokens: int = 0,
                  share_model: bool = False) -> None:

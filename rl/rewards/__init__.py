@@ -122,7 +122,10 @@ def reward_specs(configs: Sequence) -> list[tuple[str, float, RewardFn]]:
     specs = []
     try:
         for i, cfg in enumerate(configs):
-            if cfg.type == "python":
+            if cfg.type == "python" and not cfg.isolated:
+                specs.append((cfg.function.rpartition(":")[2], cfg.weight,
+                              load_function(cfg.function, what=f"rewards[{i}].function")))
+            elif cfg.type == "python":
                 name = cfg.function.rpartition(":")[2]
                 try:
                     fn = IsolatedReward(cfg.function, what=f"rewards[{i}]", timeout_s=cfg.timeout_s,
