@@ -188,7 +188,7 @@ def test_train_refuses_an_existing_run_folder(tiny_recipe, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("{}")
-    _assert_one_line_error(_cli(["train", str(tiny_recipe()), f"output_dir={run}"]), "already exists",
+    _assert_one_line_error(_cli(["train", str(tiny_recipe()), f"output_dir={run}"]), "already exists", "set output_dir",
                            "tokenwise resume")
 
 

@@ -468,3 +468,35 @@ def test_attaching_to_an_address_that_does_not_answer_ends_in_time(tiny_recipe, 
     assert time.monotonic() - t0 < 90
     _attach_error(proc, f"127.0.0.1:{port}", *(["connect_timeout_s (5 s)"] if listening else ["nothing answers"]))
     assert not (tmp_path / "run").exists()
+
+
+def test_adaptive_call_timeout_follows_the_slowest_call_per_unit_of_work():
+    from trainer.cluster import FIRST_CALL_TIMEOUT_S, MIN_TIMEOUT_S, CallTimer
+    timer = CallTimer(None)
+    assert timer.timeout("generate", work=256) == FIRST_CALL_TIMEOUT_S  # first call: may load or compile
+    timer.record("generate", 2.0, work=256)
+    assert timer.timeout("generate", work=256) == MIN_TIMEOUT_S  # 10 x 2 s < the floor
+    assert timer.timeout("generate", work=256 * 8) == pytest.approx(160.0)  # 8x the samples (sampled eval)
+    timer.record("generate", 1.0, work=256)  # a faster call does not lower it
+    assert timer.timeout("generate", work=256 * 8) == pytest.approx(160.0)
+    assert timer.timeout("train") == FIRST_CALL_TIMEOUT_S
+    assert CallTimer(8.0).timeout("generate", work=10 ** 6) == 8.0  # trainer.ray.call_timeout_s: fixed
+
+
+@pytest.mark.parametrize("max_restarts, kind, expected", [
+    (0, "died", "Set trainer.ray.max_restarts > 0"),
+    (1, "died", "All 1 rollout-actor restart(s) of trainer.ray.max_restarts were used"),
+    (2, "raised", "not retried"),
+])
+def test_actor_failure_hint_matches_the_restart_budget(tmp_path, max_restarts, kind, expected):
+    from trainer.config import config_from_dict
+    from trainer.stage import StageEnv, stage_failure
+    from trainer.workers import ActorFailed
+    from conftest import TINY
+    cfg = config_from_dict({**TINY, "trainer": {"mode": "ray", "ray": {"max_restarts": max_restarts}}})
+    env = StageEnv(cfg=cfg, run_dir=tmp_path, stage="grpo", init_dir=tmp_path, tokenizer_dir=tmp_path, tokenizer=None,
+                   formatter=None, data={}, device=torch.device("cpu"), dtype=torch.float32, rewards=[])
+    error = stage_failure(env, ActorFailed("rollout", 0, "generate", "boom", kind=kind, detail="remote tb"), None)
+    assert expected in str(error) and "rollout actor 0" in str(error) and error.detail == "remote tb"
+    if max_restarts == 1:
+        assert "> 0" not in str(error)

@@ -195,6 +195,8 @@ def _safety_recipe(tiny_recipe, **sections):
     recipe["data"] = dict(SAFETY_TINY)
     if "model" in sections:  # replaced whole: a pretrained model has none of the built-in model's keys
         recipe["model"] = sections["model"]
+    else:  # the set's longest row (system prompt with its token + request + answer) is 72 tokens
+        recipe["model"]["max_position_embeddings"] = 128
     path.write_text(yaml.safe_dump(recipe))
     return path
 
@@ -284,7 +286,7 @@ def test_pretrained_model_gets_the_magic_tokens_with_resized_embeddings(tiny_rec
     from trainer.loading import load_tokenizer
     from transformers import AutoModelForCausalLM
     src = save_builtin(tmp_path / "src", seed=0, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-                       intermediate_size=64, max_position_embeddings=64)
+                       intermediate_size=64, max_position_embeddings=128)
     vocab = len(load_tokenizer(src))
     run = tmp_path / "run"
     recipe = _safety_recipe(tiny_recipe, stages=["sft"], model={"type": "pretrained", "path": str(src)},
