@@ -500,3 +500,28 @@ def test_actor_failure_hint_matches_the_restart_budget(tmp_path, max_restarts, k
     assert expected in str(error) and "rollout actor 0" in str(error) and error.detail == "remote tb"
     if max_restarts == 1:
         assert "> 0" not in str(error)
+
+
+HUGE = """
+def r(*, prompt, response, answer, truncated):
+    return 1e38 if len(response) % 2 else -1e38   # finite, and so are the advantages; the gradients overflow
+"""
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_overflowing_loss_never_reaches_the_weights(tiny_recipe, tmp_path, capsys, mode):
+    run = tmp_path / "run"
+    recipe = tiny_recipe(stages=["grpo"], grpo={"steps": 2, "save_every": 1}, trainer={"on_nonfinite": mode},
+                         algorithm={"advantage": {"type": "dr_grpo"}, "kl": {"coef": 0.0}},
+                         rewards=[{"type": "python", "function": python_reward(tmp_path, HUGE)}])
+    if mode == "stop":
+        one_line_error(capsys, ["train", str(recipe), f"output_dir={run}"], "grpo step 1",
+                       "gradient norm was not finite", "were not applied")
+        assert not list((run / "grpo" / "checkpoints").glob("step_*"))
+        return
+    assert main(["train", str(recipe), f"output_dir={run}"]) == 0
+    steps = [r for r in read_metrics(run, "grpo") if r["step"] > 0]
+    assert all(r["nonfinite/skipped_updates"] == r["actor/updates"] == 1 for r in steps)
+    start = load_file(run / "base_model" / "model.safetensors")
+    final = load_file(run / "grpo" / "final" / "model.safetensors")
+    assert all(torch.equal(start[k], final[k]) for k in start)  # every update was refused
