@@ -37,3 +37,12 @@ class ClusterError(TokenwiseError):
 class NonFiniteError(TokenwiseError):
     """A reward, advantage, loss, gradient norm or weight is NaN or infinite; the step stops before the optimizer
     and before any checkpoint."""
+
+
+class RewardCallFailed(Exception):
+    """One call of a reward that runs elsewhere (trainer/reward_process.py) failed: `index` into the batch (-1: while
+    loading), `reason` in one line, `detail` its traceback. compute_rewards turns it into a RewardError."""
+
+    def __init__(self, index: int, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.index, self.reason, self.detail = index, reason, detail

@@ -73,7 +73,7 @@ def read_metrics(run_dir: Path, stage: str) -> list[dict]:
 def stage_env(cfg, run_dir: Path, stage: str = "grpo"):
     """The StageEnv trainer/run.py builds for `cfg` (a RunConfig) on CPU, rewards included."""
     import torch
-    from rl.rewards import reward_specs
+    from trainer.reward_process import reward_specs
     from trainer.loading import PromptFormatter, load_tokenizer
     from trainer.run import load_task, prepare_base_model
     from trainer.stage import StageEnv

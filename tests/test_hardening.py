@@ -151,7 +151,8 @@ def test_reward_that_ends_its_process_or_misbehaves_is_one_line(tiny_recipe, tmp
 
 
 def test_isolated_reward_keeps_state_and_matches_in_process(tmp_path):
-    from rl.rewards import close_rewards, compute_rewards, reward_specs
+    from rl.rewards import compute_rewards
+    from trainer.reward_process import close_rewards, reward_specs
     from trainer.config import PythonReward
     spec = python_reward(tmp_path, "seen = []\ndef r(*, prompt, response, answer, truncated):\n"
                                    "    seen.append(prompt)\n    return len(seen) + (0.5 if truncated else 0.0)\n")
@@ -525,3 +526,18 @@ def test_overflowing_loss_never_reaches_the_weights(tiny_recipe, tmp_path, capsy
     start = load_file(run / "base_model" / "model.safetensors")
     final = load_file(run / "grpo" / "final" / "model.safetensors")
     assert all(torch.equal(start[k], final[k]) for k in start)  # every update was refused
+
+
+def test_reward_past_its_memory_limit_fails_that_call(tmp_path):
+    from rl.errors import RewardError
+    from rl.rewards import compute_rewards
+    from trainer.reward_process import close_rewards, reward_specs
+    from trainer.config import PythonReward
+    spec = python_reward(tmp_path, "def r(*, prompt, response, answer, truncated):\n"
+                                   "    return float(len(bytearray(4 << 30)))\n")  # 4 GiB under a 512 MiB limit
+    specs = reward_specs([PythonReward(function=spec, memory_mb=512)])
+    try:
+        with pytest.raises(RewardError, match="reward 'r' raised MemoryError on prompt 'p'"):
+            compute_rewards(specs, prompts=["p"], responses=["x"], answers=["1"], truncated=[False])
+    finally:
+        close_rewards(specs)

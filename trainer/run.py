@@ -15,7 +15,7 @@ from models.builtin import save_builtin
 from rl.data import arithmetic_task, local_task, sort_task
 from rl.safety_data import safety_task
 from rl.errors import ConfigError, DataError, ModelLoadError
-from rl.rewards import close_rewards, reward_specs
+from trainer.reward_process import close_rewards, reward_specs
 from trainer.checkpoint import publish_dir, write_text_atomic
 from trainer.config import RunConfig, DataCommon
 from trainer.controller import run_grpo

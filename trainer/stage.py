@@ -47,7 +47,7 @@ class StageEnv:
     data: dict                 # {'train': Dataset, 'heldout': Dataset}
     device: torch.device
     dtype: torch.dtype
-    rewards: list              # [(name, weight, function)] from rl.rewards.reward_specs
+    rewards: list              # [(name, weight, function)] from trainer.reward_process.reward_specs
     budget: StepBudget = field(default_factory=lambda: StepBudget(None))
 
     @property

@@ -3,7 +3,7 @@
 A reward has the signature `fn(*, prompt: str, response: str, answer: str, truncated: bool) -> float`. The recipe's
 `rewards:` list names them with weights; `compute_rewards` sums them. A reward that raises fails the step with a
 `RewardError` naming the reward and the prompt; one that returns NaN or an infinity with a `NonFiniteError`. Your
-own (`python`) rewards run in a process of their own with a timeout per call (rl/rewards/isolated.py).
+own (`python`) rewards run in a process of their own with a timeout per call (trainer/reward_process.py).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from rl.errors import NonFiniteError, RewardError
+from rl.errors import NonFiniteError, RewardCallFailed, RewardError
+from rl.importing import first_line, import_function
 from rl.registry import Registry
-from rl.rewards.isolated import CallFailed, IsolatedReward, first_line, import_function
 
 RewardFn = Callable[..., float]
 REWARDS: Registry[RewardFn] = Registry("reward")
@@ -90,10 +90,10 @@ def compute_rewards(specs: Sequence[tuple[str, float, RewardFn]], *, prompts: Se
     items = [dict(prompt=p, response=r, answer=a, truncated=bool(t))
              for p, r, a, t in zip(prompts, responses, answers, truncated)]
     for name, weight, fn in specs:
-        if isinstance(fn, IsolatedReward):
+        if hasattr(fn, "batch"):  # a reward living elsewhere (trainer/reward_process.py): one round trip a batch
             try:
                 values = fn.batch(items)
-            except CallFailed as e:
+            except RewardCallFailed as e:
                 item = items[e.index]
                 error = RewardError(_failure(name, e.reason, item["prompt"], item["response"]))
                 error.detail = e.detail
@@ -113,38 +113,3 @@ def compute_rewards(specs: Sequence[tuple[str, float, RewardFn]], *, prompts: Se
         total += weight * raw
         means[f"reward/{name}"] = raw.mean().item()
     return total, means
-
-
-def reward_specs(configs: Sequence) -> list[tuple[str, float, RewardFn]]:
-    """The recipe's `rewards:` entries (trainer.config reward dataclasses, duck-typed) → (name, weight, function).
-    `python` rewards are loaded in a process of their own now (an import error is reported before any training);
-    close them with `close_rewards`."""
-    specs = []
-    try:
-        for i, cfg in enumerate(configs):
-            if cfg.type == "python" and not cfg.isolated:
-                specs.append((cfg.function.rpartition(":")[2], cfg.weight,
-                              load_function(cfg.function, what=f"rewards[{i}].function")))
-            elif cfg.type == "python":
-                name = cfg.function.rpartition(":")[2]
-                try:
-                    fn = IsolatedReward(cfg.function, what=f"rewards[{i}]", timeout_s=cfg.timeout_s,
-                                        memory_mb=cfg.memory_mb)
-                except CallFailed as e:
-                    error = RewardError(f"rewards[{i}].function: {e.reason}")
-                    error.detail = e.detail
-                    raise error from None
-                specs.append((name, cfg.weight, fn))
-            else:
-                specs.append((cfg.type, cfg.weight, REWARDS.get(cfg.type)))
-    except BaseException:
-        close_rewards(specs)
-        raise
-    return specs
-
-
-def close_rewards(specs: Sequence[tuple[str, float, RewardFn]]) -> None:
-    """Stop the processes of isolated rewards."""
-    for _, _, fn in specs:
-        if isinstance(fn, IsolatedReward):
-            fn.close()

@@ -3,14 +3,12 @@
 A reward that runs past `timeout_s` on one response, ends its process (`os._exit`, a crash, the memory limit) or
 returns something that is not a number ends the step with one line naming the reward and the prompt: never a hung
 run, never a run that ends without a word. The process is started once per run and kept, so a reward may keep
-state between calls (a cache, a counter); it is started by file path and imports only the standard library and
-your module, so it is up in well under a second.
+state between calls (a cache, a counter); it imports only this module, the standard library and your module, so it
+is up in well under a second. `reward_specs` turns the recipe's `rewards:` into (name, weight, function).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import signal
 import socket
@@ -18,39 +16,12 @@ import subprocess
 import sys
 import traceback
 from multiprocessing.connection import Connection
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
+
+from rl.errors import RewardCallFailed as CallFailed
+from rl.importing import first_line, import_function
 
 START_TIMEOUT_S = 120.0  # importing a user's module (which may import torch) before the first call
-
-
-def import_function(spec: str) -> Callable[..., Any]:
-    """'package.module:function' or 'path/to/file.py:function' → the object (raises what the import raises)."""
-    module_name, _, attr = spec.rpartition(":")
-    if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.is_file():
-            raise FileNotFoundError(f"file '{path}' does not exist")
-        mod_spec = importlib.util.spec_from_file_location(f"tokenwise_user_reward_{path.stem}", path)
-        module = importlib.util.module_from_spec(mod_spec)
-        sys.modules[mod_spec.name] = module
-        mod_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(module_name)
-    return getattr(module, attr)
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e)
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text.strip() else type(e).__name__
-
-
-class CallFailed(Exception):
-    """One call of an isolated reward failed: `index` into the batch, `reason` (one line), `detail` (traceback)."""
-
-    def __init__(self, index: int, reason: str, detail: str = "") -> None:
-        super().__init__(reason)
-        self.index, self.reason, self.detail = index, reason, detail
 
 
 class IsolatedReward:
@@ -66,7 +37,8 @@ class IsolatedReward:
         parent, child = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, str(child.fileno()), self.spec, str(self.memory_mb or 0)],
+            [sys.executable, "-c", "import sys; from trainer.reward_process import serve; serve(*sys.argv[1:])",
+             str(child.fileno()), self.spec, str(self.memory_mb or 0)],
             pass_fds=[child.fileno()], env=env, start_new_session=True, stdin=subprocess.DEVNULL)
         child.close()
         self.conn = Connection(parent.detach())
@@ -124,8 +96,10 @@ class IsolatedReward:
             pass
 
 
-def _serve(fd: int, spec: str, memory_mb: int) -> None:
-    conn = Connection(fd)
+def serve(fd: str, spec: str, memory_mb: str) -> None:
+    """The reward process: load `spec`, then answer each batch of keyword dicts with one reply per item."""
+    conn = Connection(int(fd))
+    memory_mb = int(memory_mb)
     if memory_mb:
         import resource
         resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
@@ -155,5 +129,38 @@ def _serve(fd: int, spec: str, memory_mb: int) -> None:
                 conn.send(("raised", first_line(e), traceback.format_exc()))
 
 
-if __name__ == "__main__":
-    _serve(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
+
+def reward_specs(configs: Sequence) -> list[tuple[str, float, Any]]:
+    """The recipe's `rewards:` entries (trainer.config reward dataclasses) → (name, weight, function) for
+    rl.rewards.compute_rewards. `python` rewards are loaded in a process of their own now (an import error is
+    reported before any training; `isolated: false` loads them here); close them with `close_rewards`."""
+    from rl.errors import RewardError
+    from rl.rewards import REWARDS, load_function
+    specs: list[tuple[str, float, Any]] = []
+    try:
+        for i, cfg in enumerate(configs):
+            if cfg.type == "python" and not cfg.isolated:
+                specs.append((cfg.function.rpartition(":")[2], cfg.weight,
+                              load_function(cfg.function, what=f"rewards[{i}].function")))
+            elif cfg.type == "python":
+                try:
+                    fn = IsolatedReward(cfg.function, what=f"rewards[{i}]", timeout_s=cfg.timeout_s,
+                                        memory_mb=cfg.memory_mb)
+                except CallFailed as e:
+                    error = RewardError(f"rewards[{i}].function: {e.reason}")
+                    error.detail = e.detail
+                    raise error from None
+                specs.append((cfg.function.rpartition(":")[2], cfg.weight, fn))
+            else:
+                specs.append((cfg.type, cfg.weight, REWARDS.get(cfg.type)))
+    except BaseException:
+        close_rewards(specs)
+        raise
+    return specs
+
+
+def close_rewards(specs: Sequence[tuple[str, float, Any]]) -> None:
+    """Stop the processes of isolated rewards."""
+    for _, _, fn in specs:
+        if isinstance(fn, IsolatedReward):
+            fn.close()
