@@ -195,21 +195,21 @@ def test_resume_in_cluster_mode_continues_with_the_same_loss(local_ray, recipe_f
 KILLER = """
 import os, signal, ray
 _done = []
-def kill_rollout_at_step_2(*, prompt, response, answer, truncated):
-    # called once per response; the second step's first call SIGKILLs (or SIGSTOPs) the rollout actor's process
+def kill_at_step_2(*, prompt, response, answer, truncated):
+    # called once per response; the second step's first call SIGKILLs (or SIGSTOPs) the actor's process
     _done.append(1)
     if len(_done) == 1 + {per_step}:
-        actor = ray.get_actor("tokenwise-{pid}-grpo-rollout-0".format(pid=os.getpid()))
+        actor = ray.get_actor("tokenwise-{pid}-grpo-{actor}".format(pid=os.getpid()))
         os.kill(ray.get(actor.pid.remote()), getattr(signal, os.environ.get("TOKENWISE_TEST_SIGNAL", "SIGKILL")))
     return float(len(response) % 2)
 """
 
 
-def _killer_recipe(recipe_for, tmp_path, name, **ray_cfg):
+def _killer_recipe(recipe_for, tmp_path, name, actor="rollout-0", **ray_cfg):
     per_step = TINY["grpo"]["prompts_per_step"] * TINY["grpo"]["group_size"]
-    (tmp_path / "killer.py").write_text(KILLER.replace("{per_step}", str(per_step)))
-    # in the driver process (isolated: false): the reward reaches the rollout actor through the driver's Ray session
-    return recipe_for(name, "ray", rewards=[{"type": "python", "function": f"{tmp_path}/killer.py:kill_rollout_at_step_2",
+    (tmp_path / "killer.py").write_text(KILLER.replace("{per_step}", str(per_step)).replace("{actor}", actor))
+    # in the driver process (isolated: false): the reward reaches the actor through the driver's Ray session
+    return recipe_for(name, "ray", rewards=[{"type": "python", "function": f"{tmp_path}/killer.py:kill_at_step_2",
                                              "isolated": False}],
                       trainer={"ray": ray_cfg})
 
@@ -262,26 +262,9 @@ def test_actors_that_do_not_fit_the_cluster_are_a_clear_error(local_ray, recipe_
     assert ray.available_resources().get("CPU") == 2  # the placement group was given back
 
 
-LEARNER_KILLER = """
-import os, signal, ray
-_done = []
-def kill_learner_1_at_step_2(*, prompt, response, answer, truncated):
-    # the second step's first reward call SIGKILLs learner rank 1; under ZeRO-3 rank 0 then waits for it in the
-    # all-gather of the scoring forward
-    _done.append(1)
-    if len(_done) == 1 + {per_step}:
-        actor = ray.get_actor("tokenwise-{pid}-grpo-learner-1".format(pid=os.getpid()))
-        os.kill(ray.get(actor.pid.remote()), signal.SIGKILL)
-    return float(len(response) % 2)
-"""
-
-
 def test_dead_learner_rank_is_named_with_its_own_rank(local_ray, recipe_for, tmp_path, capsys):
-    per_step = TINY["grpo"]["prompts_per_step"] * TINY["grpo"]["group_size"]
-    (tmp_path / "lk.py").write_text(LEARNER_KILLER.replace("{per_step}", str(per_step)))
-    recipe = recipe_for("learner-kill", "ray", rewards=[{"type": "python", "function": f"{tmp_path}/lk.py:kill_learner_1_at_step_2",
-                                                         "isolated": False}],
-                        trainer={"ray": {"zero_stage": 3, "call_timeout_s": 300}})
+    # learner rank 1 is SIGKILLed at step 2; under ZeRO-3 rank 0 then waits for it in the scoring forward's all-gather
+    recipe = _killer_recipe(recipe_for, tmp_path, "learner-kill", actor="learner-1", zero_stage=3, call_timeout_s=300)
     run = tmp_path / "run"
     capsys.readouterr()
     t0 = time.monotonic()
