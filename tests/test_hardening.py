@@ -541,3 +541,29 @@ def test_reward_past_its_memory_limit_fails_that_call(tmp_path):
             compute_rewards(specs, prompts=["p"], responses=["x"], answers=["1"], truncated=[False])
     finally:
         close_rewards(specs)
+
+
+def test_moe_under_zero3_is_refused_before_anything_runs(tmp_path):
+    from rl.errors import ConfigError
+    from trainer.config import config_from_dict
+    from trainer.run import _is_moe
+    from conftest import TINY
+    moe = {**TINY["model"], "arch": "tokenwise", "ffn": "moe", "num_experts": 4, "experts_per_token": 2}
+    with pytest.raises(ConfigError, match="zero_stage 3 is not supported"):
+        config_from_dict({**TINY, "model": moe, "trainer": {"mode": "ray", "ray": {"zero_stage": 3}}})
+    config_from_dict({**TINY, "model": moe, "trainer": {"mode": "ray", "ray": {"zero_stage": 2}}})
+    # a converted checkpoint (model.type pretrained, code tokenwise) is recognised from its config.json
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "tokenwise", "ffn": "moe"}))
+    assert _is_moe(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "tokenwise", "ffn": "dense"}))
+    assert not _is_moe(str(tmp_path))
+
+
+def test_progress_is_plain_whole_lines_when_stdout_is_not_a_terminal(tiny_recipe, tmp_path, capsys):
+    recipe = tiny_recipe(stages=["grpo"], logging={"progress": True, "progress_every": 2})
+    assert main(["train", str(recipe), f"output_dir={tmp_path / 'run'}"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("grpo step ")]
+    assert [line.split()[2] for line in lines] == ["2/6", "4/6", "6/6"]
+    assert all("| reward " in line and "elapsed, eta" in line and "…" not in line for line in lines)
+    assert "━" not in out  # no bar drawn into a log

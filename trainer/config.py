@@ -587,7 +587,9 @@ class LoggingConfig:
     tensorboard: bool = opt(True, "Write TensorBoard events to <run>/<stage>/tb.")
     wandb: bool = opt(False, "Also log to Weights & Biases (needs `pip install wandb`).")
     wandb_project: str = opt("tokenwise", "W&B project name.")
-    progress: bool = opt(True, "Show a rich progress bar.")
+    progress: bool = opt(True, "Show a rich progress bar (on a terminal; elsewhere, e.g. a cluster job's log or CI, "
+                               "a plain line every progress_every steps).")
+    progress_every: int = opt(10, "Steps between plain progress lines when stdout is not a terminal (0 = none).", ge=0)
     plot: bool = opt(True, "Write <run>/<stage>/curves.png at the end of a stage.")
 
 
@@ -653,6 +655,10 @@ class TrainerConfig:
                                    "mode only; evaluation generates with the learner's own model.")
 
 
+ZERO3_MOE = ("model.ffn: moe with trainer.ray.zero_stage 3 is not supported (the MoE layers read their router and "
+             "expert weights directly, which ZeRO-3 keeps partitioned): use zero_stage 1 or 2")
+
+
 @dataclass
 class RunConfig:
     name: str = opt("run", "Run name; used in output_dir and logs.")
@@ -687,6 +693,9 @@ class RunConfig:
             raise ConfigError("model.lora with trainer.ray.zero_stage 3 is not supported (merging adapters needs whole "
                               "weights on each learner): use zero_stage 1 or 2, whose frozen base weights are not "
                               "sharded anyway")
+        if (self.trainer.mode == "ray" and self.trainer.ray.zero_stage == 3 and self.model.type == "builtin"
+                and self.model.ffn == "moe"):
+            raise ConfigError(ZERO3_MOE)
         if self.algorithm.overlong.buffer >= self.rollout.max_new_tokens:
             raise ConfigError(f"algorithm.overlong.buffer ({self.algorithm.overlong.buffer}) must be smaller than "
                               f"rollout.max_new_tokens ({self.rollout.max_new_tokens})")

@@ -17,7 +17,7 @@ from rl.safety_data import safety_task
 from rl.errors import ConfigError, DataError, ModelLoadError
 from trainer.reward_process import close_rewards, reward_specs
 from trainer.checkpoint import publish_dir, write_text_atomic
-from trainer.config import RunConfig, DataCommon
+from trainer.config import ZERO3_MOE, RunConfig, DataCommon
 from trainer.controller import run_grpo
 from trainer.evaluate import headline_sampled
 from trainer.loading import PromptFormatter, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
@@ -172,6 +172,15 @@ def check_lengths(cfg: RunConfig, model_dir: str, tokenizer, formatter, data: di
                                 f"or lower rollout.max_new_tokens to {max(1, limit - tokens)} or less")
 
 
+def _is_moe(model_dir: str) -> bool:
+    """A model directory of our decoder with MoE feed-forward layers (a converted Qwen2-MoE / Qwen3-Next, say)."""
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return False
+    meta = json.loads(config.read_text())
+    return meta.get("model_type") == "tokenwise" and meta.get("ffn") == "moe"
+
+
 def execute(cfg: RunConfig, run_dir: Path, *, stop_after_steps: int | None = None,
             ray_address: str | None = None) -> dict | None:
     """Run every unfinished stage; None if the step budget stopped the run early (resume continues it).
@@ -197,6 +206,8 @@ def _execute(cfg: RunConfig, run_dir: Path, stop_after_steps: int | None) -> dic
                                 use_chat_template=cfg.data.use_chat_template)
     data = load_task(cfg.data)
     check_lengths(cfg, model_dir, tokenizer, formatter, data)
+    if cfg.trainer.mode == "ray" and cfg.trainer.ray.zero_stage == 3 and _is_moe(model_dir):
+        raise ConfigError(f"{model_dir}: {ZERO3_MOE}")
     rewards = reward_specs(cfg.rewards)  # loads user reward functions now, not after the SFT stage
     try:
         return _run_stages(cfg, run_dir, StepBudget(stop_after_steps), model_dir=model_dir, tokenizer=tokenizer,

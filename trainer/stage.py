@@ -105,7 +105,7 @@ class StageState:
         self.log = MetricsLogger(env.stage_dir, env.cfg.logging, run_name=env.cfg.name, stage=env.stage,
                                  history=history, config=to_dict(env.cfg))
         self.bar = StepProgress(enabled=env.cfg.logging.progress, description=env.stage, total=total_steps,
-                                completed=self.step)
+                                completed=self.step, every=env.cfg.logging.progress_every)
 
     def begin(self) -> None:
         """Evaluate the starting point (logged as step 0) on a fresh start, and start the progress bar."""
