@@ -290,7 +290,7 @@ def test_an_error_raised_in_a_rollout_actor_is_reported_not_retried(local_ray):
     from ray.util.placement_group import placement_group, remove_placement_group
     from trainer.cluster import CallTimer, LearnerWorker, RayWorkers, WorkerGroup
     from trainer.config import RayConfig
-    from trainer.workers import ActorFailed
+    from trainer.worker_common import ActorFailed
     pg = placement_group([{"CPU": 0.5}])
     ray.get(pg.ready(), timeout=60)
     # an actor shell whose engine was never set up: every score() call raises the same AttributeError

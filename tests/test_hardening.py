@@ -492,7 +492,7 @@ def test_adaptive_call_timeout_follows_the_slowest_call_per_unit_of_work():
 def test_actor_failure_hint_matches_the_restart_budget(tmp_path, max_restarts, kind, expected):
     from trainer.config import config_from_dict
     from trainer.stage import StageEnv, stage_failure
-    from trainer.workers import ActorFailed
+    from trainer.worker_common import ActorFailed
     from conftest import TINY
     cfg = config_from_dict({**TINY, "trainer": {"mode": "ray", "ray": {"max_restarts": max_restarts}}})
     env = StageEnv(cfg=cfg, run_dir=tmp_path, stage="grpo", init_dir=tmp_path, tokenizer_dir=tmp_path, tokenizer=None,

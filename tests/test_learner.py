@@ -8,7 +8,8 @@ from rl.algorithm import Algorithm
 from rl.data import arithmetic_task
 from rl.rewards import compute_rewards
 from trainer.config import config_from_dict
-from trainer.learner import Learner, local_pool, token_logprobs_entropy, warmup_cosine
+from trainer.learner import Learner, local_pool, token_logprobs_entropy
+from trainer.schedule import warmup_cosine
 from trainer.loading import PromptFormatter, load_tokenizer
 from trainer.rollout import build_rollout
 

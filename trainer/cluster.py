@@ -28,7 +28,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rl.errors import ClusterError
 from rl.types import RolloutBatch
 from trainer.learner import LearnerPool
-from trainer.workers import ActorFailed, step_seed
+from trainer.worker_common import ActorFailed, step_seed
 
 ACTOR_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
              "TRANSFORMERS_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}

@@ -86,7 +86,7 @@ class DeepSpeedOptimizer:
     def __init__(self, model: torch.nn.Module, optim: Any, total_updates: int, *, spec: DeepSpeedSpec,
                  dtype: torch.dtype) -> None:
         import deepspeed
-        from trainer.learner import warmup_cosine
+        from trainer.schedule import warmup_cosine
         self.spec = spec
         base = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=optim.lr,
                                  betas=tuple(optim.betas), weight_decay=optim.weight_decay)

@@ -30,6 +30,7 @@ from rl.types import RolloutBatch, SFTBatch, TrainBatch
 from trainer.batching import Micro, Update, gather_rows, plan_rows, plan_sft, plan_updates, row_tokens
 from trainer.loading import load_causal_lm
 from trainer.lora import AdaptersOff, add_adapters, is_lora, load_adapter, merged_state
+from trainer.schedule import warmup_cosine
 
 
 def token_logprobs_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,16 +39,6 @@ def token_logprobs_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) ->
     logp_BT = logits_BTV.gather(-1, labels_BT.unsqueeze(-1)).squeeze(-1) - logz_BT
     entropy_BT = logz_BT - (torch.softmax(logits_BTV, dim=-1) * logits_BTV).sum(-1)
     return logp_BT, entropy_BT
-
-
-def warmup_cosine(warmup: int, total: int, min_ratio: float):
-    """lr multiplier: linear warm-up over `warmup` updates, then cosine from 1 to min_ratio at `total`."""
-    def factor(update: int) -> float:
-        if update < warmup:
-            return (update + 1) / warmup
-        progress = min(1.0, (update - warmup) / max(1, total - warmup))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
 
 
 PER_ROW = {"group_vocab"}  # [B, V] fields that are not per token (never trimmed)

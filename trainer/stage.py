@@ -179,7 +179,7 @@ def run_stage(env: StageEnv, *, make_workers: Callable[[], Any], make_state: Cal
     to the learner's weights, then `step(workers, n) -> (metrics, progress text)` until done or out of budget.
     A failed actor becomes one paragraph naming it and the step; the workers are always shut down."""
     from rl.errors import NonFiniteError
-    from trainer.workers import ActorFailed
+    from trainer.worker_common import ActorFailed
     workers = state = None
     try:
         workers = make_workers()
