@@ -24,6 +24,7 @@ from torch import Tensor
 from rl.advantages import ADVANTAGES, group_rewards, grpo, per_response
 from rl.losses import POLICY_LOSSES, clip_stats, log_ratio
 from rl.shaping import TOKEN_SHAPERS
+from rl.stats import quantile
 from rl.types import TrainBatch
 
 
@@ -34,7 +35,7 @@ def normaliser_stats(entropy_BT: Tensor, mask_BT: Tensor, *, q: float = 0.8) -> 
     vals = torch.log(entropy_BT.double().clamp(min=1e-8))[mask_BT > 0]
     if vals.numel() == 0:
         return {"pivot": 0.0, "rms": 0.0, "pos_max": 1.0, "neg_min": -1.0}
-    pivot = torch.quantile(vals, q)
+    pivot = quantile(vals, q)
     rms = float(torch.sqrt(((vals - pivot) ** 2).mean()))
     if rms <= 1e-12:
         return {"pivot": float(pivot), "rms": 0.0, "pos_max": 1.0, "neg_min": -1.0}

@@ -367,3 +367,26 @@ def test_kl_in_reward_reshapes_advantages_and_leaves_the_loss():
     assert stats["actor/kl_in_reward"] == pytest.approx(0.1448604, abs=1e-6)
     loss, loss_stats = algo.loss(torch.zeros(2, 2), torch.zeros(2, 2), shaped, num_tokens=3)
     assert "actor/kl" not in loss_stats  # no KL term in the loss
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 4097])
+def test_quantile_equals_torch_quantile(n):
+    from rl.stats import quantile
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g, dtype=torch.float64)
+    if n > 10:
+        x[:n // 5] = x[0]  # ties
+    qs = [0.0, 0.1, 0.25, 0.5, 0.8, 0.9, 1.0]
+    assert torch.allclose(quantile(x, qs), torch.quantile(x, torch.tensor(qs, dtype=torch.float64)), rtol=0, atol=1e-12)
+    assert float(quantile(x, 0.8)) == pytest.approx(float(torch.quantile(x, 0.8)), abs=1e-12)
+    with pytest.raises(ValueError):
+        quantile(x, 1.5)
+
+
+def test_quantile_beyond_torch_quantile_size_limit():
+    from rl.stats import quantile
+    n = 2 ** 24 + 3
+    x = torch.arange(n, dtype=torch.float32).flip(0)  # n-1 … 0
+    with pytest.raises(RuntimeError):
+        torch.quantile(x, 0.5)  # what the step-wide entropy percentiles hit before
+    assert float(quantile(x, 0.5)) == (n - 1) / 2 and float(quantile(x, 0.9)) == pytest.approx(0.9 * (n - 1), rel=1e-6)

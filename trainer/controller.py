@@ -15,6 +15,7 @@ from rl.algorithm import Algorithm
 from rl.data import PromptStream
 from rl.errors import NonFiniteError
 from rl.rewards import compute_rewards
+from rl.stats import quantile
 from rl.types import RolloutBatch
 from trainer.dump import check_replay, dump_rollouts, load_rollouts
 from trainer.rollout.hf import concat_rollouts
@@ -91,7 +92,7 @@ def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, st
     n_tokens = float(mask.sum() + batch.prompt_mask.sum())
     metrics.update(shaping_stats)
     valid = mask > 0
-    q10, q50, q90 = torch.quantile(batch.old_entropy[valid].double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+    q10, q50, q90 = quantile(batch.old_entropy[valid].double(), [0.1, 0.5, 0.9])
     metrics.update({"entropy/p10": q10.item(), "entropy/p50": q50.item(), "entropy/p90": q90.item(),
                     "advantage/std": batch.advantages[valid].std().item() if int(valid.sum()) > 1 else 0.0})
     metrics.update({
