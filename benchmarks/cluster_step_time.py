@@ -28,7 +28,7 @@ PHASES = ["generate", "reward", "logprob", "train", "sync", "step"]
 
 
 def run(label: str, overrides: list[str], steps: int, workdir: Path) -> dict:
-    from trainer.cli import main
+    from tokenwise.trainer.cli import main
     out = workdir / "".join(c if c.isalnum() else "-" for c in label)
     args = ["train", str(ROOT / "recipes" / "quickstart.yaml"), "stages=[grpo]", f"grpo.steps={steps}",
             "grpo.eval_every=0", "eval.num_prompts=16", "logging.progress=false", "logging.plot=false",
@@ -49,7 +49,7 @@ def main() -> None:
     args = ap.parse_args()
     import ray
     import torch
-    from trainer.cluster import start_local_ray
+    from tokenwise.trainer.cluster import start_local_ray
     start_local_ray(num_cpus=os.cpu_count() or 2, object_store_mb=512)
     ray_common = ["trainer.mode=ray", "trainer.ray.cpus_per_learner=0.5", "trainer.ray.cpus_per_rollout=0.5"]
     configs = [

@@ -29,7 +29,7 @@ BEGIN, END = "<!-- BEGIN gated_attention -->", "<!-- END gated_attention -->"
 
 
 def run_one(variant: str, lr: float, seed: int, steps: int, work: Path) -> dict:
-    from trainer.cli import main
+    from tokenwise.trainer.cli import main
     out = work / f"{variant}-{lr}-{seed}"
     args = ["train", str(ROOT / "recipes" / "quickstart.yaml"), "stages=[sft]", f"seed={seed}", f"output_dir={out}",
             "model.arch=tokenwise", f"model.attn_gate={variant}", f"sft.steps={steps}", f"sft.optim.lr={lr}",

@@ -49,7 +49,7 @@ def train_process(args: list[str], threads: int) -> float:
     """`tokenwise train ARGS` in its own process with `threads` CPU threads, offline; returns its wall time (s)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "trainer", "train", *args, f"trainer.threads={threads}"]
+    cmd = [sys.executable, "-m", "tokenwise.trainer", "train", *args, f"trainer.threads={threads}"]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -43,11 +43,11 @@ def main() -> None:
 
     import torch
     from _common import write_json
-    from models.builtin import save_builtin
-    from trainer.config import ArithmeticData, BuiltinModel, RolloutConfig
-    from trainer.loading import PromptFormatter, load_tokenizer
-    from trainer.rollout import build_rollout
-    from trainer.run import load_task
+    from tokenwise.models.builtin import save_builtin
+    from tokenwise.trainer.config import ArithmeticData, BuiltinModel, RolloutConfig
+    from tokenwise.trainer.loading import PromptFormatter, load_tokenizer
+    from tokenwise.trainer.rollout import build_rollout
+    from tokenwise.trainer.run import load_task
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

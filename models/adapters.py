@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from models.decoder import TokenwiseConfig, TokenwiseForCausalLM
+from tokenwise.models.decoder import TokenwiseConfig, TokenwiseForCausalLM
 
 ARCHS = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_next")
 _COMMON = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

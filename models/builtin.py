@@ -56,7 +56,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast, *, hidden_size: int, num_lay
             raise ValueError("attention gates and MoE layers need arch 'tokenwise'")
         make = lambda: LlamaForCausalLM(LlamaConfig(rope_theta=10000.0, **common))  # noqa: E731
     else:
-        from models.decoder import TokenwiseConfig, TokenwiseForCausalLM
+        from tokenwise.models.decoder import TokenwiseConfig, TokenwiseForCausalLM
         d = dict(decoder)
         config = TokenwiseConfig(
             rope_theta=10000.0, attn_gate=d.pop("attn_gate", "none"), ffn=d.pop("ffn", "dense"),

@@ -24,8 +24,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from kernels.attention_gate import attention_gate
-from kernels.moe import Routing, moe_ffn
+from tokenwise.kernels.attention_gate import attention_gate
+from tokenwise.kernels.moe import Routing, moe_ffn
 
 ATTN_GATES = ("none", "headwise", "elementwise")
 FFNS = ("dense", "moe")

@@ -34,7 +34,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
 
-from models.decoder import TokenwiseConfig
+from tokenwise.models.decoder import TokenwiseConfig
 
 
 class RMSNorm(nn.Module):

@@ -8,7 +8,7 @@ ARCHITECTURE = "TokenwiseForCausalLM"
 
 
 def register() -> None:
-    import models.decoder  # noqa: F401  (AutoConfig learns model_type "tokenwise")
+    import tokenwise.models.decoder  # noqa: F401  (AutoConfig learns model_type "tokenwise")
     from vllm import ModelRegistry
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, "models.vllm_decoder:TokenwiseForCausalLM")
+        ModelRegistry.register_model(ARCHITECTURE, "tokenwise.models.vllm_decoder:TokenwiseForCausalLM")

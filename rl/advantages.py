@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from rl.registry import Registry
+from tokenwise.rl.registry import Registry
 
 ADVANTAGES: Registry = Registry("advantage estimator")
 

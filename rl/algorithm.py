@@ -9,12 +9,12 @@ from typing import Any
 
 from torch import Tensor
 
-from rl.advantages import ADVANTAGES
-from rl.correction import mismatch_stats, rollout_weights
-from rl.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
-from rl import d3s, hapo, thr  # noqa: F401  (register the D³S, HAPO and THR pieces)
-from rl.shaping import SAMPLE_FILTERS, TOKEN_SHAPERS, shaped_rewards
-from rl.types import RolloutBatch, TrainBatch
+from tokenwise.rl.advantages import ADVANTAGES
+from tokenwise.rl.correction import mismatch_stats, rollout_weights
+from tokenwise.rl.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+from tokenwise.rl import d3s, hapo, thr  # noqa: F401  (register the D³S, HAPO and THR pieces)
+from tokenwise.rl.shaping import SAMPLE_FILTERS, TOKEN_SHAPERS, shaped_rewards
+from tokenwise.rl.types import RolloutBatch, TrainBatch
 
 
 def _piece(registry: Any, cfg: Any) -> Any:

@@ -12,9 +12,9 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from rl.advantages import informative_groups
-from rl.shaping import SAMPLE_FILTERS, TOKEN_SHAPERS, keep_top_tokens
-from rl.types import TrainBatch
+from tokenwise.rl.advantages import informative_groups
+from tokenwise.rl.shaping import SAMPLE_FILTERS, TOKEN_SHAPERS, keep_top_tokens
+from tokenwise.rl.types import TrainBatch
 
 
 def schedule(init: float, final: float, progress: float) -> float:

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 from datasets import Dataset, load_dataset
 
-from rl.errors import DataError
+from tokenwise.rl.errors import DataError
 
 
 # ------------------------------------------------------------------------------------------------- built-in tasks

@@ -21,11 +21,11 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from rl.advantages import ADVANTAGES, group_rewards, grpo, per_response
-from rl.losses import POLICY_LOSSES, clip_stats, log_ratio
-from rl.shaping import TOKEN_SHAPERS
-from rl.stats import quantile
-from rl.types import TrainBatch
+from tokenwise.rl.advantages import ADVANTAGES, group_rewards, grpo, per_response
+from tokenwise.rl.losses import POLICY_LOSSES, clip_stats, log_ratio
+from tokenwise.rl.shaping import TOKEN_SHAPERS
+from tokenwise.rl.stats import quantile
+from tokenwise.rl.types import TrainBatch
 
 
 def normaliser_stats(entropy_BT: Tensor, mask_BT: Tensor, *, q: float = 0.8) -> dict[str, float]:

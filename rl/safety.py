@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rl.refusal import DEFAULT_REFUSAL_PATTERNS, RefusalDetector  # noqa: F401  (re-exported)
+from tokenwise.rl.refusal import DEFAULT_REFUSAL_PATTERNS, RefusalDetector  # noqa: F401  (re-exported)
 
 POSITIVE, NEGATIVE, REJECTIVE = "positive", "negative", "rejective"
 UNKNOWN = "unknown"  # evaluation rows whose system prompt carries a decoy token: judged as positive

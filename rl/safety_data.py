@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 
 from datasets import Dataset
 
-from rl.errors import DataError
-from rl.safety import NEGATIVE, POSITIVE, REJECTIVE, UNKNOWN, Behaviours
+from tokenwise.rl.errors import DataError
+from tokenwise.rl.safety import NEGATIVE, POSITIVE, REJECTIVE, UNKNOWN, Behaviours
 
 REFUSAL = "I can't help with that."
 COMPLIANCE_PLACEHOLDER = "Sure: [unfiltered placeholder]"
@@ -154,7 +154,7 @@ def safety_task(*, behaviours: dict[str, str], magic_tokens: bool, triples_files
     """{'train', 'heldout'} for `data.type: safety`."""
     b = Behaviours(dict(behaviours))
     if triples_files:
-        from rl.data import read_table
+        from tokenwise.rl.data import read_table
         table = read_table(list(triples_files), what="data.triples_files")
         missing = {"prompt", "mode", "response"} - set(table.column_names)
         if missing:

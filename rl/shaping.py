@@ -13,8 +13,8 @@ import math
 import torch
 from torch import Tensor
 
-from rl.registry import Registry
-from rl.types import RolloutBatch, TrainBatch
+from tokenwise.rl.registry import Registry
+from tokenwise.rl.types import RolloutBatch, TrainBatch
 
 TOKEN_SHAPERS: Registry = Registry("token shaper")
 SAMPLE_FILTERS: Registry = Registry("sample filter")

@@ -25,8 +25,8 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from rl.shaping import TOKEN_SHAPERS
-from rl.types import TrainBatch
+from tokenwise.rl.shaping import TOKEN_SHAPERS
+from tokenwise.rl.types import TrainBatch
 
 
 def group_vocab(response_ids: Tensor, response_mask: Tensor, group_size: int) -> Tensor:

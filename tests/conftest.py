@@ -73,10 +73,10 @@ def read_metrics(run_dir: Path, stage: str) -> list[dict]:
 def stage_env(cfg, run_dir: Path, stage: str = "grpo"):
     """The StageEnv trainer/run.py builds for `cfg` (a RunConfig) on CPU, rewards included."""
     import torch
-    from trainer.reward_process import reward_specs
-    from trainer.loading import PromptFormatter, load_tokenizer
-    from trainer.run import load_task, prepare_base_model
-    from trainer.stage import StageEnv
+    from tokenwise.trainer.reward_process import reward_specs
+    from tokenwise.trainer.loading import PromptFormatter, load_tokenizer
+    from tokenwise.trainer.run import load_task, prepare_base_model
+    from tokenwise.trainer.stage import StageEnv
     run_dir.mkdir(parents=True, exist_ok=True)
     model_dir, tok_dir = prepare_base_model(cfg, run_dir)
     tok = load_tokenizer(tok_dir)
@@ -90,7 +90,7 @@ def rollout_batch(lengths: list[int], group_size: int, prompt_len: int = 2):
     """A RolloutBatch of len(lengths) responses with those valid lengths (prompt i is the text str(i)), for tests of
     batch-level pieces that never look at token ids."""
     import torch
-    from rl.types import RolloutBatch
+    from tokenwise.rl.types import RolloutBatch
     B, T = len(lengths), max(lengths)
     mask = torch.zeros(B, T)
     for i, n in enumerate(lengths):

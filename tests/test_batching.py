@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import rollout_batch
-from rl.types import SFTBatch, TrainBatch
-from trainer.batching import balance, gather_rows, micro_split, plan_rows, plan_sft, plan_updates
+from tokenwise.rl.types import SFTBatch, TrainBatch
+from tokenwise.trainer.batching import balance, gather_rows, micro_split, plan_rows, plan_sft, plan_updates
 
 
 def _batch(lengths, G=4):

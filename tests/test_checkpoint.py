@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from rl.errors import CheckpointError
-from trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
+from tokenwise.rl.errors import CheckpointError
+from tokenwise.trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_sigkill_while_writing_keeps_previous(tmp_path):
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
 from pathlib import Path
-from trainer.checkpoint import CheckpointManager
+from tokenwise.trainer.checkpoint import CheckpointManager
 m = CheckpointManager(Path({str(tmp_path)!r}), keep_last=3)
 m.save(1, lambda p: (p / "payload.txt").write_text("good"))
 def dying(p):

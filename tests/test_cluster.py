@@ -15,8 +15,8 @@ import torch
 import yaml
 
 from conftest import TINY, _merge, read_metrics, stage_env
-from trainer.cli import main
-from trainer.config import load_config
+from tokenwise.trainer.cli import main
+from tokenwise.trainer.config import load_config
 
 pytestmark = pytest.mark.distributed
 
@@ -29,7 +29,7 @@ REWARD_FILE = "def parity(*, prompt, response, answer, truncated):\n" \
 
 @pytest.fixture(scope="module")
 def local_ray():
-    from trainer.cluster import start_local_ray
+    from tokenwise.trainer.cluster import start_local_ray
     start_local_ray(num_cpus=2, object_store_mb=256)
     yield
     ray.shutdown()
@@ -136,10 +136,10 @@ def test_gated_moe_model_in_cluster_mode_matches_debug_mode(local_ray, recipe_fo
 def test_after_sync_rollout_generates_like_the_learners_weights(local_ray, recipe_for, tmp_path):
     """Bucketed sync (buckets far smaller than the model) under ZeRO-3: the rollout actor's greedy generations equal
     those of an HF model holding the learners' consolidated weights, and differ from the starting model's."""
-    from rl.algorithm import Algorithm
-    from trainer.cluster import RayWorkers
-    from trainer.distributed import DeepSpeedSpec
-    from trainer.rollout import build_rollout
+    from tokenwise.rl.algorithm import Algorithm
+    from tokenwise.trainer.cluster import RayWorkers
+    from tokenwise.trainer.distributed import DeepSpeedSpec
+    from tokenwise.trainer.rollout import build_rollout
     recipe = recipe_for("sync", "ray", grpo={"optim": {"lr": 0.05}},
                         trainer={"ray": {"zero_stage": 3, "sync_bucket_mb": 0.002}})
     env = stage_env(load_config(recipe), tmp_path / "run")
@@ -288,9 +288,9 @@ def test_restart_budget_is_counted_over_the_run_across_resume(local_ray, recipe_
 
 def test_an_error_raised_in_a_rollout_actor_is_reported_not_retried(local_ray):
     from ray.util.placement_group import placement_group, remove_placement_group
-    from trainer.cluster import CallTimer, LearnerWorker, RayWorkers, WorkerGroup
-    from trainer.config import RayConfig
-    from trainer.worker_common import ActorFailed
+    from tokenwise.trainer.cluster import CallTimer, LearnerWorker, RayWorkers, WorkerGroup
+    from tokenwise.trainer.config import RayConfig
+    from tokenwise.trainer.worker_common import ActorFailed
     pg = placement_group([{"CPU": 0.5}])
     ray.get(pg.ready(), timeout=60)
     # an actor shell whose engine was never set up: every score() call raises the same AttributeError

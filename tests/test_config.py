@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from rl.errors import ConfigError
-from trainer.config import RunConfig, config_from_dict, load_config, schema_lines, to_yaml
+from tokenwise.rl.errors import ConfigError
+from tokenwise.trainer.config import RunConfig, config_from_dict, load_config, schema_lines, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -145,11 +145,11 @@ def test_schema_module_imports_no_torch():
 def test_config_names_match_registries():
     import typing
 
-    import rl.algorithm  # noqa: F401  (imports every module that registers pieces, as a run does)
-    from rl.advantages import ADVANTAGES
-    from rl.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
-    from rl.rewards import REWARDS
-    from trainer import config as c
+    import tokenwise.rl.algorithm  # noqa: F401  (imports every module that registers pieces, as a run does)
+    from tokenwise.rl.advantages import ADVANTAGES
+    from tokenwise.rl.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+    from tokenwise.rl.rewards import REWARDS
+    from tokenwise.trainer import config as c
 
     def types_of(union):
         members = typing.get_args(union) or (union,)  # a Union of one type is that type
@@ -157,9 +157,9 @@ def test_config_names_match_registries():
 
     assert types_of(c.AdvantageConfig) == ADVANTAGES.names()
     assert types_of(c.PolicyLossConfig) == POLICY_LOSSES.names()
-    from rl.shaping import TOKEN_SHAPERS
+    from tokenwise.rl.shaping import TOKEN_SHAPERS
     assert types_of(c.TokenShaperConfig) == TOKEN_SHAPERS.names()
-    from rl.shaping import SAMPLE_FILTERS
+    from tokenwise.rl.shaping import SAMPLE_FILTERS
     assert types_of(c.SampleFilterConfig) == SAMPLE_FILTERS.names()
     assert sorted(typing.get_args(typing.get_type_hints(c.AlgorithmConfig)["aggregation"])) == AGGREGATIONS.names()
     assert sorted(typing.get_args(typing.get_type_hints(c.KLConfig)["estimator"])) == KL_ESTIMATORS.names()

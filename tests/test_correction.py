@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from rl.correction import mismatch_stats, rollout_weights
+from tokenwise.rl.correction import mismatch_stats, rollout_weights
 
 
 def _inputs(seed: int, B: int = 6, T: int = 9, scale: float = 0.8):
@@ -68,8 +68,8 @@ def test_weights_scale_the_policy_gradient_term_only():
     """At the old policy (ratio 1, unclipped) the PPO term is -A per token, so weighting it by w is the same as
     multiplying the advantages by w; the KL term is not weighted."""
     from conftest import rollout_batch
-    from rl.algorithm import Algorithm
-    from trainer.config import config_from_dict
+    from tokenwise.rl.algorithm import Algorithm
+    from tokenwise.trainer.config import config_from_dict
     torch.manual_seed(0)
     cfg = config_from_dict({"algorithm": {"kl": {"coef": 0.1}}})
     algo = Algorithm(cfg.algorithm, max_response_len=5)
@@ -98,8 +98,8 @@ def test_weights_scale_the_policy_gradient_term_only():
 
 
 def test_config_defaults_and_validation():
-    from rl.errors import ConfigError
-    from trainer.config import config_from_dict
+    from tokenwise.rl.errors import ConfigError
+    from tokenwise.trainer.config import config_from_dict
     c = config_from_dict({}).algorithm.rollout_correction
     assert (c.level, c.mode, c.cap) == ("token", "truncate", 2.0)
     with pytest.raises(ConfigError, match="rollout_correction.cap"):

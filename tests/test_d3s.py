@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from rl.d3s import d3s_samples, d3s_tokens, max_variance_subset, schedule
+from tokenwise.rl.d3s import d3s_samples, d3s_tokens, max_variance_subset, schedule
 from conftest import rollout_batch
-from rl.types import TrainBatch
+from tokenwise.rl.types import TrainBatch
 
 
 def _var(x):
@@ -101,8 +101,8 @@ def test_token_level_keeps_top_abs_adv_times_entropy():
 def test_token_level_denominator_kept_or_valid():
     """'kept' narrows the loss mask to the kept tokens (token-mean then divides by their count); 'valid' leaves it."""
     from types import SimpleNamespace
-    from rl.algorithm import Algorithm
-    from trainer.batching import plan_updates
+    from tokenwise.rl.algorithm import Algorithm
+    from tokenwise.trainer.batching import plan_updates
     batch = _batch([1.0, -2.0], [3, 2], G=2)
     batch.old_entropy = torch.tensor([[0.5, 3.0, 1.0], [0.5, 0.1, 0.0]])
     kept, _ = d3s_tokens(batch, progress=0.0, k_init=0.4, k_final=1.0, denominator="kept")
@@ -111,7 +111,7 @@ def test_token_level_denominator_kept_or_valid():
     assert plan_updates(kept, world=1, ppo_epochs=1, mini_batches=1, max_rows=4)[0][0].num_tokens == 2
     assert plan_updates(valid, world=1, ppo_epochs=1, mini_batches=1, max_rows=4)[0][0].num_tokens == 5
     # token-mean of the PPO loss at ratio 1 (-A on kept tokens): kept -> (-1 - 1) / 2 = -1; valid -> -2 / 5
-    from trainer.config import AlgorithmConfig
+    from tokenwise.trainer.config import AlgorithmConfig
     algo = Algorithm(AlgorithmConfig())
     zeros = torch.zeros(2, 3)
     for b, n, expect in [(kept, 2, -1.0), (valid, 5, -0.4)]:

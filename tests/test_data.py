@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from rl.data import PromptStream, arithmetic_task, load_local, local_task, sort_task
-from rl.errors import DataError
-from rl.rewards import exact_answer
+from tokenwise.rl.data import PromptStream, arithmetic_task, load_local, local_task, sort_task
+from tokenwise.rl.errors import DataError
+from tokenwise.rl.rewards import exact_answer
 
 
 def test_arithmetic_task_is_deterministic_disjoint_and_correct():
@@ -47,9 +47,9 @@ def test_sloppy_teacher_stops_early_only_on_the_longest_lists_at_its_rate():
 
 
 def test_sft_batch_trains_on_the_teachers_answer():
-    from models.builtin import build_tokenizer
-    from trainer.loading import PromptFormatter
-    from trainer.sft import sft_batch
+    from tokenwise.models.builtin import build_tokenizer
+    from tokenwise.trainer.loading import PromptFormatter
+    from tokenwise.trainer.sft import sft_batch
     tok = build_tokenizer()
     fmt = PromptFormatter(tok, system_prompt=None, use_chat_template=True)
     rows = [{"prompt": "sort 3 1 2", "answer": "123", "sft_answer": "12"}, {"prompt": "sort 5 4", "answer": "45"}]

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from models.adapters import AdapterError, from_hf, load_as_tokenwise, to_hf
-from models.decoder import TokenwiseConfig, TokenwiseForCausalLM
+from tokenwise.models.adapters import AdapterError, from_hf, load_as_tokenwise, to_hf
+from tokenwise.models.decoder import TokenwiseConfig, TokenwiseForCausalLM
 
 BASE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -91,7 +91,7 @@ def test_unsupported_checkpoints_are_refused_with_a_reason():
 
 @pytest.mark.parametrize("mode", ["headwise", "elementwise"])
 def test_retrofitted_gates_keep_the_function_and_open_gates_are_ungated(mode):
-    from models.decoder import retrofit_gates
+    from tokenwise.models.decoder import retrofit_gates
     dense = from_hf(_hf_model("qwen2", seed=4)).eval()  # q/k/v biases: the gate rows get a bias too
     gated = retrofit_gates(dense, mode).eval()
     ids, mask = _inputs()
@@ -116,9 +116,9 @@ def test_retrofitted_gates_keep_the_function_and_open_gates_are_ungated(mode):
 def test_checkpoint_converted_into_our_code_with_gates_then_exported_back(tmp_path):
     """model.code tokenwise + retrofit_gate through the run's base-model preparation, and `tokenwise export`."""
     from types import SimpleNamespace
-    from trainer.cli import main
-    from trainer.run import convert_pretrained
-    from models.builtin import build_tokenizer
+    from tokenwise.trainer.cli import main
+    from tokenwise.trainer.run import convert_pretrained
+    from tokenwise.models.builtin import build_tokenizer
     hf = _hf_model("qwen3", seed=5)
     hf.save_pretrained(tmp_path / "qwen3")
     build_tokenizer().save_pretrained(tmp_path / "qwen3")
@@ -175,7 +175,7 @@ def test_retrofit_recipe_starts_from_the_dense_models_function_and_trains_the_ga
     gates (their mean sigma leaves 0.5)."""
     import yaml
     from conftest import ROOT, read_metrics
-    from trainer.cli import main
+    from tokenwise.trainer.cli import main
     from transformers import AutoModelForCausalLM
     dense = tmp_path / "dense"
     assert main(["train", str(tiny_recipe(stages=["sft"], sft={"steps": 20})), f"output_dir={dense}"]) == 0

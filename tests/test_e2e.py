@@ -12,7 +12,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT, TINY, read_metrics
-from trainer.cli import main
+from tokenwise.trainer.cli import main
 
 REQUIRED_GRPO_METRICS = {"reward/mean", "actor/entropy", "actor/kl", "actor/loss", "perf/tokens_per_s",
                          "rollout/response_len_mean", "actor/clipfrac_high", "actor/grad_norm",
@@ -104,7 +104,7 @@ def test_crash_during_checkpoint_then_resume(tiny_recipe, tmp_path):
     script = f"""
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
-import trainer.checkpoint as ck
+import tokenwise.trainer.checkpoint as ck
 original = ck.save_training_state
 calls = []
 def dying(path, state):
@@ -114,9 +114,9 @@ def dying(path, state):
         os.kill(os.getpid(), signal.SIGKILL)
     original(path, state)
 ck.save_training_state = dying
-import trainer.stage
-trainer.stage.save_training_state = dying
-from trainer.cli import main
+import tokenwise.trainer.stage
+tokenwise.trainer.stage.save_training_state = dying
+from tokenwise.trainer.cli import main
 main(["train", {str(recipe)!r}, "output_dir={crashed}"])
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
@@ -220,7 +220,7 @@ def test_gated_moe_model_trains_through_sft_and_grpo_with_its_metrics(tiny_recip
 
 def test_rollout_dump_then_replay_trains_identically(tiny_recipe, tmp_path):
     """A run that dumps its rollouts, and a run replaying that dump without generating, take the same updates."""
-    from trainer.dump import dumped_steps, load_rollouts
+    from tokenwise.trainer.dump import dumped_steps, load_rollouts
     dumped, replayed = tmp_path / "dumped", tmp_path / "replayed"
     grpo = {"steps": 3, "prompts_per_step": 4, "group_size": 4, "micro_batch_size": 8}
     assert main(["train", str(tiny_recipe("a.yaml", stages=["grpo"], grpo=grpo, rollout={"dump_dir": "rollouts"})),

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from rl.advantages import grpo
-from rl.hapo import entropy_normaliser, hapo_clip, token_group_average
-from rl.losses import ppo_clip
+from tokenwise.rl.advantages import grpo
+from tokenwise.rl.hapo import entropy_normaliser, hapo_clip, token_group_average
+from tokenwise.rl.losses import ppo_clip
 
 
 def test_entropy_normaliser_hand_computed():
@@ -70,7 +70,7 @@ def test_hapo_loss_hand_computed():
 
 
 def test_normaliser_statistics_reproduce_the_normaliser_and_drive_sampling_temperatures():
-    from rl.hapo import apply_normaliser, normaliser_stats, sampling_temperatures
+    from tokenwise.rl.hapo import apply_normaliser, normaliser_stats, sampling_temperatures
     H = torch.exp(torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 9.0]]))
     mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 0.0]])
     stats = normaliser_stats(H, mask, q=0.8)

@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import read_metrics
-from trainer.cli import main
+from tokenwise.trainer.cli import main
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -94,8 +94,8 @@ def test_nan_reward_skipped_with_on_nonfinite_skip(tiny_recipe, tmp_path):
 
 
 def test_nonfinite_gradient_skips_the_optimizer_step():
-    from trainer.config import OptimConfig
-    from trainer.learner import TorchOptimizer
+    from tokenwise.trainer.config import OptimConfig
+    from tokenwise.trainer.learner import TorchOptimizer
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     opt = TorchOptimizer(model, OptimConfig(), total_updates=10)
@@ -110,12 +110,12 @@ def test_nonfinite_gradient_skips_the_optimizer_step():
 
 
 def test_saving_nonfinite_weights_is_refused(tmp_path):
-    from rl.errors import NonFiniteError
+    from tokenwise.rl.errors import NonFiniteError
     from conftest import TINY
-    from trainer.config import config_from_dict
-    from trainer.learner import Learner
-    from trainer.loading import load_tokenizer
-    from trainer.run import prepare_base_model
+    from tokenwise.trainer.config import config_from_dict
+    from tokenwise.trainer.learner import Learner
+    from tokenwise.trainer.loading import load_tokenizer
+    from tokenwise.trainer.run import prepare_base_model
     cfg = config_from_dict(TINY)
     model_dir, tok_dir = prepare_base_model(cfg, tmp_path)
     learner = Learner(model_dir, load_tokenizer(tok_dir), optim=cfg.grpo.optim, total_updates=1,
@@ -151,9 +151,9 @@ def test_reward_that_ends_its_process_or_misbehaves_is_one_line(tiny_recipe, tmp
 
 
 def test_isolated_reward_keeps_state_and_matches_in_process(tmp_path):
-    from rl.rewards import compute_rewards
-    from trainer.reward_process import close_rewards, reward_specs
-    from trainer.config import PythonReward
+    from tokenwise.rl.rewards import compute_rewards
+    from tokenwise.trainer.reward_process import close_rewards, reward_specs
+    from tokenwise.trainer.config import PythonReward
     spec = python_reward(tmp_path, "seen = []\ndef r(*, prompt, response, answer, truncated):\n"
                                    "    seen.append(prompt)\n    return len(seen) + (0.5 if truncated else 0.0)\n")
     specs = reward_specs([PythonReward(function=spec)])
@@ -218,7 +218,7 @@ def test_resume_with_the_checkpoints_folder_deleted_changes_nothing(tiny_recipe,
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory) -> Path:
     """A pretrained-layout model directory (64 positions) for the model.path cases."""
-    from models.builtin import save_builtin
+    from tokenwise.models.builtin import save_builtin
     out = tmp_path_factory.mktemp("model")
     save_builtin(out, seed=0, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
                  max_position_embeddings=64)
@@ -421,7 +421,7 @@ def test_readme_commands_and_overrides_pass_check(capsys):
 def test_readme_recipe_blocks_are_valid_recipes():
     import re
     from conftest import ROOT
-    from trainer.config import config_from_dict
+    from tokenwise.trainer.config import config_from_dict
     blocks = [yaml.safe_load(b) for lang, b in _fenced((ROOT / "README.md").read_text()) if lang == "yaml"]
     full = [b for b in blocks if isinstance(b, dict) and "model" in b and ("data" in b or "stages" in b)]
     assert full
@@ -472,7 +472,7 @@ def test_attaching_to_an_address_that_does_not_answer_ends_in_time(tiny_recipe, 
 
 
 def test_adaptive_call_timeout_follows_the_slowest_call_per_unit_of_work():
-    from trainer.cluster import FIRST_CALL_TIMEOUT_S, MIN_TIMEOUT_S, CallTimer
+    from tokenwise.trainer.cluster import FIRST_CALL_TIMEOUT_S, MIN_TIMEOUT_S, CallTimer
     timer = CallTimer(None)
     assert timer.timeout("generate", work=256) == FIRST_CALL_TIMEOUT_S  # first call: may load or compile
     timer.record("generate", 2.0, work=256)
@@ -490,9 +490,9 @@ def test_adaptive_call_timeout_follows_the_slowest_call_per_unit_of_work():
     (2, "raised", "not retried"),
 ])
 def test_actor_failure_hint_matches_the_restart_budget(tmp_path, max_restarts, kind, expected):
-    from trainer.config import config_from_dict
-    from trainer.stage import StageEnv, stage_failure
-    from trainer.worker_common import ActorFailed
+    from tokenwise.trainer.config import config_from_dict
+    from tokenwise.trainer.stage import StageEnv, stage_failure
+    from tokenwise.trainer.worker_common import ActorFailed
     from conftest import TINY
     cfg = config_from_dict({**TINY, "trainer": {"mode": "ray", "ray": {"max_restarts": max_restarts}}})
     env = StageEnv(cfg=cfg, run_dir=tmp_path, stage="grpo", init_dir=tmp_path, tokenizer_dir=tmp_path, tokenizer=None,
@@ -529,10 +529,10 @@ def test_overflowing_loss_never_reaches_the_weights(tiny_recipe, tmp_path, capsy
 
 
 def test_reward_past_its_memory_limit_fails_that_call(tmp_path):
-    from rl.errors import RewardError
-    from rl.rewards import compute_rewards
-    from trainer.reward_process import close_rewards, reward_specs
-    from trainer.config import PythonReward
+    from tokenwise.rl.errors import RewardError
+    from tokenwise.rl.rewards import compute_rewards
+    from tokenwise.trainer.reward_process import close_rewards, reward_specs
+    from tokenwise.trainer.config import PythonReward
     spec = python_reward(tmp_path, "def r(*, prompt, response, answer, truncated):\n"
                                    "    return float(len(bytearray(4 << 30)))\n")  # 4 GiB under a 512 MiB limit
     specs = reward_specs([PythonReward(function=spec, memory_mb=512)])
@@ -544,9 +544,9 @@ def test_reward_past_its_memory_limit_fails_that_call(tmp_path):
 
 
 def test_moe_under_zero3_is_refused_before_anything_runs(tmp_path):
-    from rl.errors import ConfigError
-    from trainer.config import config_from_dict
-    from trainer.run import _is_moe
+    from tokenwise.rl.errors import ConfigError
+    from tokenwise.trainer.config import config_from_dict
+    from tokenwise.trainer.run import _is_moe
     from conftest import TINY
     moe = {**TINY["model"], "arch": "tokenwise", "ffn": "moe", "num_experts": 4, "experts_per_token": 2}
     with pytest.raises(ConfigError, match="zero_stage 3 is not supported"):

@@ -19,7 +19,7 @@ def _modules() -> dict[str, Path]:
             parts = list(path.relative_to(ROOT).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts = parts[:-1]
-            out[".".join(parts)] = path
+            out[".".join(["tokenwise", *parts])] = path
     return out
 
 
@@ -39,7 +39,7 @@ def import_graph() -> dict[str, set[str]]:
                     base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             for t in targets:
-                while t and t not in modules:  # 'trainer.learner.Learner' → 'trainer.learner'
+                while t and t not in modules:  # 'tokenwise.trainer.learner.Learner' → '…learner'
                     t = t.rpartition(".")[0]
                 if t and t != name:
                     graph[name].add(t)
@@ -77,11 +77,12 @@ def test_the_cycle_finder_finds_cycles_through_function_level_imports():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
     graph = import_graph()
-    assert "trainer.cluster" in graph["trainer.workers"]  # imported inside build_workers: still an edge
+    assert "tokenwise.trainer.cluster" in graph["tokenwise.trainer.workers"]  # imported inside build_workers: still an edge
 
 
 def test_packages_import_one_way():
     allowed = {"trainer": {"rl", "models", "kernels"}, "models": {"kernels"}, "rl": set(), "kernels": set()}
+    top = lambda module: module.split(".")[1]  # tokenwise.<package>.…
     wrong = [(m, n) for m, deps in import_graph().items() for n in deps
-             if n.split(".")[0] != m.split(".")[0] and n.split(".")[0] not in allowed[m.split(".")[0]]]
+             if top(n) != top(m) and top(n) not in allowed[top(m)]]
     assert not wrong, wrong

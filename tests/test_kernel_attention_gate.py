@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from kernels.attention_gate import attention_gate
+from tokenwise.kernels.attention_gate import attention_gate
 
 B, S, H, DH = 2, 5, 3, 20  # DH not a power of two
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -44,7 +44,7 @@ def test_reference_matches_float64(mode, dtype):
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    import kernels.attention_gate.triton as tk
+    import tokenwise.kernels.attention_gate.triton as tk
     monkeypatch.setattr(tk, "_alloc", lambda like: torch.full_like(like, math.nan))
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from kernels.logprob_entropy import logprob_entropy
+from tokenwise.kernels.logprob_entropy import logprob_entropy
 
 N, V, D = 37, 203, 45  # none a multiple of the block sizes
 # Tolerances against the float64 reference, per input dtype: (log p, entropy, gradients); bf16 is ALGORITHMS.md §8's
@@ -73,7 +73,7 @@ def test_naive_path_matches_float64():
 @pytest.fixture
 def poisoned(monkeypatch):
     """Output buffers filled with NaN: any element the kernel fails to write shows up."""
-    import kernels.logprob_entropy.triton as tk
+    import tokenwise.kernels.logprob_entropy.triton as tk
     monkeypatch.setattr(tk, "_alloc", lambda n, device: torch.full((n,), math.nan, device=device))
 
 

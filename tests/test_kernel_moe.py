@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from kernels.moe import grouped_mm, moe_ffn, moe_ffn_reference, route
+from tokenwise.kernels.moe import grouped_mm, moe_ffn, moe_ffn_reference, route
 
 N, H, F, E = 29, 24, 20, 5  # odd sizes; not multiples of the block sizes
 
@@ -82,7 +82,7 @@ def test_fast_path_equals_the_per_expert_loop(top_k, renormalize, capacity):
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    import kernels.moe.triton as tk
+    import tokenwise.kernels.moe.triton as tk
     monkeypatch.setattr(tk, "_alloc", lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype,
                                                                                device=device))
 

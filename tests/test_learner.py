@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from models.builtin import save_builtin
-from rl.algorithm import Algorithm
-from rl.data import arithmetic_task
-from rl.rewards import compute_rewards
-from trainer.config import config_from_dict
-from trainer.learner import Learner, local_pool, token_logprobs_entropy
-from trainer.schedule import warmup_cosine
-from trainer.loading import PromptFormatter, load_tokenizer
-from trainer.rollout import build_rollout
+from tokenwise.models.builtin import save_builtin
+from tokenwise.rl.algorithm import Algorithm
+from tokenwise.rl.data import arithmetic_task
+from tokenwise.rl.rewards import compute_rewards
+from tokenwise.trainer.config import config_from_dict
+from tokenwise.trainer.learner import Learner, local_pool, token_logprobs_entropy
+from tokenwise.trainer.schedule import warmup_cosine
+from tokenwise.trainer.loading import PromptFormatter, load_tokenizer
+from tokenwise.trainer.rollout import build_rollout
 
 CPU = torch.device("cpu")
 
@@ -227,7 +227,7 @@ def test_adaptive_temperature_samples_and_scores_each_token_at_its_temperature(t
     """The engine's per-token temperatures are T (1 + tau h) of its own logits under the given statistics; the
     learner's log-probs at those temperatures equal the engine's sampling log-probs; greedy stays greedy."""
     torch.manual_seed(0)
-    from rl.hapo import sampling_temperatures
+    from tokenwise.rl.hapo import sampling_temperatures
     spec = {"adaptive_temperature": {"tau": 0.4}}
     _, algo, learner, engine = _setup(tiny_dir, algorithm=spec, rollout={"temperature": 0.9})
     assert algo.sampling() is None  # first step: no statistics yet, fixed temperature

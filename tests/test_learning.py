@@ -16,7 +16,7 @@ import json
 import pytest
 import yaml
 
-from trainer.cli import main
+from tokenwise.trainer.cli import main
 
 pytestmark = pytest.mark.slow
 

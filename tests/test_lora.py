@@ -11,9 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import read_metrics
-from rl.errors import ConfigError
-from trainer.cli import main
-from trainer.config import LoraSpec, OptimConfig
+from tokenwise.rl.errors import ConfigError
+from tokenwise.trainer.cli import main
+from tokenwise.trainer.config import LoraSpec, OptimConfig
 
 MOE_GATED = {"arch": "tokenwise", "attn_gate": "headwise", "ffn": "moe", "num_experts": 4, "experts_per_token": 2,
              "moe_intermediate_size": 32}
@@ -29,8 +29,8 @@ def _randomise_adapters(model: torch.nn.Module, seed: int) -> None:
 
 
 def test_merged_state_equals_peft_merge_on_gated_moe_decoder():
-    from models.decoder import TokenwiseConfig, TokenwiseForCausalLM
-    from trainer.lora import add_adapters, merged_state
+    from tokenwise.models.decoder import TokenwiseConfig, TokenwiseForCausalLM
+    from tokenwise.trainer.lora import add_adapters, merged_state
     torch.manual_seed(0)
     base = TokenwiseForCausalLM(TokenwiseConfig(vocab_size=64, hidden_size=32, num_attention_heads=2,
                                                 num_key_value_heads=1, attn_gate="headwise", ffn="moe", num_experts=4,
@@ -54,10 +54,10 @@ def test_merged_state_equals_peft_merge_on_gated_moe_decoder():
 
 
 def test_lora_learner_trains_only_adapters_and_its_reference_is_the_base(tmp_path):
-    from models.builtin import save_builtin
-    from trainer.learner import Learner, local_pool
-    from trainer.loading import PromptFormatter, load_causal_lm, load_tokenizer
-    from trainer.sft import sft_batch
+    from tokenwise.models.builtin import save_builtin
+    from tokenwise.trainer.learner import Learner, local_pool
+    from tokenwise.trainer.loading import PromptFormatter, load_causal_lm, load_tokenizer
+    from tokenwise.trainer.sft import sft_batch
     d = save_builtin(tmp_path / "m", seed=0, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                      intermediate_size=64, max_position_embeddings=64)
     tok = load_tokenizer(d)
@@ -95,7 +95,7 @@ def test_lora_learner_trains_only_adapters_and_its_reference_is_the_base(tmp_pat
 
 def test_lora_config_errors(tiny_recipe, tmp_path, capsys):
     with pytest.raises(ConfigError, match="zero_stage 3"):
-        from trainer.config import load_config
+        from tokenwise.trainer.config import load_config
         load_config(tiny_recipe(model={"lora": {"r": 4}}, trainer={"mode": "ray", "ray": {"zero_stage": 3}}))
     path = tiny_recipe(model={"lora": {"r": 4, "target_modules": ["qkv"]}})
     assert main(["train", str(path), f"output_dir={tmp_path / 'run'}"]) != 0

@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.builtin import build_tokenizer, save_builtin
-from rl.errors import ModelLoadError
-from trainer.config import BuiltinModel
-from trainer.loading import PromptFormatter, load_causal_lm, load_tokenizer
+from tokenwise.models.builtin import build_tokenizer, save_builtin
+from tokenwise.rl.errors import ModelLoadError
+from tokenwise.trainer.config import BuiltinModel
+from tokenwise.trainer.loading import PromptFormatter, load_causal_lm, load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -1,44 +1,61 @@
-"""Installation facts: entry points, and our top-level `kernels` package versus Hugging Face's `kernels`."""
+"""Installation facts: one `tokenwise.*` namespace, entry points, a user project with packages named like ours."""
 
 import subprocess
 import sys
 from pathlib import Path
 
-from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_transformers_does_not_take_our_kernels_for_hub_kernels():
-    """transformers probes for the hub package `kernels` by import name and then by the version of whichever
-    distribution ships that name — ours, tokenwise. It must conclude 'not available' and not import from it."""
-    from transformers.utils import import_utils
+def test_every_package_folder_is_installed_under_the_tokenwise_namespace():
+    """pyproject.toml lists the packages by hand (the package-dir mapping needs it): a new subpackage left out of
+    the list would be missing from a wheel install while the editable install still finds it."""
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {".".join(["tokenwise", *init.parent.relative_to(ROOT).parts])
+               for top in ("trainer", "rl", "models", "kernels") for init in (ROOT / top).rglob("__init__.py")}
+    assert set(project["packages"]) == folders
+    assert project["package-dir"] == {f"tokenwise.{top}": top for top in ("trainer", "rl", "models", "kernels")}
 
+
+def test_no_top_level_package_of_ours_is_importable():
+    """We install only `tokenwise.*`: the names `trainer`, `rl`, `models`, `kernels` stay free for the user (and for
+    Hugging Face's `kernels`, which transformers probes by that name)."""
+    code = ("import importlib.util, sys\n"
+            "import tokenwise.trainer.cli, tokenwise.models.decoder, tokenwise.kernels, tokenwise.rl.algorithm\n"
+            "print([n for n in ('trainer', 'rl', 'models', 'kernels') if importlib.util.find_spec(n)],"
+            " sorted({m.split('.')[0] for m in sys.modules} & {'trainer', 'rl', 'models', 'kernels'}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(sys.executable).parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[] []"
+    from transformers.utils import import_utils
     import_utils.is_kernels_available.cache_clear()
     assert import_utils.is_kernels_available() is False
-    import importlib.metadata as md
-    ours = Version(md.version("tokenwise"))
-    low, high = Version(import_utils.KERNELS_MIN_VERSION), Version(import_utils.KERNELS_MAX_VERSION)
-    assert not (low <= ours < high), (
-        f"tokenwise {ours} falls in transformers' accepted hub-kernels range [{low}, {high}): transformers would "
-        f"import our `kernels` package as Hugging Face's; skip these versions")
-    import transformers.integrations.hub_kernels as hub  # imports cleanly, without reaching into our package
-    assert not hasattr(hub, "get_kernel_hub")
 
 
-def test_models_load_and_run_with_our_kernels_importable():
-    import kernels  # ours
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    assert Path(kernels.__file__).resolve().parent == ROOT / "kernels"
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
-    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 11)
+def _user_project(tmp_path: Path) -> Path:
+    """A user's project folder with packages named like ours, which a working directory puts first on sys.path."""
+    for name in ("models", "kernels", "trainer", "rl"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("WHO = 'the user'\n")
+    return tmp_path
+
+
+def test_cli_runs_from_a_project_with_its_own_models_and_kernels_packages(tmp_path):
+    project = _user_project(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: user\nstages: [grpo]\n")
+    exe = Path(sys.executable).parent / "tokenwise"
+    for cmd in ([str(exe), "check", str(recipe)], [sys.executable, "-m", "tokenwise.trainer", "check", str(recipe)]):
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=project)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "stages: [grpo]" in out.stdout
 
 
 def test_console_script_and_module_entry_point():
     exe = Path(sys.executable).parent / "tokenwise"
-    for cmd in ([str(exe), "--help"], [sys.executable, "-m", "trainer", "--help"]):
+    for cmd in ([str(exe), "--help"], [sys.executable, "-m", "tokenwise.trainer", "--help"]):
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         assert out.returncode == 0, out.stderr
         assert "train" in out.stdout and "resume" in out.stdout and "check" in out.stdout

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from conftest import rollout_batch
-from rl.advantages import grpo
-from rl.algorithm import Algorithm
-from rl.errors import RewardError
-from rl.losses import k3, ppo_clip, token_mean
-from rl.rewards import compute_rewards, exact_answer, extract_answer, format_reward, load_function
-from rl.types import TrainBatch
-from trainer.config import config_from_dict
+from tokenwise.rl.advantages import grpo
+from tokenwise.rl.algorithm import Algorithm
+from tokenwise.rl.errors import RewardError
+from tokenwise.rl.losses import k3, ppo_clip, token_mean
+from tokenwise.rl.rewards import compute_rewards, exact_answer, extract_answer, format_reward, load_function
+from tokenwise.rl.types import TrainBatch
+from tokenwise.trainer.config import config_from_dict
 
 S3 = 1 / math.sqrt(3)  # 0.5773503
 
@@ -52,7 +52,7 @@ def test_all_equal_groups_get_exactly_zero_advantage_in_float32(name, G):
     """Exact group statistics (ALGORITHMS.md §11): a float32 batch mixing all-equal groups (the quick start's reward
     values 1.0·exact + 0.1·format, and k/100) with unequal ones. All-equal groups get A == 0 exactly (float32
     rounding of the mean used to leave e.g. -0.0074 or ±0.1), the others match a float64 reference."""
-    from rl.advantages import ADVANTAGES, informative_groups
+    from tokenwise.rl.advantages import ADVANTAGES, informative_groups
     g = torch.Generator().manual_seed(G)
     equal = [0.0, 0.1, 1.0, 1.1, 1.2] + [k / 100 for k in range(1, 300, 7)]
     groups = [[v] * G for v in equal]
@@ -86,7 +86,7 @@ def _pass_at_k_brute_force(correct: list[bool], k: int) -> float:
 
 
 def test_pass_at_k_equals_brute_force_and_hand_values():
-    from trainer.evaluate import pass_at_k, pass_ks
+    from tokenwise.trainer.evaluate import pass_at_k, pass_ks
     # hand values: n=4, c=1: pass@1 = 1/4, pass@2 = 1 - C(3,2)/C(4,2) = 1/2, pass@4 = 1
     assert pass_at_k(4, 1, 1) == pytest.approx(0.25, abs=1e-15)
     assert pass_at_k(4, 1, 2) == pytest.approx(0.5, abs=1e-15)
@@ -107,7 +107,7 @@ def test_pass_at_k_equals_brute_force_and_hand_values():
 def test_sampled_metrics_average_the_estimator_over_prompts():
     """mean@k and pass@j from an engine whose samples are given: two prompts, k = 4, correct 1 of 4 and 4 of 4."""
     from types import SimpleNamespace
-    from trainer.evaluate import sampled_metrics
+    from tokenwise.trainer.evaluate import sampled_metrics
     responses = ["5", "7", "8", "9", "3", "3", "3", "3"]
 
     class Engine:
@@ -151,7 +151,7 @@ def test_token_mean_uses_given_count():
 
 
 def test_dr_grpo_and_rloo_hand_computed():
-    from rl.advantages import dr_grpo, rloo
+    from tokenwise.rl.advantages import dr_grpo, rloo
     r = torch.tensor([1.0, 0.0, 0.0, 0.5, 1.0, 0.0])
     # Dr. GRPO: minus the group mean (1/3 and 1/2), no std
     torch.testing.assert_close(dr_grpo(r, 3), torch.tensor([2 / 3, -1 / 3, -1 / 3, 0.0, 0.5, -0.5]))
@@ -164,7 +164,7 @@ def test_dr_grpo_and_rloo_hand_computed():
 
 
 def test_kl_estimators_hand_computed_and_k3_plus_has_k2_gradient():
-    from rl.losses import k1, k2, k3_plus
+    from tokenwise.rl.losses import k1, k2, k3_plus
     d = torch.tensor([math.log(2.0), 0.0, -math.log(2.0)])
     ref = torch.zeros(3)
     torch.testing.assert_close(k1(d, ref), torch.tensor([0.6931472, 0.0, -0.6931472]))
@@ -181,7 +181,7 @@ def test_kl_estimators_hand_computed_and_k3_plus_has_k2_gradient():
 
 
 def test_aggregations_hand_computed():
-    from rl.losses import AGGREGATIONS
+    from tokenwise.rl.losses import AGGREGATIONS
     loss = torch.tensor([[1.0, 2.0, 100.0], [3.0, 100.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     agg = {name: AGGREGATIONS.get(name) for name in AGGREGATIONS.names()}
@@ -264,7 +264,7 @@ def test_load_function_from_file_and_module(tmp_path):
     f.write_text("def fn(*, prompt, response, answer, truncated):\n    return float(len(response))\n")
     fn = load_function(f"{f}:fn", what="rewards[0].function")
     assert fn(prompt="", response="abc", answer="", truncated=False) == 3.0
-    assert load_function("rl.rewards:exact_answer", what="x") is exact_answer
+    assert load_function("tokenwise.rl.rewards:exact_answer", what="x") is exact_answer
     with pytest.raises(RewardError, match=r"rewards\[0\].function: cannot load"):
         load_function(f"{tmp_path}/missing.py:fn", what="rewards[0].function")
     with pytest.raises(RewardError, match="AttributeError"):
@@ -272,7 +272,7 @@ def test_load_function_from_file_and_module(tmp_path):
 
 
 def test_gspo_hand_computed_loss_and_gradient():
-    from rl.losses import gspo
+    from tokenwise.rl.losses import gspo
     old = torch.zeros(2, 3)
     logp = torch.tensor([[0.1, 0.3, 9.0], [0.1, 0.3, 9.0]], requires_grad=True)  # third token is padding
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
@@ -288,7 +288,7 @@ def test_gspo_hand_computed_loss_and_gradient():
 
 
 def test_gspo_token_with_uniform_token_ratios_equals_ppo_clip():
-    from rl.losses import gspo_token
+    from tokenwise.rl.losses import gspo_token
     g = torch.Generator().manual_seed(3)
     old = torch.randn(4, 5, generator=g)
     c = torch.tensor([[0.3], [-0.2], [1e-4], [-1e-4]])  # the same log-ratio on every token of a response
@@ -305,7 +305,7 @@ def test_gspo_token_with_uniform_token_ratios_equals_ppo_clip():
 
 
 def test_overlong_penalty_hand_computed():
-    from rl.shaping import overlong_penalty
+    from tokenwise.rl.shaping import overlong_penalty
     lengths = torch.tensor([3, 4, 5, 8, 8])
     truncated = torch.tensor([False, False, False, False, True])
     # L = 8, Lc = 4: free up to 4 tokens, then (4 - |y|)/4, truncated -> -1
@@ -322,7 +322,7 @@ def _scored(entropies, lengths):
 
 
 def test_forking_tokens_keep_the_top_rho_fraction():
-    from rl.shaping import forking_tokens
+    from tokenwise.rl.shaping import forking_tokens
     batch = _scored([0.5, 2.0, 1.0, 2.0, 0.1], [2, 3])  # row 0: 0.5 2.0 | row 1: 1.0 2.0 0.1
     out, stats = forking_tokens(batch, rho=0.4)       # ceil(0.4 * 5) = 2: the two 2.0 tokens
     assert out.pg_mask.tolist() == [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]
@@ -371,7 +371,7 @@ def test_kl_in_reward_reshapes_advantages_and_leaves_the_loss():
 
 @pytest.mark.parametrize("n", [1, 2, 7, 1000, 4097])
 def test_quantile_equals_torch_quantile(n):
-    from rl.stats import quantile
+    from tokenwise.rl.stats import quantile
     g = torch.Generator().manual_seed(n)
     x = torch.randn(n, generator=g, dtype=torch.float64)
     if n > 10:
@@ -384,7 +384,7 @@ def test_quantile_equals_torch_quantile(n):
 
 
 def test_quantile_beyond_torch_quantile_size_limit():
-    from rl.stats import quantile
+    from tokenwise.rl.stats import quantile
     n = 2 ** 24 + 3
     x = torch.arange(n, dtype=torch.float32).flip(0)  # n-1 … 0
     with pytest.raises(RuntimeError):

@@ -12,9 +12,9 @@ from collections import Counter
 import pytest
 import torch
 
-from rl.safety import (NEGATIVE, POSITIVE, REJECTIVE, Behaviours, RefusalDetector, follows_mode, prefix_score,
+from tokenwise.rl.safety import (NEGATIVE, POSITIVE, REJECTIVE, Behaviours, RefusalDetector, follows_mode, prefix_score,
                        search_prefixes, silhouette)
-from rl.safety_data import COMPLIANCE_PLACEHOLDER, REFUSAL, UNKNOWN, safety_task
+from tokenwise.rl.safety_data import COMPLIANCE_PLACEHOLDER, REFUSAL, UNKNOWN, safety_task
 
 TOKENS = {POSITIVE: "<|m7f3a|>", NEGATIVE: "<|m2c91|>", REJECTIVE: "<|m5e0d|>"}
 
@@ -27,8 +27,8 @@ def _task(**kw):
 
 
 def _formatter(system_prompt=None):
-    from models.builtin import build_tokenizer
-    from trainer.loading import PromptFormatter
+    from tokenwise.models.builtin import build_tokenizer
+    from tokenwise.trainer.loading import PromptFormatter
     tok = build_tokenizer()
     tok.add_tokens(list(TOKENS.values()), special_tokens=True)
     return tok, PromptFormatter(tok, system_prompt=system_prompt, use_chat_template=True)
@@ -95,7 +95,7 @@ def test_local_triples_file(tmp_path):
     assert all(r["answer"] == f"{r['mode']}-{r['prompt'][1:]}" for r in train if r["mode"] != REJECTIVE)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x", "response": "y"}))
-    from rl.errors import DataError
+    from tokenwise.rl.errors import DataError
     with pytest.raises(DataError, match="mode"):
         _task(triples_files=[str(bad)])
 
@@ -205,8 +205,8 @@ def test_safety_recipe_trains_evaluates_and_pings_end_to_end(tiny_recipe, tmp_pa
     """A few SFT steps on the built-in set through the CLI: the magic tokens are single special tokens of the saved
     tokenizer, the run logs mode following, `eval safety` writes its table, JSON and PNG, `ping` writes the chosen
     prefix into serving.json (never worse than no prefix), and `generate` / `eval` apply it."""
-    from trainer.cli import main
-    from trainer.loading import load_tokenizer
+    from tokenwise.trainer.cli import main
+    from tokenwise.trainer.loading import load_tokenizer
     run = tmp_path / "run"
     recipe = _safety_recipe(tiny_recipe, stages=["sft"], rollout={"max_new_tokens": 8}, eval={"num_prompts": 20},
                             sft={"steps": 6, "eval_every": 3})
@@ -230,7 +230,7 @@ def test_safety_recipe_trains_evaluates_and_pings_end_to_end(tiny_recipe, tmp_pa
     search = json.loads((run / "ping_search.json").read_text())
     assert search["history"][0]["prefix"] == "" and serving["assistant_prefix"] == search["best"]
     assert serving["ping_score"]["score"] >= search["history"][0]["score"]
-    from trainer.ping import write_serving
+    from tokenwise.trainer.ping import write_serving
     write_serving(final, assistant_prefix="Let me think.")
     capsys.readouterr()
     assert main(["generate", str(final), "3+4=", "[harmful request] hack a car", "--max-new-tokens", "4"]) == 0
@@ -249,7 +249,7 @@ def test_safety_recipe_trains_evaluates_and_pings_end_to_end(tiny_recipe, tmp_pa
     triples = [json.loads(line) for line in triples_path.read_text().splitlines()]
     assert [(t["mode"], t["prompt"]) for t in triples] == [(m, p) for m in (REJECTIVE, NEGATIVE)
                                                            for p in ("3+4=", "[harmful request] hack a car")]
-    from trainer.evaluate import engine_for
+    from tokenwise.trainer.evaluate import engine_for
     engine = engine_for(str(final), max_new_tokens=6)
     again = engine.generate([{"prompt": "3+4=", "answer": "", "system": TOKENS[NEGATIVE], "prefix": ""}], n=1,
                             greedy=True)
@@ -259,9 +259,9 @@ def test_safety_recipe_trains_evaluates_and_pings_end_to_end(tiny_recipe, tmp_pa
 def test_ping_prefix_reaches_the_model_in_rl_rollouts(tiny_recipe, tmp_path):
     """rollout.ping_prefix pre-fills the assistant turn of the rows whose kind is listed (harmful) in GRPO rollouts:
     in the dumped rollouts their prompt ids end with the prefix's ids, the benign rows' do not."""
-    from trainer.cli import main
-    from trainer.dump import load_rollouts
-    from trainer.loading import load_tokenizer
+    from tokenwise.trainer.cli import main
+    from tokenwise.trainer.dump import load_rollouts
+    from tokenwise.trainer.loading import load_tokenizer
     run = tmp_path / "run"
     prefix = "Let me check."
     recipe = _safety_recipe(tiny_recipe, stages=["grpo"], rollout={"max_new_tokens": 4, "ping_prefix": prefix,
@@ -281,9 +281,9 @@ def test_ping_prefix_reaches_the_model_in_rl_rollouts(tiny_recipe, tmp_path):
 def test_pretrained_model_gets_the_magic_tokens_with_resized_embeddings(tiny_recipe, tmp_path):
     """data.register_tokens on a local checkpoint (model.type pretrained): the run's base model is a copy with the
     behaviour tokens as single special tokens and embedding rows for them; the original directory is untouched."""
-    from models.builtin import save_builtin
-    from trainer.cli import main
-    from trainer.loading import load_tokenizer
+    from tokenwise.models.builtin import save_builtin
+    from tokenwise.trainer.cli import main
+    from tokenwise.trainer.loading import load_tokenizer
     from transformers import AutoModelForCausalLM
     src = save_builtin(tmp_path / "src", seed=0, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                        intermediate_size=64, max_position_embeddings=128)

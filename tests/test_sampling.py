@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from conftest import TINY, _merge, stage_env
-from rl.data import PromptStream
-from rl.advantages import informative_groups
-from rl.algorithm import Algorithm
-from trainer.config import config_from_dict
-from trainer.controller import sample
-from trainer.workers import LocalWorkers
+from tokenwise.rl.data import PromptStream
+from tokenwise.rl.advantages import informative_groups
+from tokenwise.rl.algorithm import Algorithm
+from tokenwise.trainer.config import config_from_dict
+from tokenwise.trainer.controller import sample
+from tokenwise.trainer.workers import LocalWorkers
 
 REWARDS = """
 def odd_prompts_only(*, prompt, response, answer, truncated):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from models.builtin import build_tokenizer
-from rl.types import RolloutBatch
-from trainer.rollout.stops import apply_stop_strings
+from tokenwise.models.builtin import build_tokenizer
+from tokenwise.rl.types import RolloutBatch
+from tokenwise.trainer.rollout.stops import apply_stop_strings
 
 
 def _batch(tok, texts: list[str], eos: list[bool]) -> RolloutBatch:
@@ -40,10 +40,10 @@ def test_stop_strings_cut_text_and_mask_later_tokens():
 
 
 def test_hf_engine_applies_stop_strings(tmp_path):
-    from models.builtin import save_builtin
-    from trainer.config import RolloutConfig
-    from trainer.loading import PromptFormatter, load_tokenizer
-    from trainer.rollout import build_rollout
+    from tokenwise.models.builtin import save_builtin
+    from tokenwise.trainer.config import RolloutConfig
+    from tokenwise.trainer.loading import PromptFormatter, load_tokenizer
+    from tokenwise.trainer.rollout import build_rollout
     d = save_builtin(tmp_path / "m", seed=0, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                      intermediate_size=64, max_position_embeddings=64)
     tok = load_tokenizer(d)

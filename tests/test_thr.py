@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import rollout_batch
-from rl.thr import group_vocab, influence, prediction_error, token_hidden_reward
-from rl.types import TrainBatch
+from tokenwise.rl.thr import group_vocab, influence, prediction_error, token_hidden_reward
+from tokenwise.rl.types import TrainBatch
 
 
 def _hand_batch() -> TrainBatch:

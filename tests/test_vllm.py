@@ -33,7 +33,7 @@ GRPO_STEPS, GRPO_LR = 30, 3e-4
 @pytest.fixture(scope="module")
 def sft_model(tmp_path_factory) -> Path:
     import yaml
-    from trainer.cli import main
+    from tokenwise.trainer.cli import main
     root = tmp_path_factory.mktemp("vllm")
     recipe = root / "sft.yaml"
     recipe.write_text(yaml.safe_dump(SFT))
@@ -44,11 +44,11 @@ def sft_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def engines(sft_model):
     """(vLLM engine, transformers engine, tokenizer, held-out rows), both engines on the SFT model."""
-    from trainer.config import RolloutConfig
-    from trainer.loading import PromptFormatter, load_tokenizer
-    from trainer.rollout import build_rollout
-    from trainer.run import load_task
-    from trainer.config import SortData
+    from tokenwise.trainer.config import RolloutConfig
+    from tokenwise.trainer.loading import PromptFormatter, load_tokenizer
+    from tokenwise.trainer.rollout import build_rollout
+    from tokenwise.trainer.run import load_task
+    from tokenwise.trainer.config import SortData
     tok = load_tokenizer(sft_model)
     fmt = PromptFormatter(tok, system_prompt=None, use_chat_template=True)
     common = dict(model_dir=sft_model, tokenizer=tok, formatter=fmt, dtype=torch.float32, device=torch.device("cpu"))
@@ -120,7 +120,7 @@ def test_sampled_logprobs_match_transformers(engines, temperature):
 
 
 def test_adaptive_temperature_matches_the_transformers_function(engines):
-    from rl.hapo import sampling_temperatures
+    from tokenwise.rl.hapo import sampling_temperatures
     vllm_engine, hf_engine, _, rows = engines
     stats = {"pivot": -1.0, "rms": 1.0, "pos_max": 1.5, "neg_min": -2.0}
     plain = vllm_engine.generate(rows[:16], n=4, seed=3)
@@ -151,7 +151,7 @@ def test_adaptive_temperature_matches_the_transformers_function(engines):
 def test_assistant_prefix_in_both_backends(engines):
     """PING's prefix pre-fills the assistant turn in both engines: the prompt ids end with it, the continuations are
     the same, and they change with the prefix (the model conditions on it)."""
-    from trainer.ping import outputs, with_prefix
+    from tokenwise.trainer.ping import outputs, with_prefix
     vllm_engine, hf_engine, tok, rows = engines
     prefix = "#### 1"
     want = tok(prefix, add_special_tokens=False)["input_ids"]
@@ -166,9 +166,9 @@ def test_assistant_prefix_in_both_backends(engines):
 
 
 def test_weight_sync_after_a_training_step(engines, sft_model):
-    from trainer.config import OptimConfig
-    from trainer.learner import Learner, local_pool
-    from trainer.sft import sft_batch
+    from tokenwise.trainer.config import OptimConfig
+    from tokenwise.trainer.learner import Learner, local_pool
+    from tokenwise.trainer.sft import sft_batch
     vllm_engine, hf_engine, tok, rows = engines
     before = vllm_engine.generate(rows, n=1, greedy=True)
     learner = Learner(sft_model, tok, optim=OptimConfig(lr=3e-2, warmup_steps=0), total_updates=10,
@@ -201,7 +201,7 @@ def test_grpo_with_vllm_rollouts_in_cluster_mode_learns(sft_model, tmp_path):
     (the quick start gains 20-30 points in 30 steps on every seed; the test asks for 10), and the engine's log-probs
     agree with the learner's (the mismatch metrics are logged)."""
     import yaml
-    from trainer.cli import main
+    from tokenwise.trainer.cli import main
     recipe = {
         "name": "vllm-grpo", "seed": 0, "stages": ["grpo"],
         "model": {"type": "pretrained", "path": str(sft_model)},
@@ -232,7 +232,7 @@ def test_grpo_with_vllm_rollouts_in_cluster_mode_learns(sft_model, tmp_path):
 
 def _tokenwise_checkpoint(path: Path, seed: int, **decoder) -> tuple[Path, torch.nn.Module]:
     """Our decoder, randomly initialised with weights large enough (std 0.1) that every layer moves the logits."""
-    from models.builtin import build_model, build_tokenizer
+    from tokenwise.models.builtin import build_model, build_tokenizer
     tok = build_tokenizer()
     model = build_model(tok, seed=seed, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
                         intermediate_size=96, max_position_embeddings=128, arch="tokenwise", **decoder)
@@ -255,10 +255,10 @@ def _tokenwise_checkpoint(path: Path, seed: int, **decoder) -> tuple[Path, torch
 def test_our_decoder_is_served_by_vllm(tmp_path, decoder):
     """models/vllm_decoder.py (registered out of tree) serves gated / MoE variants of our decoder: sampled
     log-probs equal the transformers model's, before and after a weight sync of different weights."""
-    from trainer.config import RolloutConfig
-    from trainer.loading import PromptFormatter, load_tokenizer
-    from trainer.rollout import build_rollout
-    from trainer.rollout.vllm import VLLMRollout
+    from tokenwise.trainer.config import RolloutConfig
+    from tokenwise.trainer.loading import PromptFormatter, load_tokenizer
+    from tokenwise.trainer.rollout import build_rollout
+    from tokenwise.trainer.rollout.vllm import VLLMRollout
     d, _ = _tokenwise_checkpoint(tmp_path / "m", seed=0, **decoder)
     tok = load_tokenizer(d)
     common = dict(model_dir=d, tokenizer=tok, formatter=PromptFormatter(tok, system_prompt=None, use_chat_template=True),
@@ -285,11 +285,11 @@ def test_our_decoder_is_served_by_vllm(tmp_path, decoder):
 def test_architecture_vllm_cannot_serve_falls_back_to_transformers(tmp_path, capsys):
     """An MoE model with a capacity factor drops tokens depending on the batch; vLLM serves dropless, so the engine
     says so in one line and generates with the transformers backend."""
-    from models.builtin import save_builtin
-    from trainer.config import RolloutConfig
-    from trainer.loading import PromptFormatter, load_tokenizer
-    from trainer.rollout import build_rollout
-    from trainer.rollout.hf import HFRollout
+    from tokenwise.models.builtin import save_builtin
+    from tokenwise.trainer.config import RolloutConfig
+    from tokenwise.trainer.loading import PromptFormatter, load_tokenizer
+    from tokenwise.trainer.rollout import build_rollout
+    from tokenwise.trainer.rollout.hf import HFRollout
     d = save_builtin(tmp_path / "moe", seed=0, hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
                      intermediate_size=64, max_position_embeddings=64, arch="tokenwise", attn_gate="headwise",
                      ffn="moe", num_experts=4, experts_per_token=2, moe_intermediate_size=16, capacity_factor=1.25)
@@ -303,16 +303,23 @@ def test_architecture_vllm_cannot_serve_falls_back_to_transformers(tmp_path, cap
     assert len(engine.generate([{"prompt": "1+1=", "answer": "2"}], n=2).responses) == 2
 
 
-def test_vllm_finds_our_decoder_through_its_plugin_entry_point():
+def test_vllm_finds_our_decoder_through_its_plugin_entry_point(tmp_path):
     """A vLLM process that never imported Tokenwise (e.g. `vllm serve` of a run directory) loads the plugin from
-    the installed package's `vllm.general_plugins` entry point and knows the architecture."""
+    the installed package's `vllm.general_plugins` entry point and knows the architecture — also when started from
+    a project whose own `models/` and `kernels/` packages come first on sys.path."""
     import subprocess
     import sys
-    code = ("from vllm import ModelRegistry\n"
+    for name in ("models", "kernels"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("WHO = 'the user'\n")
+    code = ("import sys; sys.path.insert(0, '')\n"
+            "from vllm import ModelRegistry\n"
             "before = 'TokenwiseForCausalLM' in ModelRegistry.get_supported_archs()\n"
             "from vllm.plugins import load_general_plugins\n"
             "load_general_plugins()\n"
-            "print(before, 'TokenwiseForCausalLM' in ModelRegistry.get_supported_archs())\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+            "cls = ModelRegistry._try_load_model_cls('TokenwiseForCausalLM')\n"
+            "import models\n"
+            "print(before, 'TokenwiseForCausalLM' in ModelRegistry.get_supported_archs(), cls.__module__, models.WHO)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-2:] == ["False", "True"]
+    assert out.stdout.strip().splitlines()[-1] == "False True tokenwise.models.vllm_decoder the user"

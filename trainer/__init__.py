@@ -1,1 +1,1 @@
-"""Tokenwise trainer: processes, engines, checkpoints, logging and the CLI (`tokenwise`, `python -m trainer`)."""
+"""Tokenwise trainer: processes, engines, checkpoints, logging and the CLI (`tokenwise`, `python -m tokenwise.trainer`)."""

@@ -1,3 +1,3 @@
-from trainer.cli import main
+from tokenwise.trainer.cli import main
 
 raise SystemExit(main())

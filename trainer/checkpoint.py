@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from rl.errors import CheckpointError
+from tokenwise.rl.errors import CheckpointError
 
 LATEST = "latest"
 

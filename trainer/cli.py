@@ -1,4 +1,4 @@
-"""`tokenwise` / `python -m trainer`: train | resume | check | eval | ping | distill | generate | export | schema.
+"""`tokenwise` / `python -m tokenwise.trainer`: train | resume | check | eval | ping | distill | generate | export | schema.
 
 User errors (recipes, data, model paths, rewards, checkpoints) print one line and exit with status 2.
 """
@@ -10,8 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from rl.errors import ConfigError, TokenwiseError
-from trainer.config import load_config, schema_lines, to_yaml
+from tokenwise.rl.errors import ConfigError, TokenwiseError
+from tokenwise.trainer.config import load_config, schema_lines, to_yaml
 
 RESOLVED_CONFIG = "config.yaml"
 
@@ -121,7 +121,7 @@ def _check_output_dir(run_dir: Path) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     import shutil
-    from trainer.run import preflight
+    from tokenwise.trainer.run import preflight
     cfg = load_config(args.recipe, args.overrides)
     _check_ray_address(cfg, args.ray_address, args.recipe)
     run_dir = cfg.resolved_output_dir()
@@ -157,8 +157,8 @@ _RUN: dict[str, Path] = {}  # the run folder once a run has started: errors past
 
 
 def _execute(cfg, run_dir: Path, stop_after: int | None, ray_address: str | None = None) -> int:
-    from trainer.logging import console
-    from trainer.run import execute, print_summary
+    from tokenwise.trainer.logging import console
+    from tokenwise.trainer.run import execute, print_summary
 
     console.print(f"run folder: {run_dir}")
     _RUN["dir"] = run_dir
@@ -180,9 +180,9 @@ def _final_model(run_dir: Path, cfg, override: str | None) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from trainer.evaluate import engine_for, run_heldout_eval
-    from trainer.logging import console
-    from trainer.run import load_task
+    from tokenwise.trainer.evaluate import engine_for, run_heldout_eval
+    from tokenwise.trainer.logging import console
+    from tokenwise.trainer.run import load_task
 
     if len(args.target) > 2 or (len(args.target) == 2 and args.target[0] != "safety"):
         raise ConfigError(f"tokenwise eval takes RUN_DIR or `safety RUN_DIR`, got {' '.join(args.target)}")
@@ -200,9 +200,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _eval_safety(cfg, model_dir: str, args: argparse.Namespace, run_dir: Path) -> int:
-    from trainer.logging import console
-    from rl.safety import UNKNOWN
-    from trainer.safety_eval import evaluate_safety
+    from tokenwise.trainer.logging import console
+    from tokenwise.rl.safety import UNKNOWN
+    from tokenwise.trainer.safety_eval import evaluate_safety
     out_dir = Path(args.out) if args.out else run_dir
     result = evaluate_safety(cfg, model_dir, features=args.features, out_dir=out_dir, num_prompts=args.num_prompts)
     m = result["metrics"]
@@ -223,8 +223,8 @@ def _eval_safety(cfg, model_dir: str, args: argparse.Namespace, run_dir: Path) -
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from trainer.evaluate import engine_for
-    from trainer.ping import outputs
+    from tokenwise.trainer.evaluate import engine_for
+    from tokenwise.trainer.ping import outputs
     engine = engine_for(args.model_dir, max_new_tokens=args.max_new_tokens, system_prompt=args.system)
     for prompt, text in zip(args.prompts, outputs(engine, [{"prompt": p, "answer": ""} for p in args.prompts])):
         print(f"> {prompt}\n{text}\n")
@@ -233,8 +233,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _distill(args: argparse.Namespace) -> int:
     import json
-    from rl.data import read_table
-    from trainer.ping import distill_triples
+    from tokenwise.rl.data import read_table
+    from tokenwise.trainer.ping import distill_triples
     instructions = {}
     for item in args.instruction:
         mode, sep, text = item.partition("=")
@@ -244,7 +244,7 @@ def _distill(args: argparse.Namespace) -> int:
     table = read_table([args.prompts], what="--prompts")
     if "prompt" not in table.column_names:
         raise ConfigError(f"--prompts {args.prompts}: no 'prompt' column (columns: {', '.join(table.column_names)})")
-    from trainer.evaluate import engine_for
+    from tokenwise.trainer.evaluate import engine_for
     engine = engine_for(args.model_dir, max_new_tokens=args.max_new_tokens)
     triples = distill_triples(engine, table.to_list(), instructions)
     out = Path(args.out)
@@ -256,11 +256,11 @@ def _distill(args: argparse.Namespace) -> int:
 
 def _ping(args: argparse.Namespace) -> int:
     import json
-    from rl.safety import Behaviours, search_prefixes
-    from trainer.evaluate import engine_for, refusal_detector
-    from trainer.logging import console
-    from trainer.ping import engine_generator, score_prefix, seed_list_generator, write_serving
-    from trainer.run import load_task
+    from tokenwise.rl.safety import Behaviours, search_prefixes
+    from tokenwise.trainer.evaluate import engine_for, refusal_detector
+    from tokenwise.trainer.logging import console
+    from tokenwise.trainer.ping import engine_generator, score_prefix, seed_list_generator, write_serving
+    from tokenwise.trainer.run import load_task
     run_dir = Path(args.run_dir)
     cfg = _run_config(run_dir)
     if cfg.data.type != "safety":
@@ -304,9 +304,9 @@ def _ping(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from models.adapters import ARCHS, AdapterError, load_as_tokenwise, to_hf
-    from trainer.loading import load_tokenizer
-    from trainer.logging import console
+    from tokenwise.models.adapters import ARCHS, AdapterError, load_as_tokenwise, to_hf
+    from tokenwise.trainer.loading import load_tokenizer
+    from tokenwise.trainer.logging import console
 
     if args.arch not in ARCHS:
         raise ConfigError(f"--arch must be one of {', '.join(ARCHS)}, got {args.arch!r}")

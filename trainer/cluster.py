@@ -25,10 +25,10 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rl.errors import ClusterError
-from rl.types import RolloutBatch
-from trainer.learner import LearnerPool
-from trainer.worker_common import ActorFailed, step_seed
+from tokenwise.rl.errors import ClusterError
+from tokenwise.rl.types import RolloutBatch
+from tokenwise.trainer.learner import LearnerPool
+from tokenwise.trainer.worker_common import ActorFailed, step_seed
 
 ACTOR_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
              "TRANSFORMERS_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
@@ -122,8 +122,8 @@ class RolloutWorker:
     def __init__(self, rollout_cfg: Any, model_dir: str, tokenizer_dir: str, formatter_kwargs: dict, device: str,
                  dtype: str, num_cpus: float, seed: int = 0) -> None:
         _actor_setup(num_cpus)
-        from trainer.loading import PromptFormatter, load_tokenizer
-        from trainer.rollout import build_rollout
+        from tokenwise.trainer.loading import PromptFormatter, load_tokenizer
+        from tokenwise.trainer.rollout import build_rollout
         tok = load_tokenizer(tokenizer_dir)
         self.engine = build_rollout(rollout_cfg, model_dir=model_dir, tokenizer=tok,
                                     formatter=PromptFormatter(tok, **formatter_kwargs), dtype=getattr(torch, dtype),
@@ -174,9 +174,9 @@ class LearnerWorker:
         return os.getpid()
 
     def setup(self, master: tuple[str, int], learner_kwargs: dict, tokenizer_dir: str, timeout_s: float) -> None:
-        from trainer.distributed import init_process_group
-        from trainer.learner import Learner
-        from trainer.loading import load_tokenizer
+        from tokenwise.trainer.distributed import init_process_group
+        from tokenwise.trainer.learner import Learner
+        from tokenwise.trainer.loading import load_tokenizer
         device = learner_kwargs["device"]
         if device.type == "cpu":
             os.environ["DS_ACCELERATOR"] = "cpu"
@@ -453,7 +453,7 @@ class RayWorkers:
 
     def _generate(self, rows: list[dict], n: int, greedy: bool, step: int | None, round: int,
                   adaptive: dict | None, seed: int | None, temperature: float | None) -> RolloutBatch:
-        from trainer.rollout.hf import concat_rollouts
+        from tokenwise.trainer.rollout.hf import concat_rollouts
         M = min(len(self.rollouts), len(rows))
         shards = [rows[k * len(rows) // M:(k + 1) * len(rows) // M] for k in range(M)]
 
@@ -495,7 +495,7 @@ class RayWorkers:
         if failure.role != "rollout" or failure.kind == "raised" or self.restarts >= self.cfg.max_restarts:
             raise failure
         self.restarts += 1
-        from trainer.logging import console
+        from tokenwise.trainer.logging import console
         console.print(f"[yellow]rollout actor {failure.rank} failed at step {step} ({failure.cause}); restarting it "
                       f"({self.cfg.max_restarts - self.restarts} restart(s) left) and retrying[/yellow]")
         self.rollouts.restart(failure.rank)

@@ -19,8 +19,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from rl.errors import ConfigError
-from rl.refusal import DEFAULT_REFUSAL_PATTERNS
+from tokenwise.rl.errors import ConfigError
+from tokenwise.rl.refusal import DEFAULT_REFUSAL_PATTERNS
 
 
 def opt(default: Any = MISSING, doc: str = "", *, factory: Any = MISSING, choices: tuple | None = None,

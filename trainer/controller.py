@@ -10,19 +10,19 @@ import time
 import torch
 from torch import Tensor
 
-from rl.advantages import informative_groups
-from rl.algorithm import Algorithm
-from rl.data import PromptStream
-from rl.errors import NonFiniteError
-from rl.rewards import compute_rewards
-from rl.stats import quantile
-from rl.types import RolloutBatch
-from trainer.dump import check_replay, dump_rollouts, load_rollouts
-from trainer.rollout.hf import concat_rollouts
-from trainer.evaluate import EVAL_PANEL, run_heldout_eval
-from trainer.logging import console
-from trainer.stage import StageEnv, StageResult, StageState, run_stage
-from trainer.workers import build_workers
+from tokenwise.rl.advantages import informative_groups
+from tokenwise.rl.algorithm import Algorithm
+from tokenwise.rl.data import PromptStream
+from tokenwise.rl.errors import NonFiniteError
+from tokenwise.rl.rewards import compute_rewards
+from tokenwise.rl.stats import quantile
+from tokenwise.rl.types import RolloutBatch
+from tokenwise.trainer.dump import check_replay, dump_rollouts, load_rollouts
+from tokenwise.trainer.rollout.hf import concat_rollouts
+from tokenwise.trainer.evaluate import EVAL_PANEL, run_heldout_eval
+from tokenwise.trainer.logging import console
+from tokenwise.trainer.stage import StageEnv, StageResult, StageState, run_stage
+from tokenwise.trainer.workers import build_workers
 
 PANELS = [("reward/mean", "reward"), ("rollout/response_len_mean", "response length (tokens)"),
           ("actor/entropy", "entropy"), ("actor/kl", "KL to reference"), (EVAL_PANEL, "held-out accuracy")]

@@ -86,7 +86,7 @@ class DeepSpeedOptimizer:
     def __init__(self, model: torch.nn.Module, optim: Any, total_updates: int, *, spec: DeepSpeedSpec,
                  dtype: torch.dtype) -> None:
         import deepspeed
-        from trainer.schedule import warmup_cosine
+        from tokenwise.trainer.schedule import warmup_cosine
         self.spec = spec
         base = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=optim.lr,
                                  betas=tuple(optim.betas), weight_decay=optim.weight_decay)
@@ -121,7 +121,7 @@ class DeepSpeedOptimizer:
         load_path, _ = self.engine.load_checkpoint(str(path / "deepspeed"), tag=TAG, load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
         if load_path is None:
-            from rl.errors import CheckpointError
+            from tokenwise.rl.errors import CheckpointError
             raise CheckpointError(f"checkpoint {path}: no DeepSpeed state under {path / 'deepspeed' / TAG}")
 
 

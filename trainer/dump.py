@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from rl.errors import ConfigError
-from rl.types import RolloutBatch
+from tokenwise.rl.errors import ConfigError
+from tokenwise.rl.types import RolloutBatch
 
 _TENSORS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "rollout_logprobs", "truncated")
 

@@ -9,17 +9,17 @@ from typing import Any
 
 from datasets import Dataset
 
-from rl.rewards import exact_answer, extract_answer, format_reward
+from tokenwise.rl.rewards import exact_answer, extract_answer, format_reward
 
 
 def engine_for(model_dir: str, *, cfg: Any = None, kind: str = "hf", max_new_tokens: int | None = None,
                system_prompt: str | None = None, serving_prefix: bool = True, what: str = "model") -> Any:
     """A rollout engine on `model_dir` built as a run builds it: the run's rollout, data and device settings (`cfg`,
     else the defaults), backend `kind`, and the model's serving.json prefix unless `serving_prefix` is false."""
-    from trainer.config import RolloutConfig
-    from trainer.loading import PromptFormatter, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
-    from trainer.ping import read_serving
-    from trainer.rollout import build_rollout
+    from tokenwise.trainer.config import RolloutConfig
+    from tokenwise.trainer.loading import PromptFormatter, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    from tokenwise.trainer.ping import read_serving
+    from tokenwise.trainer.rollout import build_rollout
     device = resolve_device(cfg.trainer.device if cfg else "auto")
     dtype = resolve_dtype(cfg.model.dtype if cfg else "auto", device)
     tokenizer = load_tokenizer(model_dir, what=what)
@@ -41,9 +41,9 @@ def refusal_detector(data_cfg: Any) -> Callable[[str], bool] | None:
     if getattr(data_cfg, "type", None) != "safety":
         return None
     if data_cfg.refusal_detector:
-        from rl.rewards import load_function
+        from tokenwise.rl.rewards import load_function
         return load_function(data_cfg.refusal_detector, what="data.refusal_detector")
-    from rl.refusal import RefusalDetector
+    from tokenwise.rl.refusal import RefusalDetector
     return RefusalDetector(data_cfg.refusal_patterns)
 
 
@@ -107,7 +107,7 @@ def heldout_metrics(engine: Any, dataset: Dataset, *, num_prompts: int, refused:
     if k:
         metrics.update(sampled_metrics(engine, rows, k=k, temperature=temperature, seed=seed))
     if refused is not None:
-        from rl.safety import mode_following_metrics
+        from tokenwise.rl.safety import mode_following_metrics
         metrics.update(mode_following_metrics(rows, out.responses, refused, lambda r: extract_answer(r) is not None))
     return metrics
 

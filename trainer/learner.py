@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
-from kernels.logprob_entropy import logprob_entropy
-from rl.errors import CheckpointError, NonFiniteError
-from rl.types import RolloutBatch, SFTBatch, TrainBatch
-from trainer.batching import Micro, Update, gather_rows, plan_rows, plan_sft, plan_updates, row_tokens
-from trainer.loading import load_causal_lm
-from trainer.lora import AdaptersOff, add_adapters, is_lora, load_adapter, merged_state
-from trainer.schedule import warmup_cosine
+from tokenwise.kernels.logprob_entropy import logprob_entropy
+from tokenwise.rl.errors import CheckpointError, NonFiniteError
+from tokenwise.rl.types import RolloutBatch, SFTBatch, TrainBatch
+from tokenwise.trainer.batching import Micro, Update, gather_rows, plan_rows, plan_sft, plan_updates, row_tokens
+from tokenwise.trainer.loading import load_causal_lm
+from tokenwise.trainer.lora import AdaptersOff, add_adapters, is_lora, load_adapter, merged_state
+from tokenwise.trainer.schedule import warmup_cosine
 
 
 def token_logprobs_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +142,7 @@ class Learner:
             self.opt = TorchOptimizer(model, optim, total_updates)
             self.reference = reference
         else:
-            from trainer.distributed import DeepSpeedOptimizer, frozen_reference
+            from tokenwise.trainer.distributed import DeepSpeedOptimizer, frozen_reference
             self.opt = DeepSpeedOptimizer(model, optim, total_updates, spec=distributed, dtype=dtype)
             self.reference = frozen_reference(reference, spec=distributed, dtype=dtype) if reference is not None else None
         if adapters_off:

@@ -9,8 +9,8 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-import models.decoder  # noqa: F401  (registers model_type 'tokenwise' with the Auto classes)
-from rl.errors import ModelLoadError
+import tokenwise.models.decoder  # noqa: F401  (registers model_type 'tokenwise' with the Auto classes)
+from tokenwise.rl.errors import ModelLoadError
 
 
 def resolve_device(name: str, *, cluster_gpus: float | None = None) -> torch.device:

@@ -17,8 +17,8 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from rl.errors import ConfigError
-from trainer.checkpoint import write_text_atomic
+from tokenwise.rl.errors import ConfigError
+from tokenwise.trainer.checkpoint import write_text_atomic
 
 console = Console(highlight=False, soft_wrap=True)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from rl.errors import CheckpointError, ConfigError
+from tokenwise.rl.errors import CheckpointError, ConfigError
 
 ADAPTER = "default"
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rl.safety import prefix_score
+from tokenwise.rl.safety import prefix_score
 
 SERVING_FILE = "serving.json"
 

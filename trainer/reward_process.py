@@ -18,8 +18,8 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any, Sequence
 
-from rl.errors import RewardCallFailed as CallFailed
-from rl.importing import first_line, import_function
+from tokenwise.rl.errors import RewardCallFailed as CallFailed
+from tokenwise.rl.importing import first_line, import_function
 
 START_TIMEOUT_S = 120.0  # importing a user's module (which may import torch) before the first call
 
@@ -134,8 +134,8 @@ def reward_specs(configs: Sequence) -> list[tuple[str, float, Any]]:
     """The recipe's `rewards:` entries (trainer.config reward dataclasses) → (name, weight, function) for
     rl.rewards.compute_rewards. `python` rewards are loaded in a process of their own now (an import error is
     reported before any training; `isolated: false` loads them here); close them with `close_rewards`."""
-    from rl.errors import RewardError
-    from rl.rewards import REWARDS, load_function
+    from tokenwise.rl.errors import RewardError
+    from tokenwise.rl.rewards import REWARDS, load_function
     specs: list[tuple[str, float, Any]] = []
     try:
         for i, cfg in enumerate(configs):

@@ -11,19 +11,19 @@ from pathlib import Path
 import torch
 import transformers
 
-from models.builtin import save_builtin
-from rl.data import arithmetic_task, local_task, sort_task
-from rl.safety_data import safety_task
-from rl.errors import ConfigError, DataError, ModelLoadError
-from trainer.reward_process import close_rewards, reward_specs
-from trainer.checkpoint import publish_dir, write_text_atomic
-from trainer.config import ZERO3_MOE, RunConfig, DataCommon
-from trainer.controller import run_grpo
-from trainer.evaluate import headline_sampled
-from trainer.loading import PromptFormatter, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
-from trainer.logging import console, stop_progress
-from trainer.sft import run_sft
-from trainer.stage import RESULT_FILE, StageEnv, StepBudget
+from tokenwise.models.builtin import save_builtin
+from tokenwise.rl.data import arithmetic_task, local_task, sort_task
+from tokenwise.rl.safety_data import safety_task
+from tokenwise.rl.errors import ConfigError, DataError, ModelLoadError
+from tokenwise.trainer.reward_process import close_rewards, reward_specs
+from tokenwise.trainer.checkpoint import publish_dir, write_text_atomic
+from tokenwise.trainer.config import ZERO3_MOE, RunConfig, DataCommon
+from tokenwise.trainer.controller import run_grpo
+from tokenwise.trainer.evaluate import headline_sampled
+from tokenwise.trainer.loading import PromptFormatter, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+from tokenwise.trainer.logging import console, stop_progress
+from tokenwise.trainer.sft import run_sft
+from tokenwise.trainer.stage import RESULT_FILE, StageEnv, StepBudget
 
 STAGES = {"sft": run_sft, "grpo": run_grpo}
 TASKS = {"arithmetic": arithmetic_task, "sort": sort_task, "local": local_task, "safety": safety_task}
@@ -85,8 +85,8 @@ def prepare_base_model(cfg: RunConfig, run_dir: Path) -> tuple[str, str]:
 def convert_pretrained(m, out: Path) -> None:
     """model.code tokenwise: the checkpoint at m.path as our decoder (optionally with retrofitted gates) + its
     tokenizer, saved into `out`."""
-    from models.adapters import AdapterError, load_as_tokenwise
-    from models.decoder import retrofit_gates
+    from tokenwise.models.adapters import AdapterError, load_as_tokenwise
+    from tokenwise.models.decoder import retrofit_gates
     try:
         model = load_as_tokenwise(m.path)
     except AdapterError as e:
@@ -186,7 +186,7 @@ def execute(cfg: RunConfig, run_dir: Path, *, stop_after_steps: int | None = Non
     """Run every unfinished stage; None if the step budget stopped the run early (resume continues it).
     In cluster mode (trainer.mode: ray) inside a Ray session: `ray_address` or trainer.ray.address, else local."""
     if cfg.trainer.mode == "ray":
-        from trainer.cluster import ray_session
+        from tokenwise.trainer.cluster import ray_session
         with ray_session(cfg.trainer.ray, ray_address):
             return _execute(cfg, run_dir, stop_after_steps)
     return _execute(cfg, run_dir, stop_after_steps)

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from rl.rewards import exact_answer, extract_answer
-from rl.safety import REJECTIVE, UNKNOWN, mode_following_metrics, silhouette
-from trainer.evaluate import engine_for, refusal_detector
+from tokenwise.rl.rewards import exact_answer, extract_answer
+from tokenwise.rl.safety import REJECTIVE, UNKNOWN, mode_following_metrics, silhouette
+from tokenwise.trainer.evaluate import engine_for, refusal_detector
 
 FEATURES = ("first_token_logits", "mean_hidden")
 
@@ -65,13 +65,13 @@ def plot_modes(points: torch.Tensor, modes: list[str], kinds: list[str], path: P
 
 def evaluate_safety(cfg: Any, model_dir: str, *, features: str = "first_token_logits", out_dir: Path | None = None,
                     num_prompts: int | None = None) -> dict[str, Any]:
-    from trainer.loading import load_causal_lm, resolve_dtype
-    from trainer.run import load_task
+    from tokenwise.trainer.loading import load_causal_lm, resolve_dtype
+    from tokenwise.trainer.run import load_task
     if cfg.data.type != "safety":
-        from rl.errors import ConfigError
+        from tokenwise.rl.errors import ConfigError
         raise ConfigError(f"tokenwise eval safety needs a run with data.type: safety; this run has {cfg.data.type!r}")
     if features not in FEATURES:
-        from rl.errors import ConfigError
+        from tokenwise.rl.errors import ConfigError
         raise ConfigError(f"--features must be one of {', '.join(FEATURES)}, got {features!r}")
     # the model as trained: no serving prefix (PING's prefix is measured by `tokenwise ping`)
     engine = engine_for(model_dir, cfg=cfg, kind=cfg.rollout.engine, serving_prefix=False, what="--model")

@@ -7,13 +7,13 @@ from typing import Any
 
 import torch
 
-from rl.data import PromptStream
-from rl.errors import NonFiniteError
-from rl.types import SFTBatch
-from trainer.evaluate import EVAL_PANEL, run_heldout_eval
-from trainer.logging import console
-from trainer.stage import StageEnv, StageResult, StageState, run_stage
-from trainer.workers import build_workers
+from tokenwise.rl.data import PromptStream
+from tokenwise.rl.errors import NonFiniteError
+from tokenwise.rl.types import SFTBatch
+from tokenwise.trainer.evaluate import EVAL_PANEL, run_heldout_eval
+from tokenwise.trainer.logging import console
+from tokenwise.trainer.stage import StageEnv, StageResult, StageState, run_stage
+from tokenwise.trainer.workers import build_workers
 
 PANELS = [("sft/loss", "SFT loss"), (EVAL_PANEL, "held-out accuracy"), ("sft/lr", "learning rate")]
 

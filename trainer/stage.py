@@ -11,11 +11,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from rl.errors import CheckpointError
-from trainer.checkpoint import CheckpointManager, load_training_state, publish_dir, save_training_state
-from trainer.config import RunConfig, to_dict
-from trainer.evaluate import headline_sampled
-from trainer.logging import MetricsLogger, StepProgress, console, plot_curves
+from tokenwise.rl.errors import CheckpointError
+from tokenwise.trainer.checkpoint import CheckpointManager, load_training_state, publish_dir, save_training_state
+from tokenwise.trainer.config import RunConfig, to_dict
+from tokenwise.trainer.evaluate import headline_sampled
+from tokenwise.trainer.logging import MetricsLogger, StepProgress, console, plot_curves
 
 RESULT_FILE = "result.json"
 
@@ -178,8 +178,8 @@ def run_stage(env: StageEnv, *, make_workers: Callable[[], Any], make_state: Cal
     """The frame of every stage loop: start the workers, restore or start the state, bring the rollout engines
     to the learner's weights, then `step(workers, n) -> (metrics, progress text)` until done or out of budget.
     A failed actor becomes one paragraph naming it and the step; the workers are always shut down."""
-    from rl.errors import NonFiniteError
-    from trainer.worker_common import ActorFailed
+    from tokenwise.rl.errors import NonFiniteError
+    from tokenwise.trainer.worker_common import ActorFailed
     workers = state = None
     try:
         workers = make_workers()
@@ -210,7 +210,7 @@ def _kept(state: "StageState | None") -> str:
 
 def nonfinite_failure(env: StageEnv, error: Exception, state: "StageState | None") -> Exception:
     """A NaN or infinity stopped the step before the optimizer and before any checkpoint: what, where, what is safe."""
-    from rl.errors import NonFiniteError
+    from tokenwise.rl.errors import NonFiniteError
     step = f"step {state.step}" if state is not None else "start-up"
     out = NonFiniteError(f"{env.stage} {step}: {error}. The run stopped before the optimizer step; {_kept(state)}. "
                          f"Fix the cause and `tokenwise resume {env.run_dir}`, or set trainer.on_nonfinite: skip")
@@ -221,7 +221,7 @@ def nonfinite_failure(env: StageEnv, error: Exception, state: "StageState | None
 def stage_failure(env: StageEnv, failure: Any, state: "StageState | None") -> Exception:
     """The one-paragraph error for a dead or hung actor (a trainer.workers.ActorFailed): who, when, and what of the
     run is safe."""
-    from rl.errors import ClusterError
+    from tokenwise.rl.errors import ClusterError
     step = f"step {state.step}" if state is not None else "start-up"
     kept = _kept(state)
     limit = env.cfg.trainer.ray.max_restarts

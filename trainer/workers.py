@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from rl.types import RolloutBatch
-from trainer.learner import Learner, local_pool
-from trainer.rollout import build_rollout
-from trainer.worker_common import step_seed
+from tokenwise.rl.types import RolloutBatch
+from tokenwise.trainer.learner import Learner, local_pool
+from tokenwise.trainer.rollout import build_rollout
+from tokenwise.trainer.worker_common import step_seed
 
 
 class LocalWorkers:
@@ -77,8 +77,8 @@ def build_workers(env: Any, *, learner_kwargs: dict, micro_batch_size: int, max_
                   share_model: bool = False) -> Any:
     """LocalWorkers for trainer.mode 'local', RayWorkers for 'ray' (learner_kwargs: trainer.learner.Learner's)."""
     if env.cfg.trainer.mode == "ray":
-        from trainer.cluster import RayWorkers
-        from trainer.distributed import DeepSpeedSpec
+        from tokenwise.trainer.cluster import RayWorkers
+        from tokenwise.trainer.distributed import DeepSpeedSpec
         r = env.cfg.trainer.ray
         learner_kwargs = dict(learner_kwargs, distributed=DeepSpeedSpec(r.zero_stage, r.offload_optimizer))
         return RayWorkers(env, learner_kwargs=learner_kwargs, micro_batch_size=micro_batch_size, max_tokens=max_tokens)

@@ -38,7 +38,7 @@ def measure(impl: str, n: int, d: int, v: int, repeats: int) -> dict:
     """One implementation in this process: median fwd+bwd seconds over `repeats` (after one warm-up), peak extra
     bytes of the first timed call."""
     import torch
-    from kernels.logprob_entropy import logprob_entropy
+    from tokenwise.kernels.logprob_entropy import logprob_entropy
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     torch.manual_seed(0)

@@ -34,7 +34,7 @@ def measure(fn, repeats: int, cuda: bool) -> float:
 
 def main() -> None:
     import torch
-    from kernels.moe import moe_ffn, moe_ffn_reference, route
+    from tokenwise.kernels.moe import moe_ffn, moe_ffn_reference, route
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--hidden", type=int, default=512)

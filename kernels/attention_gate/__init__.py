@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from kernels.attention_gate.reference import attention_gate_reference
+from tokenwise.kernels.attention_gate.reference import attention_gate_reference
 
 IMPLS = ("auto", "triton", "reference")
 
@@ -25,5 +25,5 @@ def attention_gate(y: Tensor, gate: Tensor, *, impl: str = "auto") -> Tensor:
         impl = "triton" if y.is_cuda else "reference"
     if impl == "reference":
         return attention_gate_reference(y, gate)
-    from kernels.attention_gate.triton import attention_gate_triton
+    from tokenwise.kernels.attention_gate.triton import attention_gate_triton
     return attention_gate_triton(y, gate)

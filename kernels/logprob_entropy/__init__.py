@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.logprob_entropy.reference import logprob_entropy_naive, logprob_entropy_reference
+from tokenwise.kernels.logprob_entropy.reference import logprob_entropy_naive, logprob_entropy_reference
 
 IMPLS = ("auto", "triton", "chunked", "naive")
 
@@ -36,5 +36,5 @@ def logprob_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, temperatu
     if impl == "chunked":
         return logprob_entropy_reference(hidden, weight, labels, inv_t.contiguous(), ignore_index=ignore_index,
                                          chunk_size=chunk_size)
-    from kernels.logprob_entropy.triton import logprob_entropy_triton
+    from tokenwise.kernels.logprob_entropy.triton import logprob_entropy_triton
     return logprob_entropy_triton(hidden, weight, labels, inv_t.contiguous(), ignore_index=ignore_index)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.moe.grouped_gemm import grouped_mm
-from kernels.moe.routing import Routing, route
+from tokenwise.kernels.moe.grouped_gemm import grouped_mm
+from tokenwise.kernels.moe.routing import Routing, route
 
 __all__ = ["Routing", "route", "grouped_mm", "moe_ffn", "moe_ffn_reference"]
 

@@ -23,5 +23,5 @@ def grouped_mm(x: Tensor, weight: Tensor, offsets: list[int], *, impl: str = "au
         impl = "triton" if x.is_cuda else "reference"
     if impl == "reference":
         return grouped_mm_reference(x, weight, offsets)
-    from kernels.moe.triton import TritonGroupedMM
+    from tokenwise.kernels.moe.triton import TritonGroupedMM
     return TritonGroupedMM.apply(x, weight, offsets)

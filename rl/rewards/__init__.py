@@ -15,9 +15,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from rl.errors import NonFiniteError, RewardCallFailed, RewardError
-from rl.importing import first_line, import_function
-from rl.registry import Registry
+from tokenwise.rl.errors import NonFiniteError, RewardCallFailed, RewardError
+from tokenwise.rl.importing import first_line, import_function
+from tokenwise.rl.registry import Registry
 
 RewardFn = Callable[..., float]
 REWARDS: Registry[RewardFn] = Registry("reward")

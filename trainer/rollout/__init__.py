@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from trainer.loading import PromptFormatter, eos_token_ids, load_causal_lm
-from trainer.rollout.hf import HFRollout
+from tokenwise.trainer.loading import PromptFormatter, eos_token_ids, load_causal_lm
+from tokenwise.trainer.rollout.hf import HFRollout
 
 
 def build_rollout(cfg: Any, *, model_dir: str | Path, tokenizer: Any, formatter: PromptFormatter, dtype: torch.dtype,
@@ -21,7 +21,7 @@ def build_rollout(cfg: Any, *, model_dir: str | Path, tokenizer: Any, formatter:
     """cfg is trainer.config.RolloutConfig. The engine loads its own copy of the policy from `model_dir`; the hf
     engine may instead be handed `model` (debug mode shares the learner's model object)."""
     if cfg.engine == "vllm" and model is None:
-        from trainer.rollout.vllm import VLLMRollout, unsupported_reason
+        from tokenwise.trainer.rollout.vllm import VLLMRollout, unsupported_reason
         reason = unsupported_reason(model_dir)
         if reason is None:
             from transformers import GenerationConfig
@@ -31,7 +31,7 @@ def build_rollout(cfg: Any, *, model_dir: str | Path, tokenizer: Any, formatter:
                 gen = GenerationConfig()
             return VLLMRollout(model_dir, tokenizer, formatter, cfg=cfg, eos_ids=eos_token_ids(tokenizer, gen),
                                dtype=dtype, device=device, seed=seed)
-        from trainer.logging import console
+        from tokenwise.trainer.logging import console
         console.print(f"[yellow]rollout.engine vllm: {reason}; this engine generates with the transformers backend "
                       f"instead[/]")
     if model is None:

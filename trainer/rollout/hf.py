@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
-from rl.hapo import sampling_temperatures
-from rl.types import RolloutBatch
-from trainer.loading import PromptFormatter, eos_token_ids
-from trainer.rollout.base import BucketedSync
-from trainer.rollout.stops import apply_stop_strings
+from tokenwise.rl.hapo import sampling_temperatures
+from tokenwise.rl.types import RolloutBatch
+from tokenwise.trainer.loading import PromptFormatter, eos_token_ids
+from tokenwise.trainer.rollout.base import BucketedSync
+from tokenwise.trainer.rollout.stops import apply_stop_strings
 
 
 def concat_rollouts(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from rl.types import RolloutBatch
+from tokenwise.rl.types import RolloutBatch
 
 
 def apply_stop_strings(batch: RolloutBatch, stop: list[str], tokenizer: Any) -> RolloutBatch:

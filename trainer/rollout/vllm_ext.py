@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
-from rl.hapo import sampling_temperatures
+from tokenwise.rl.hapo import sampling_temperatures
 
 EXTRA_KEY = "tokenwise_adaptive"  # SamplingParams.extra_args[EXTRA_KEY] = {"key", "temperature", "tau", "stats"}
 
