@@ -41,7 +41,8 @@ def ray_session(cfg: Any, address: str | None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    address = address or cfg.address
+    # inside `ray job submit` (or with RAY_ADDRESS exported) the cluster is the one Ray names, as for ray.init()
+    address = address or cfg.address or os.environ.get("RAY_ADDRESS") or None
     try:
         if address:
             attach(address, timeout_s=cfg.connect_timeout_s)
@@ -71,6 +72,7 @@ def attach(address: str, *, timeout_s: float) -> None:
             raise ClusterError(f"cannot attach to the Ray cluster at {address!r}: {e.strerror or e} (nothing answers "
                                f"there). Check the head's address (`ray status` on the head), or start one with "
                                f"`ray start --head`") from None
+    token = _authenticate_like_ray()
     outcome: dict[str, BaseException | None] = {}
 
     def connect() -> None:
@@ -87,7 +89,38 @@ def attach(address: str, *, timeout_s: float) -> None:
                            f"({timeout_s:g} s); the head may be unreachable from this node, or advertise another "
                            f"address (compare `ray status` on the head)")
     if outcome["error"] is not None:
+        if isinstance(outcome["error"], ConnectionError) or "authentication" in str(outcome["error"]).lower():
+            # the port answered (checked above) but the GCS handshake failed: with Ray >= 2.5x that is most often
+            # token authentication, which `ray start --head` turns on whenever the head has a token
+            have = f"this process used the token from {token}" if token else "this process found no token"
+            raise ClusterError(
+                f"cannot attach to the Ray cluster at {address!r}: the head answers but refused the connection; if it "
+                f"uses token authentication, {have}: copy the head's token here (`ray get-auth-token` on the head → "
+                f"~/.ray/auth_token, or export RAY_AUTH_TOKEN), or start the head with RAY_AUTH_MODE=disabled") from None
         raise outcome["error"]
+
+
+def _authenticate_like_ray() -> str | None:
+    """Ray 2.5x's `ray start --head` turns token authentication on when the head has a token (any earlier local
+    `ray.init()` writes one to ~/.ray/auth_token). `ray.init(address="auto")` then authenticates with the token it
+    finds here, but an explicit host:port does not, and the GCS refuses it. We do for every address what Ray does for
+    "auto": RAY_AUTH_MODE unset and a token available → token mode. Returns where the token came from, or None."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        source = "RAY_AUTH_TOKEN"
+    elif os.environ.get("RAY_AUTH_TOKEN_PATH") and Path(os.environ["RAY_AUTH_TOKEN_PATH"]).is_file():
+        source = os.environ["RAY_AUTH_TOKEN_PATH"]
+    elif (Path.home() / ".ray" / "auth_token").is_file():
+        source = "~/.ray/auth_token"
+    else:
+        return None
+    try:
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    except ImportError:  # a Ray without token authentication: nothing to do
+        return None
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    return source
 
 
 def _actor_env() -> dict[str, str]:

@@ -596,8 +596,10 @@ class LoggingConfig:
 @dataclass
 class RayConfig:
     """Cluster mode: learner actors (DeepSpeed ZeRO, one torch.distributed group) and rollout actors on Ray."""
-    address: str | None = opt(None, "Ray cluster to attach to ('auto' or 'host:port'); null starts a local Ray "
-                                    "(`tokenwise train --ray-address` overrides).")
+    address: str | None = opt(None, "Ray cluster to attach to ('auto' or 'host:port'); null starts a local Ray, "
+                                    "or attaches to RAY_ADDRESS when set (inside `ray job submit`); `tokenwise train "
+                                    "--ray-address` overrides. A head with token authentication is reached with the "
+                                    "token in RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token.")
     num_cpus: int | None = opt(None, "CPUs of the local Ray this run starts (null = all of this machine's).", ge=1)
     object_store_mb: int = opt(512, "Object store size of the local Ray this run starts, in MiB.", ge=64)
     num_learners: int = opt(1, "Learner actors (data-parallel ranks of one DeepSpeed engine).", ge=1)
