@@ -288,3 +288,64 @@ def test_fused_logprobs_give_the_naive_paths_scores_loss_and_update(tiny_dir, al
     for x, y in zip(wa, wb):
         torch.testing.assert_close(x, y, atol=5e-5, rtol=0)
 
+
+
+def _sft_learner(tiny_dir, dtype, lr):
+    from tokenwise.trainer.config import OptimConfig
+    tok = load_tokenizer(tiny_dir)
+    learner = Learner(tiny_dir, tok, optim=OptimConfig(lr=lr, grad_clip=0.0), total_updates=100, device=CPU,
+                      dtype=dtype, logprobs="naive")
+    return local_pool(learner, micro_batch_size=4), tok
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bf16_debug_mode_trains_fp32_master_weights_like_fp32_training(tiny_dir, seed):
+    """One GPU trains a bf16 model (model.dtype: auto). At lr 1e-5 most updates are below half a bf16 step of their
+    weight, so AdamW on the bf16 weights themselves would drop them; the fp32 masters keep them and move like fp32
+    training does (to what bf16's forward pass changes in the gradients), and the model holds their rounding."""
+    from tokenwise.trainer.loading import PromptFormatter
+    from tokenwise.trainer.sft import sft_batch
+    lr, steps = 1e-5, 3
+    deltas = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        pool, tok = _sft_learner(tiny_dir, dtype, lr)
+        start = [p.detach().float().clone() for p in pool.learner.model.parameters()]
+        fmt = PromptFormatter(tok, system_prompt=None, use_chat_template=True)
+        for step in range(steps):  # 8 rows in micro-batches of 4: gradients accumulate over two backward passes
+            pool.sft_step(sft_batch(_rows(8, seed=100 * seed + step), tok, fmt))
+        opt = pool.learner.opt
+        trained = opt.master if dtype == torch.bfloat16 else list(pool.learner.model.parameters())
+        deltas[dtype] = torch.cat([(w.detach().float() - s).flatten() for w, s in zip(trained, start)])
+        if dtype == torch.bfloat16:
+            assert all(m.dtype == torch.float32 for m in opt.master)
+            for p, m in zip(pool.learner.model.parameters(), opt.master):
+                assert p.dtype == torch.bfloat16 and torch.equal(p, m.detach().to(torch.bfloat16))
+            weights = torch.cat([s.flatten() for s in start])
+            half_ulp = weights.abs().clamp_min(1e-30) * 2.0 ** -9  # bf16: 8 bits of mantissa (7 stored)
+            assert float((deltas[torch.float32].abs() / steps < half_ulp).float().mean()) > 0.8
+    d32, d16 = deltas[torch.float32], deltas[torch.bfloat16]
+    assert float(torch.nn.functional.cosine_similarity(d32, d16, dim=0)) > 0.95
+    assert 0.9 < float(d16.norm() / d32.norm()) < 1.1
+
+
+def test_bf16_checkpoint_keeps_the_fp32_masters_for_an_exact_resume(tiny_dir, tmp_path):
+    """The model directory holds the masters' bf16 rounding; master_weights.pt holds them whole, so a resumed run
+    continues from the same fp32 weights (bitwise) instead of from their rounding."""
+    from tokenwise.trainer.loading import PromptFormatter
+    from tokenwise.trainer.sft import sft_batch
+    straight, tok = _sft_learner(tiny_dir, torch.bfloat16, 1e-4)
+    fmt = PromptFormatter(tok, system_prompt=None, use_chat_template=True)
+    batches = [sft_batch(_rows(8, seed=step), tok, fmt) for step in range(3)]
+    for batch in batches[:2]:
+        straight.sft_step(batch)
+    (tmp_path / "model").mkdir()
+    straight.save(tmp_path)
+    assert (tmp_path / "master_weights.pt").exists()
+    straight.sft_step(batches[2])
+    resumed, _ = _sft_learner(tiny_dir, torch.bfloat16, 1e-4)
+    resumed.load(tmp_path)
+    resumed.sft_step(batches[2])
+    for a, b in zip(straight.learner.opt.master, resumed.learner.opt.master):
+        assert torch.equal(a, b)
+    rounded = [m.detach().to(torch.bfloat16).float() for m in straight.learner.opt.master]
+    assert any(not torch.equal(m.detach(), r) for m, r in zip(straight.learner.opt.master, rounded))

@@ -61,29 +61,47 @@ def trim(batch: RolloutBatch) -> RolloutBatch:
 
 
 class TorchOptimizer:
-    """Debug mode: AdamW + warm-up/cosine schedule + global grad-norm clipping on an in-process model."""
+    """Debug mode: AdamW + warm-up/cosine schedule + global grad-norm clipping on an in-process model.
+
+    A model held in bf16/fp16 (`model.dtype: auto` on one GPU) trains through fp32 master weights, as DeepSpeed's
+    bf16 optimizer does: each micro-batch's gradients are added into fp32 gradients of the masters, AdamW steps the
+    masters, and the model gets their rounding. Without them an update below the weight's last bf16 bit (lr 1e-6 on
+    a weight of 0.02: bf16 keeps 8 bits) would round away and the model would not learn."""
 
     def __init__(self, model: torch.nn.Module, optim: Any, total_updates: int) -> None:
         self.module = self.forward_module = model
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=optim.lr,
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.master = None
+        if any(p.dtype != torch.float32 for p in self.params):
+            self.master = [torch.nn.Parameter(p.detach().float().clone()) for p in self.params]
+        self.optimizer = torch.optim.AdamW(self.master or self.params, lr=optim.lr,
                                            betas=tuple(optim.betas), weight_decay=optim.weight_decay)
         self.scheduler = LambdaLR(self.optimizer, warmup_cosine(optim.warmup_steps, total_updates, optim.min_lr_ratio))
         self.grad_clip = optim.grad_clip
 
     def backward(self, loss: torch.Tensor, *, last: bool) -> None:
         loss.backward()
+        if self.master is not None:  # accumulate in fp32, not in the model's dtype
+            for p, m in zip(self.params, self.master):
+                if p.grad is not None:
+                    m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
+                    p.grad = None
 
     def step(self) -> float:
         """Clip and step; a non-finite gradient norm skips the step (weights, moments and schedule unchanged), as
         DeepSpeed's ZeRO optimizers do, and is returned for the caller to report."""
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.master or self.params, max_norm))
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             return grad_norm
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.master is not None:
+            with torch.no_grad():
+                for p, m in zip(self.params, self.master):
+                    p.copy_(m)
         return grad_norm
 
     def lr(self) -> float:
@@ -95,6 +113,8 @@ class TorchOptimizer:
     def save(self, path: Path, *, rank: int) -> None:
         torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
+        if self.master is not None:  # the model directory holds their bf16 rounding; resume needs them whole
+            torch.save([m.detach() for m in self.master], path / "master_weights.pt")
 
     def load(self, path: Path, *, device: torch.device, dtype: torch.dtype) -> None:
         if is_lora(self.module):  # the base is the stage's start model, already loaded: only the adapters come back
@@ -106,9 +126,25 @@ class TorchOptimizer:
         try:
             self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
             self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+            if self.master is not None:
+                self._load_master(path, device)
         except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # truncated / damaged
             raise CheckpointError(f"checkpoint {path}: cannot read the optimizer state: "
                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+    def _load_master(self, path: Path, device: torch.device) -> None:
+        """The fp32 masters of a checkpoint written with them; one written without (an fp32 run) starts them from
+        the model's weights, as a fresh run does."""
+        if not (path / "master_weights.pt").exists():
+            saved = [p.detach().float() for p in self.params]
+        else:
+            saved = torch.load(path / "master_weights.pt", map_location=device, weights_only=True)
+            if len(saved) != len(self.master) or any(a.shape != b.shape for a, b in zip(saved, self.master)):
+                raise CheckpointError(f"checkpoint {path}: master_weights.pt does not match this model's trainable "
+                                      f"parameters ({len(saved)} tensors saved, {len(self.master)} here)")
+        with torch.no_grad():
+            for m, w in zip(self.master, saved):
+                m.copy_(w)
 
 
 class Learner:
