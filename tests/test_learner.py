@@ -349,3 +349,38 @@ def test_bf16_checkpoint_keeps_the_fp32_masters_for_an_exact_resume(tiny_dir, tm
         assert torch.equal(a, b)
     rounded = [m.detach().to(torch.bfloat16).float() for m in straight.learner.opt.master]
     assert any(not torch.equal(m.detach(), r) for m, r in zip(straight.learner.opt.master, rounded))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rollout_logprobs_are_those_of_the_sampling_distribution_without_storing_scores(tiny_dir, seed):
+    """The transformers engine records each sampled token's log-prob under the distribution it was drawn from
+    (temperature, top-k, top-p applied) one step at a time, never generate's [B, T, V] output_scores: equal to a
+    full forward pass over the sampled sequences put through the same warpers."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    torch.manual_seed(seed)
+    cfg, algo, learner, engine = _setup(tiny_dir, rollout={"max_new_tokens": 6, "temperature": 0.7, "top_k": 8,
+                                                           "top_p": 0.9})
+    calls = []
+    real_generate = engine.model.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["generation_config"])
+        out = real_generate(*args, **kwargs)
+        assert getattr(out, "scores", None) is None
+        return out
+    engine.model.generate = spy
+    out = engine.generate(_rows(4, seed=seed), n=3)
+    assert calls and not any(g.output_scores for g in calls)
+    seqs = torch.cat([out.prompt_ids, out.response_ids], dim=1)
+    attention = torch.cat([out.prompt_mask, out.response_mask.long()], dim=1)
+    position_ids = (attention.cumsum(1) - 1).clamp_min(0)
+    with torch.no_grad():
+        logits = engine.model(input_ids=seqs, attention_mask=attention, position_ids=position_ids).logits.float()
+    P, T = out.prompt_ids.shape[1], out.response_ids.shape[1]
+    scores = logits[:, P - 1:P - 1 + T].reshape(-1, logits.shape[-1])
+    for warp in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(8), TopPLogitsWarper(0.9)):
+        scores = warp(None, scores)
+    ref = scores.log_softmax(-1).gather(-1, out.response_ids.reshape(-1, 1)).reshape(out.response_ids.shape)
+    valid = out.response_mask > 0
+    torch.testing.assert_close(out.rollout_logprobs[valid], ref[valid], atol=1e-4, rtol=0)
+    assert (out.rollout_logprobs[~valid] == 0).all()

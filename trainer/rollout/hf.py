@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel,
+                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from tokenwise.rl.hapo import sampling_temperatures
 from tokenwise.rl.types import RolloutBatch
@@ -34,6 +35,31 @@ def concat_rollouts(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
         temperatures=None if parts[0].temperatures is None else torch.cat(
             [F.pad(p.temperatures, (0, T - p.temperatures.shape[1]), value=1.0) for p in parts]),
     )
+
+
+class SampledLogprobs(LogitsProcessor):
+    """Last in the processor list, so it sees the scores the sampler draws from. It keeps one step's log-softmax
+    [B, V] and, at the next step, takes the log-prob of the token drawn from it (the newest column of input_ids):
+    [B] a step instead of generate's output_scores, [B, T, V] of them."""
+
+    def __init__(self) -> None:
+        self.pending: torch.Tensor | None = None
+        self.taken: list[torch.Tensor] = []
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self.pending is not None:
+            self.taken.append(self.pending.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids[:, -1])
+        self.pending = scores.float().log_softmax(-1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[B, T] log-probs of the T sampled tokens, given generate's output sequences."""
+        self._take(sequences[:, -1])
+        self.pending = None
+        return torch.stack(self.taken, dim=1)
 
 
 class AdaptiveTemperature(LogitsProcessor):
@@ -146,18 +172,24 @@ class HFRollout(BucketedSync):
         enc = self.tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
         ids = enc["input_ids"].repeat_interleave(n, dim=0)
         mask = enc["attention_mask"].repeat_interleave(n, dim=0)
-        if greedy:
-            gen = GenerationConfig(do_sample=False, max_new_tokens=self.max_new_tokens)
-        else:
-            gen = GenerationConfig(do_sample=True, temperature=temperature, top_p=self.top_p,
-                                   top_k=self.top_k, max_new_tokens=self.max_new_tokens)
-        gen.pad_token_id, gen.eos_token_id = self.pad_id, self.eos_ids
-        gen.return_dict_in_generate, gen.output_scores = True, not greedy
+        # Sampling: our own processor list — temperature (or HAPO's per-token one), top-k, top-p, then the recorder
+        # of the sampled tokens' log-probs — with generate's own warpers neutral, so the recorder sees exactly the
+        # distribution the sampler draws from. No output_scores: those are [B, T, V] (GBs at a 150k vocabulary).
+        gen = GenerationConfig(do_sample=not greedy, max_new_tokens=self.max_new_tokens, return_dict_in_generate=True,
+                               pad_token_id=self.pad_id, eos_token_id=self.eos_ids)
         processors = LogitsProcessorList()
-        if adaptive is not None:
-            gen.temperature = 1.0  # the processor applies the (per-token) temperature
-            processors.append(AdaptiveTemperature(temperature=temperature, tau=adaptive["tau"],
-                                                  stats=adaptive["stats"]))
+        if not greedy:
+            gen.temperature, gen.top_k, gen.top_p = 1.0, 0, 1.0
+            if adaptive is not None:
+                processors.append(AdaptiveTemperature(temperature=temperature, tau=adaptive["tau"],
+                                                      stats=adaptive["stats"]))
+            elif temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(temperature))
+            if self.top_k:
+                processors.append(TopKLogitsWarper(top_k=self.top_k))
+            if self.top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p=self.top_p))
+            processors.append(SampledLogprobs())
         out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen,
                                   logits_processor=processors)
         response = out.sequences[:, ids.shape[1]:].cpu()
@@ -166,10 +198,8 @@ class HFRollout(BucketedSync):
         response_mask = (~after_first_eos).float()
         if greedy:
             logprobs = torch.zeros(response.shape, dtype=torch.float32)
-        else:  # scores are the processed logits (temperature, top-k/p applied): the actual sampling distribution
-            scores = torch.stack(out.scores, dim=1).float().cpu()
-            logprobs = scores.log_softmax(-1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
-            logprobs = logprobs.masked_fill(response_mask == 0, 0.0)
+        else:
+            logprobs = processors[-1].finish(out.sequences).cpu().masked_fill(response_mask == 0, 0.0)
         is_eos = is_eos & (response_mask > 0)
         content = response_mask.bool() & ~is_eos
         return RolloutBatch(
