@@ -53,6 +53,30 @@ def test_merged_state_equals_peft_merge_on_gated_moe_decoder():
                            frozen["model.layers.0.self_attn.q_proj.base_layer.weight"])
 
 
+def test_merged_state_makes_each_delta_when_its_weight_is_yielded(monkeypatch):
+    """A sync or save of a LoRA policy holds one weight-sized delta at a time: by the k-th adapted weight yielded,
+    at most k deltas have been made (the old code made every layer's before yielding the first)."""
+    from peft.tuners.lora import LoraLayer
+    from tokenwise.models.decoder import TokenwiseConfig, TokenwiseForCausalLM
+    from tokenwise.trainer.lora import add_adapters, merged_state
+    torch.manual_seed(0)
+    base = TokenwiseForCausalLM(TokenwiseConfig(vocab_size=64, hidden_size=32, num_attention_heads=2,
+                                                num_key_value_heads=1, num_hidden_layers=3))
+    model = add_adapters(base, LoraSpec(r=4, alpha=8.0), seed=0)
+    _randomise_adapters(model, seed=1)
+    made = []
+    for cls in {type(m) for m in model.modules() if isinstance(m, LoraLayer)}:
+        original = cls.get_delta_weight
+        monkeypatch.setattr(cls, "get_delta_weight", lambda self, adapter, _f=original: made.append(1) or _f(self, adapter))
+    adapted_seen = 0
+    frozen = {k.replace(".base_layer", ""): v for k, v in model.get_base_model().state_dict().items()}
+    for name, tensor in merged_state(model):
+        if not torch.equal(tensor, frozen[name]):
+            adapted_seen += 1
+            assert len(made) <= adapted_seen, (name, len(made), adapted_seen)
+    assert adapted_seen >= 3 * 2 and len(made) == adapted_seen  # q and v of 3 layers at least, each made once
+
+
 def test_lora_learner_trains_only_adapters_and_its_reference_is_the_base(tmp_path):
     from tokenwise.models.builtin import save_builtin
     from tokenwise.trainer.learner import Learner, local_pool

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tokenwise.trainer.rollout.base import weight_group
+
 from conftest import read_metrics
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -165,6 +167,14 @@ def test_assistant_prefix_in_both_backends(engines):
     assert all(o.startswith(prefix) for o in shown)
 
 
+def _stream(engine, state: dict, *, version: int, order: list[str] | None = None) -> None:
+    """A weight sync of one tensor a bucket, in `order` (default: the state dict's)."""
+    engine.begin_sync()
+    for name in order or list(state):
+        engine.load_bucket({name: state[name]})
+    engine.finish_sync(version)
+
+
 def test_weight_sync_after_a_training_step(engines, sft_model):
     from tokenwise.trainer.config import OptimConfig
     from tokenwise.trainer.learner import Learner, local_pool
@@ -177,7 +187,11 @@ def test_weight_sync_after_a_training_step(engines, sft_model):
     wrong = [{"prompt": r["prompt"], "answer": "7"} for r in rows]  # teach a wrong answer: generations must change
     pool.sft_step(sft_batch(wrong, tok, hf_engine.format))
     state = dict(learner.full_parameters())
-    vllm_engine.load_weights(state, version=1)
+    _stream(vllm_engine, state, version=1)  # one tensor a bucket, in the learner's order
+    groups = {weight_group(n) for n in state} - ({"lm_head"} if vllm_engine.tied else set())
+    assert vllm_engine.sync_stats["reloads"] == len(groups)  # each layer loaded as soon as it was complete
+    largest = max(sum(t.numel() * t.element_size() for n, t in state.items() if weight_group(n) == g) for g in groups)
+    assert vllm_engine.sync_stats["peak_pending_bytes"] <= largest  # never more than one layer held back
     hf_engine.load_weights(state, version=1)
     after = vllm_engine.generate(rows, n=1, greedy=True)
     assert after.responses == hf_engine.generate(rows, n=1, greedy=True).responses
@@ -273,7 +287,9 @@ def test_our_decoder_is_served_by_vllm(tmp_path, decoder):
     assert (before.rollout_logprobs.double() - ref)[mask].abs().max() < 1e-4
     _, other = _tokenwise_checkpoint(tmp_path / "other", seed=1, **decoder)
     state = other.state_dict()
-    vllm_engine.load_weights(state, version=1)
+    names = list(state)  # buckets that split every layer: half of its tensors early, the rest at the end
+    _stream(vllm_engine, state, version=1, order=names[::2] + names[1::2])
+    assert vllm_engine.sync_stats["reloads"] > 1
     hf_engine.load_weights(state, version=1)
     after = vllm_engine.generate(rows, n=4, seed=1)
     ref, _ = _score(hf_engine, after, 1.0)

@@ -28,6 +28,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tokenwise.rl.errors import ClusterError
 from tokenwise.rl.types import RolloutBatch
 from tokenwise.trainer.learner import LearnerPool
+from tokenwise.trainer.rollout.base import weight_group
 from tokenwise.trainer.worker_common import ActorFailed, step_seed
 
 ACTOR_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -261,14 +262,18 @@ class LearnerWorker:
         bucket: dict[str, torch.Tensor] = {}
         size = 0
         sent = 0
+        group = None
         for name, tensor in self.learner.full_parameters():
             if self.rank != 0:
                 continue
-            bucket[name] = tensor.detach().to("cpu", copy=True)
-            size += tensor.numel() * tensor.element_size()
-            if size >= bucket_bytes:
+            # a bucket ends on a layer boundary once it holds bucket_bytes, so the engine can load every bucket
+            # as it arrives (it loads whole layers only) and never holds more than a bucket of weights
+            if size >= bucket_bytes and weight_group(name) != group:
                 call_all("load_bucket", ray.put(bucket))
                 sent, bucket, size = sent + 1, {}, 0
+            bucket[name] = tensor.detach().to("cpu", copy=True)
+            size += tensor.numel() * tensor.element_size()
+            group = weight_group(name)
         if bucket:
             call_all("load_bucket", ray.put(bucket))
             sent += 1

@@ -52,21 +52,26 @@ def _clean(name: str) -> str:
 
 @torch.no_grad()
 def merged_state(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, weight with the adapters' deltas added) for every tensor of the base model."""
+    """(checkpoint name, weight with the adapters' deltas added) for every tensor of the base model. Each delta
+    (B·A, the size of its weight) is made when its weight is yielded, so a weight sync or save holds one at a time."""
     from peft.tuners.lora import LoraLayer
     base = model.get_base_model()
-    deltas: dict[str, torch.Tensor] = {}
+    adapted: dict[str, list[Any]] = {}
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A and not module.disable_adapters:
             target = getattr(module, "parameter_name", None) or "weight"  # ParamWrapper adapts a named parameter
-            key = f"{_clean(name)}.{target}"
-            delta = module.get_delta_weight(ADAPTER)
-            deltas[key] = deltas[key] + delta if key in deltas else delta
+            adapted.setdefault(f"{_clean(name)}.{target}", []).append(module)
     for name, tensor in base.state_dict().items():
         if ".lora_" in name:
             continue
         key = _clean(name)
-        yield key, (tensor + deltas[key].to(tensor.dtype)) if key in deltas else tensor.detach()
+        if key not in adapted:
+            yield key, tensor.detach()
+            continue
+        merged = tensor.detach().clone()
+        for module in adapted[key]:
+            merged += module.get_delta_weight(ADAPTER).to(tensor.dtype)
+        yield key, merged
 
 
 class AdaptersOff:

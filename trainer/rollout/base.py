@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 
@@ -21,3 +23,13 @@ class BucketedSync:
         self.begin_sync()
         self.load_bucket(state_dict)
         self.finish_sync(version)
+
+
+_LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
+
+
+def weight_group(name: str) -> str:
+    """The unit an engine loads at once: a decoder layer ('model.layers.3') or, outside the layers, the module that
+    holds the tensor ('model.embed_tokens', 'lm_head'). The learner's sync buckets end on these boundaries."""
+    match = _LAYER.match(name)
+    return match.group(1) if match else name.rpartition(".")[0]

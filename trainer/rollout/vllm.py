@@ -8,13 +8,17 @@ after temperature, top-k and top-p, as the transformers backend reports them), a
 
 Weights arrive in buckets (begin_sync / load_bucket / finish_sync, as for the transformers backend), are checked
 against the checkpoint's names and loaded in place with vLLM's `reload_weights` (the path that works on the CPU
-build, which repacks linear weights), then the prefix cache is reset so no KV block of the old weights is reused.
+build, which repacks linear weights) as soon as a layer is complete (`weight_group`): a layer's weights are loaded
+together, since vLLM fuses q/k/v and gate/up within a layer and a partly reloaded module would be processed with
+holes, and nothing waits for the whole model. After the last bucket the prefix cache is reset so no KV block of the
+old weights is reused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,7 @@ import torch
 from tokenwise.rl.errors import ConfigError
 from tokenwise.rl.types import RolloutBatch
 from tokenwise.trainer.loading import PromptFormatter
-from tokenwise.trainer.rollout.base import BucketedSync
+from tokenwise.trainer.rollout.base import BucketedSync, weight_group
 from tokenwise.trainer.rollout.stops import apply_stop_strings
 
 _GIB = 1 << 30
@@ -102,7 +106,12 @@ class VLLMRollout(BucketedSync):
         self.expected = checkpoint_names(model_dir)
         # a tied output matrix is the embedding: accepted from the learner's state dict and not sent to vLLM
         self.tied = {"lm_head.weight"} - self.expected if _tied(model_dir) else set()
-        self._received: dict[str, torch.Tensor] = {}
+        self._groups: dict[str, set[str]] = defaultdict(set)
+        for name in self.expected:
+            self._groups[weight_group(name)].add(name)
+        self._pending: dict[str, torch.Tensor] = {}  # received, waiting for the rest of their layer
+        self._loaded: set[str] = set()
+        self.sync_stats = {"reloads": 0, "peak_pending_bytes": 0}  # of the last sync: streaming, and its memory
         self._calls = 0
         v = cfg.vllm
         memory = ({"kv_cache_memory_bytes": int(v.kv_cache_gib * _GIB)} if device.type == "cpu"
@@ -119,21 +128,30 @@ class VLLMRollout(BucketedSync):
 
     # ------------------------------------------------------------------------------------------------ weight sync
     def begin_sync(self) -> None:
-        self._received = {}
+        self._pending, self._loaded = {}, set()
+        self.sync_stats = {"reloads": 0, "peak_pending_bytes": 0}
 
     def load_bucket(self, tensors: dict[str, torch.Tensor]) -> None:
-        unknown = set(tensors) - (self.expected - set(self._received)) - self.tied
+        unknown = set(tensors) - (self.expected - self._loaded - set(self._pending)) - self.tied
         if unknown:
             raise KeyError(f"weight sync: the rollout model has no (or already received) weights {sorted(unknown)[:5]}")
-        self._received.update((k, v) for k, v in tensors.items() if k not in self.tied)
+        self._pending.update((k, v) for k, v in tensors.items() if k not in self.tied)
+        pending_bytes = sum(t.numel() * t.element_size() for t in self._pending.values())
+        self.sync_stats["peak_pending_bytes"] = max(self.sync_stats["peak_pending_bytes"], pending_bytes)
+        complete = [g for g in {weight_group(k) for k in tensors if k not in self.tied}
+                    if self._groups[g] <= self._pending.keys()]
+        if complete:
+            ready = [(n, self._pending.pop(n)) for g in sorted(complete) for n in sorted(self._groups[g])]
+            self.llm.collective_rpc("tokenwise_reload_weights", args=(ready, len(ready) < len(self.expected)))
+            self._loaded.update(n for n, _ in ready)
+            self.sync_stats["reloads"] += 1
 
     def finish_sync(self, version: int) -> None:
-        missing = self.expected - set(self._received)
+        missing = self.expected - self._loaded
         if missing:
             raise KeyError(f"weight sync ended without weights {sorted(missing)[:5]} ({len(missing)} missing)")
-        self.llm.collective_rpc("tokenwise_reload_weights", args=(list(self._received.items()),))
         self.llm.reset_prefix_cache()
-        self._received = {}
+        self._pending, self._loaded = {}, set()
         self.version = version
 
     def sleep(self) -> None:

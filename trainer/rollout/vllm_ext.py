@@ -26,14 +26,15 @@ _APPLIED: dict[str, dict[int, float]] = {}  # request key -> {output position: t
 class WeightSync:
     """Mixed into vLLM's worker (`worker_extension_cls`); reached with `LLM.collective_rpc(name, args=...)`."""
 
-    def tokenwise_reload_weights(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> int:
+    def tokenwise_reload_weights(self, named_tensors: Sequence[tuple[str, torch.Tensor]], partial: bool = False) -> int:
         """Load checkpoint-format (HF-named) weights in place through vLLM's reload path, which also redoes the CPU
         build's linear-weight repacking (its plain `load_weights` cannot load into repacked parameters); on CPU our
-        decoder's MoE expert tensors go around it (load_cpu_moe_experts) and tied heads are re-packed after it."""
+        decoder's MoE expert tensors go around it (load_cpu_moe_experts) and tied heads are re-packed after it.
+        `partial`: whole layers of the model only (a streamed sync); the others keep their weights, unwarned."""
         model = self.model_runner.get_model()
         moe = cpu_moe_layers(model)
         experts = {n: t for n, t in named_tensors if moe and n.endswith(EXPERT_SUFFIXES)}
-        with _quiet_layers_not_reloaded() if experts else contextlib.nullcontext():
+        with _quiet_layers_not_reloaded() if experts or partial else contextlib.nullcontext():
             self.model_runner.reload_weights(weights_iterator=((n, t) for n, t in named_tensors if n not in experts))
         repack_output_heads(model)
         load_cpu_moe_experts(moe, experts)
