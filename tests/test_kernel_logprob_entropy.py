@@ -109,3 +109,24 @@ def test_bad_shapes_are_clear_errors():
         logprob_entropy(hidden, weight, labels[:-1])
     with pytest.raises(ValueError, match="impl must be one of"):
         logprob_entropy(hidden, weight, labels, impl="fast")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("budget_columns", [32, 64, 96])
+def test_triton_backward_in_vocabulary_chunks_matches_float64(poisoned, monkeypatch, budget_columns):
+    """The backward's dz buffer is [N, C] for a vocabulary chunk of C columns (C from DLOGITS_BUDGET_BYTES): several
+    chunks, the last one partial (V = 203), give the float64 gradients, and the same bits on a second run (no
+    atomics: each gradient row is written once)."""
+    import tokenwise.kernels.logprob_entropy.triton as tk
+    monkeypatch.setattr(tk, "DLOGITS_BUDGET_BYTES", N * 4 * budget_columns)
+    assert tk.vocab_chunk(N, V, 4, 32) == budget_columns
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _check("triton", torch.float32, [0.7, 1.0, 1.3], device=device)
+    hidden, weight, labels, g_lp, g_ent = _inputs(torch.float32, device)
+    grads = []
+    for _ in range(2):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp, ent = logprob_entropy(h, w, labels, temperature=0.8, impl="triton")
+        (logp * g_lp + ent * g_ent).sum().backward()
+        grads.append((h.grad, w.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])

@@ -3,9 +3,12 @@
 Forward: one program per block of BLOCK_N tokens walks the vocabulary in BLOCK_V tiles (each tile's logits from a
 loop over D in BLOCK_D slices) and keeps running (max m, Z = Σ e^{z−m}, B = Σ z e^{z−m}, target logit);
 H = log Z + m − B / Z, log p = z_y − m − log Z. It also stores lse = m + log Z and E_p[z] = B / Z for backward.
-Backward: one program per (token block, vocab tile) recomputes the tile's logits, forms
-dz = (g_lp (onehot − p) − g_H p (z − E_p[z])) / T, and adds dz W into d_hidden and dzᵀ h into d_weight with fp32
-atomics (so the order of additions, and the last bits, vary between runs on a GPU).
+Backward, in vocabulary chunks of C columns (C chosen so the [N, C] buffer stays within DLOGITS_BUDGET_BYTES): a
+Triton pass recomputes the chunk's logits tile by tile and writes dz = (g_lp (onehot − p) − g_H p (z − E_p[z])) / T
+into that buffer; then two GEMMs: d_hidden += dz W_C (accumulated in fp32 over the chunks) and d_weight[C] = dzᵀ h,
+each gradient row written once. No atomics, no fp32 [V, D] scratch (d_weight is the gradient itself, in the
+weight's dtype), and the result is the same on every run. bf16 / fp16 inputs on a GPU keep dz in their dtype for
+the tensor-core GEMMs (fp32 accumulation inside them).
 """
 
 from __future__ import annotations
@@ -67,13 +70,16 @@ def _forward_kernel(h_ptr, w_ptr, labels_ptr, inv_t_ptr, logp_ptr, ent_ptr, lse_
 
 
 @triton.jit
-def _backward_kernel(h_ptr, w_ptr, labels_ptr, inv_t_ptr, lse_ptr, ez_ptr, g_lp_ptr, g_ent_ptr, dh_ptr, dw_ptr,
-                     N, V, D, stride_h, stride_w, ignore_index, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+def _dlogits_kernel(h_ptr, w_ptr, labels_ptr, inv_t_ptr, lse_ptr, ez_ptr, g_lp_ptr, g_ent_ptr, dz_ptr, N, V, D,
+                    v_start, v_count, stride_h, stride_w, stride_dz, ignore_index, BLOCK_N: tl.constexpr,
+                    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """dz of one (token block, vocabulary tile) of the chunk [v_start, v_start + v_count), stored at its column in
+    the chunk's [N, C] buffer."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    local = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = v_start + local
     row_ok = rows < N
-    col_ok = cols < V
+    col_ok = (local < v_count) & (cols < V)
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
     valid = row_ok & (labels != ignore_index)
     inv_t = tl.load(inv_t_ptr + rows, mask=row_ok, other=1.0)
@@ -87,15 +93,17 @@ def _backward_kernel(h_ptr, w_ptr, labels_ptr, inv_t_ptr, lse_ptr, ez_ptr, g_lp_
     onehot = (cols[None, :] == labels[:, None]).to(tl.float32)
     dz = g_lp[:, None] * (onehot - p) - g_ent[:, None] * p * (z - ez[:, None])
     dz = tl.where(row_ok[:, None] & col_ok[None, :], dz * inv_t[:, None], 0.0)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        d_ok = ds < D
-        w = tl.load(w_ptr + cols[:, None] * stride_w + ds[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        h = tl.load(h_ptr + rows[:, None] * stride_h + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        dh = tl.dot(dz, w.to(tl.float32), input_precision="ieee")
-        dw = tl.dot(tl.trans(dz), h.to(tl.float32), input_precision="ieee")
-        tl.atomic_add(dh_ptr + rows[:, None] * D + ds[None, :], dh, mask=row_ok[:, None] & d_ok[None, :])
-        tl.atomic_add(dw_ptr + cols[:, None] * D + ds[None, :], dw, mask=col_ok[:, None] & d_ok[None, :])
+    tl.store(dz_ptr + rows[:, None] * stride_dz + local[None, :], dz.to(dz_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+DLOGITS_BUDGET_BYTES = 256 << 20  # the backward's one scratch buffer, [N, C] dz of a vocabulary chunk
+
+
+def vocab_chunk(n: int, v: int, element_size: int, block_v: int) -> int:
+    """Columns per backward pass: the [n, C] dz buffer within DLOGITS_BUDGET_BYTES, a multiple of the tile width."""
+    c = DLOGITS_BUDGET_BYTES // max(1, n * element_size)
+    return max(block_v, min(v, c) // block_v * block_v) if c < v else v
 
 
 def _alloc(n: int, device: torch.device) -> Tensor:
@@ -137,14 +145,23 @@ class TritonLogprobEntropy(torch.autograd.Function):
         zeros = torch.zeros(N, dtype=torch.float32, device=hidden.device)
         g_lp = zeros if g_lp is None else g_lp.float().contiguous()
         g_ent = zeros if g_ent is None else g_ent.float().contiguous()
-        d_hidden = torch.zeros(N, D, dtype=torch.float32, device=hidden.device)
-        d_weight = torch.zeros(V, D, dtype=torch.float32, device=hidden.device)
         bn, bv, bd = _blocks(hidden, ctx.interpret)
         upcast = ctx.interpret or hidden.dtype == torch.float32
-        _backward_kernel[(triton.cdiv(N, bn), triton.cdiv(V, bv))](
-            hidden, weight, labels, inv_t, lse, ez, g_lp, g_ent, d_hidden, d_weight, N, V, D, hidden.stride(0),
-            weight.stride(0), ctx.ignore_index, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, UPCAST=upcast)
-        return d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), None, None, None, None
+        gemm = torch.float32 if upcast else hidden.dtype  # bf16 / fp16 on a GPU: tensor-core GEMMs
+        h_gemm = hidden if hidden.dtype == gemm else hidden.to(gemm)
+        chunk = vocab_chunk(N, V, torch.finfo(gemm).bits // 8, bv)
+        dz = torch.empty(N, chunk, dtype=gemm, device=hidden.device)
+        d_hidden = torch.zeros(N, D, dtype=torch.float32, device=hidden.device)
+        d_weight = torch.empty(V, D, dtype=weight.dtype, device=weight.device)
+        for v0 in range(0, V, chunk):
+            c = min(chunk, V - v0)
+            _dlogits_kernel[(triton.cdiv(N, bn), triton.cdiv(c, bv))](
+                hidden, weight, labels, inv_t, lse, ez, g_lp, g_ent, dz, N, V, D, v0, c, hidden.stride(0),
+                weight.stride(0), dz.stride(0), ctx.ignore_index, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, UPCAST=upcast)
+            dz_c, w_c = dz[:, :c], weight[v0:v0 + c]
+            d_hidden += dz_c @ (w_c if w_c.dtype == gemm else w_c.to(gemm))
+            d_weight[v0:v0 + c] = dz_c.T @ h_gemm
+        return d_hidden.to(hidden.dtype), d_weight, None, None, None, None
 
 
 def logprob_entropy_triton(hidden: Tensor, weight: Tensor, labels: Tensor, inv_t: Tensor, *,
