@@ -59,3 +59,11 @@ def test_console_script_and_module_entry_point():
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         assert out.returncode == 0, out.stderr
         assert "train" in out.stdout and "resume" in out.stdout and "check" in out.stdout
+
+
+def test_gpu_check_script_refuses_unknown_arguments_in_one_line():
+    """benchmarks/gpu_check.sh (its --dry-run takes ~2 min on CPU and is run by hand, see docs/benchmarks.md)."""
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--fast"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip() == \
+        "gpu_check.sh: unknown argument '--fast' (allowed: --dry-run, --out DIR)"
+    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")]).returncode == 0
