@@ -466,6 +466,8 @@ class RayWorkers:
             init_args=lambda rank: (env.cfg.rollout, str(env.init_dir), str(env.tokenizer_dir), formatter_kwargs,
                                     device, str(env.dtype).removeprefix("torch."), r.cpus_per_rollout,
                                     env.cfg.seed + rank))
+        if r.colocate:  # the engines size their memory from what is free: they start before the learners load
+            self.rollouts.call_all("pid", timeout_s=r.start_timeout_s)
         master = self.learners.wait([self.learners.actors[0].address.remote()], "address", r.start_timeout_s)[0]
         self.learners.call_all("setup", master, learner_kwargs, str(env.tokenizer_dir),
                                r.call_timeout_s or FIRST_CALL_TIMEOUT_S, timeout_s=r.start_timeout_s)
