@@ -77,6 +77,17 @@ def test_latest_pointing_at_missing_folder_is_a_clear_error(tmp_path):
         CheckpointManager(tmp_path, keep_last=1).latest()
 
 
+def test_a_failure_message_names_the_newest_intact_checkpoint_when_latest_is_broken(tmp_path):
+    """The failure paths report what is safe without raising a second error of their own."""
+    from types import SimpleNamespace
+    from tokenwise.trainer.stage import _kept
+    m = CheckpointManager(tmp_path, keep_last=2)
+    assert _kept(SimpleNamespace(ckpt=m)) == "no checkpoint of this stage was written yet"
+    m.save(2, _write("good"))
+    (tmp_path / "latest").write_text("step_00000009")
+    assert _kept(SimpleNamespace(ckpt=m)) == f"the last good checkpoint {tmp_path / 'step_00000002'} is intact"
+
+
 def test_rng_state_round_trips_through_weights_only_load(tmp_path):
     random.seed(1); np.random.seed(2); torch.manual_seed(3)
     torch.save(rng_state(), tmp_path / "rng.pt")

@@ -204,7 +204,13 @@ def run_stage(env: StageEnv, *, make_workers: Callable[[], Any], make_state: Cal
 
 
 def _kept(state: "StageState | None") -> str:
-    latest = state.ckpt.latest() if state is not None else None
+    """What of the stage is safe, for a failure message (never raises: it is already reporting an error)."""
+    from tokenwise.rl.errors import CheckpointError
+    try:
+        latest = state.ckpt.latest() if state is not None else None
+    except CheckpointError:  # `latest` names a missing folder: resume picks the newest intact one
+        done = state.ckpt.complete()
+        latest = done[-1] if done else None
     return f"the last good checkpoint {latest} is intact" if latest else "no checkpoint of this stage was written yet"
 
 
