@@ -173,6 +173,8 @@ class MoEFFN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])
+        # under ZeRO-3, reading the router's weight here (not calling the router) makes DeepSpeed gather it as an
+        # external parameter of this block for the forward and backward (tests/test_cluster.py checks ZeRO-3 MoE)
         out, self.routing = moe_ffn(flat, self.router.weight, self.experts_gate_up, self.experts_down,
                                     top_k=self.top_k, renormalize=self.renormalize,
                                     capacity_factor=self.capacity_factor)

@@ -54,7 +54,7 @@ def _stop(proc: subprocess.Popen, family: list[psutil.Process]) -> None:
     except ProcessLookupError:
         with_group = []
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
     family = family + [p for pid in with_group for p in _descendants(pid)]

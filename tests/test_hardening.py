@@ -543,22 +543,6 @@ def test_reward_past_its_memory_limit_fails_that_call(tmp_path):
         close_rewards(specs)
 
 
-def test_moe_under_zero3_is_refused_before_anything_runs(tmp_path):
-    from tokenwise.rl.errors import ConfigError
-    from tokenwise.trainer.config import config_from_dict
-    from tokenwise.trainer.run import _is_moe
-    from conftest import TINY
-    moe = {**TINY["model"], "arch": "tokenwise", "ffn": "moe", "num_experts": 4, "experts_per_token": 2}
-    with pytest.raises(ConfigError, match="zero_stage 3 is not supported"):
-        config_from_dict({**TINY, "model": moe, "trainer": {"mode": "ray", "ray": {"zero_stage": 3}}})
-    config_from_dict({**TINY, "model": moe, "trainer": {"mode": "ray", "ray": {"zero_stage": 2}}})
-    # a converted checkpoint (model.type pretrained, code tokenwise) is recognised from its config.json
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "tokenwise", "ffn": "moe"}))
-    assert _is_moe(str(tmp_path))
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "tokenwise", "ffn": "dense"}))
-    assert not _is_moe(str(tmp_path))
-
-
 def test_progress_is_plain_whole_lines_when_stdout_is_not_a_terminal(tiny_recipe, tmp_path, capsys):
     recipe = tiny_recipe(stages=["grpo"], logging={"progress": True, "progress_every": 2})
     assert main(["train", str(recipe), f"output_dir={tmp_path / 'run'}"]) == 0

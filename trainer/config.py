@@ -657,10 +657,6 @@ class TrainerConfig:
                                    "mode only; evaluation generates with the learner's own model.")
 
 
-ZERO3_MOE = ("model.ffn: moe with trainer.ray.zero_stage 3 is not supported (the MoE layers read their router and "
-             "expert weights directly, which ZeRO-3 keeps partitioned): use zero_stage 1 or 2")
-
-
 @dataclass
 class RunConfig:
     name: str = opt("run", "Run name; used in output_dir and logs.")
@@ -695,9 +691,6 @@ class RunConfig:
             raise ConfigError("model.lora with trainer.ray.zero_stage 3 is not supported (merging adapters needs whole "
                               "weights on each learner): use zero_stage 1 or 2, whose frozen base weights are not "
                               "sharded anyway")
-        if (self.trainer.mode == "ray" and self.trainer.ray.zero_stage == 3 and self.model.type == "builtin"
-                and self.model.ffn == "moe"):
-            raise ConfigError(ZERO3_MOE)
         if self.algorithm.overlong.buffer >= self.rollout.max_new_tokens:
             raise ConfigError(f"algorithm.overlong.buffer ({self.algorithm.overlong.buffer}) must be smaller than "
                               f"rollout.max_new_tokens ({self.rollout.max_new_tokens})")

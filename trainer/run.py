@@ -17,7 +17,7 @@ from tokenwise.rl.safety_data import safety_task
 from tokenwise.rl.errors import ConfigError, DataError, ModelLoadError
 from tokenwise.trainer.reward_process import close_rewards, reward_specs
 from tokenwise.trainer.checkpoint import publish_dir, write_text_atomic
-from tokenwise.trainer.config import ZERO3_MOE, RunConfig, DataCommon
+from tokenwise.trainer.config import RunConfig, DataCommon
 from tokenwise.trainer.controller import run_grpo
 from tokenwise.trainer.evaluate import headline_sampled
 from tokenwise.trainer.loading import PromptFormatter, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
@@ -172,15 +172,6 @@ def check_lengths(cfg: RunConfig, model_dir: str, tokenizer, formatter, data: di
                                 f"or lower rollout.max_new_tokens to {max(1, limit - tokens)} or less")
 
 
-def _is_moe(model_dir: str) -> bool:
-    """A model directory of our decoder with MoE feed-forward layers (a converted Qwen2-MoE / Qwen3-Next, say)."""
-    config = Path(model_dir) / "config.json"
-    if not config.is_file():
-        return False
-    meta = json.loads(config.read_text())
-    return meta.get("model_type") == "tokenwise" and meta.get("ffn") == "moe"
-
-
 def execute(cfg: RunConfig, run_dir: Path, *, stop_after_steps: int | None = None,
             ray_address: str | None = None) -> dict | None:
     """Run every unfinished stage; None if the step budget stopped the run early (resume continues it).
@@ -206,8 +197,6 @@ def _execute(cfg: RunConfig, run_dir: Path, stop_after_steps: int | None) -> dic
                                 use_chat_template=cfg.data.use_chat_template)
     data = load_task(cfg.data)
     check_lengths(cfg, model_dir, tokenizer, formatter, data)
-    if cfg.trainer.mode == "ray" and cfg.trainer.ray.zero_stage == 3 and _is_moe(model_dir):
-        raise ConfigError(f"{model_dir}: {ZERO3_MOE}")
     rewards = reward_specs(cfg.rewards)  # loads user reward functions now, not after the SFT stage
     try:
         return _run_stages(cfg, run_dir, StepBudget(stop_after_steps), model_dir=model_dir, tokenizer=tokenizer,
