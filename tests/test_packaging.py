@@ -62,8 +62,26 @@ def test_console_script_and_module_entry_point():
 
 
 def test_gpu_check_script_refuses_unknown_arguments_in_one_line():
-    """benchmarks/gpu_check.sh (its --dry-run takes ~2 min on CPU and is run by hand, see docs/benchmarks.md)."""
-    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--fast"], capture_output=True, text=True)
+    script = str(ROOT / "benchmarks" / "gpu_check.sh")
+    out = subprocess.run(["bash", script, "--fast"], capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.strip() == \
-        "gpu_check.sh: unknown argument '--fast' (allowed: --dry-run, --out DIR)"
-    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")]).returncode == 0
+        "gpu_check.sh: unknown argument '--fast' (allowed: --dry-run, --out DIR, --parts LIST)"
+    out = subprocess.run(["bash", script, "--parts", "model,speed"], capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown part 'speed'" in out.stderr
+
+
+def test_gpu_check_dry_run_builds_the_qwen2_model_and_runs_grpo_on_cpu(tmp_path):
+    """The GPU check's own plumbing on CPU (`--dry-run`, two of its five parts: the whole dry run takes ~2 min and is
+    run by hand, docs/benchmarks.md): a Qwen2 built from a config, 2 GRPO steps through the CLI, summary.json."""
+    import json
+    import os
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--parts", "model,grpo_bf16",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHON": sys.executable})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["dry_run"] is True and summary["ok"] is True
+    assert set(summary["parts"]) == {"model", "grpo_bf16"}
+    grpo = summary["parts"]["grpo_bf16"]
+    assert grpo["steps"] == 2 and grpo["tokens_per_s"] > 0 and grpo["rc"] == 0
+    assert summary["parts"]["model"]["num_hidden_layers"] == 2
