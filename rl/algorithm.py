@@ -52,6 +52,16 @@ class Algorithm:
     def needs_reference(self) -> bool:
         return self.kl_coef > 0
 
+    def needs_old_pass(self, *, ppo_epochs: int, mini_batches: int) -> bool:
+        """Whether the step needs old-policy log-probs / entropies before its update. With one on-policy update (one
+        epoch, one mini-batch) the old policy is the policy being trained, so its log-probs are the training forward's
+        own values, detached (and the rollout-correction weights π_old/π_rollout, per row, come from them in the
+        loss): the separate scoring pass can be skipped — unless something reads them before the update (KL in the
+        reward, token shapers, THR features, adaptive temperature, an entropy-normalised loss)."""
+        return not (ppo_epochs == 1 and mini_batches == 1
+                    and not (self.kl_in_reward and self.kl_coef > 0) and not self.token_shapers
+                    and not self.needs_token_features and self.adaptive_tau <= 0 and not self._wants_entropy_norm)
+
     def make_batch(self, rollouts: RolloutBatch, rewards_B: Tensor) -> TrainBatch:
         """Shape the rewards (overlong penalty), then advantages; `rewards` of the batch are the shaped ones."""
         rewards_B = shaped_rewards(rollouts, rewards_B, max_len=self.max_response_len, buffer=self.overlong.buffer,
@@ -121,9 +131,19 @@ class Algorithm:
         divides them by the token count)."""
         mask = batch.loss_tokens
         extra = {"entropy_norm": batch.entropy_norm} if self._wants_entropy_norm else {}
-        pg_BT, stats = self.policy_loss(logp_BT, batch.old_logprobs, batch.advantages, mask, **extra)
-        if batch.is_weights is not None:
-            pg_BT = pg_BT * batch.is_weights
+        is_weights = batch.is_weights
+        if batch.old_logprobs is None:  # one on-policy update (needs_old_pass False): the old policy is this forward
+            old_BT = logp_BT.detach()
+            if self.correction.level != "none":  # per row, as shape() computes them for a scored batch
+                c = self.correction
+                is_weights, _ = rollout_weights(old_BT.float(), batch.rollout_logprobs.to(old_BT.device),
+                                                batch.response_mask.to(old_BT.device), level=c.level, mode=c.mode,
+                                                cap=c.cap)
+        else:
+            old_BT = batch.old_logprobs
+        pg_BT, stats = self.policy_loss(logp_BT, old_BT, batch.advantages, mask, **extra)
+        if is_weights is not None:
+            pg_BT = pg_BT * is_weights
         if batch.pg_mask is not None:
             pg_BT = pg_BT * batch.pg_mask
             stats["actor/pg_token_frac"] = batch.pg_mask.detach().mul(mask).sum()

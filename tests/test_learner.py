@@ -1,5 +1,7 @@
 """The learner and the rollout engine on a tiny real model."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -124,8 +126,8 @@ def test_micro_batching_gives_the_same_update(tiny_dir, micro, max_tokens, algor
             grads[name] = [p.grad.clone() for p in model.parameters()]
             return step()
         pool.learner.opt.step = record
-    m_full = full.train_step(batch, ppo_epochs=1, mini_batches=1)
-    m_split = split.train_step(batch, ppo_epochs=1, mini_batches=1)
+    m_full, _ = full.train_step(batch, ppo_epochs=1, mini_batches=1)
+    m_split, _ = split.train_step(batch, ppo_epochs=1, mini_batches=1)
     # the gradient within 1e-6; the weights after AdamW within 2e-6 (Adam maps an element whose gradient is ~0 to
     # about ±lr whatever its last bits, so the weights are the looser check)
     for (name, _), ga, gb in zip(full.learner.model.named_parameters(), grads["full"], grads["split"]):
@@ -133,6 +135,62 @@ def test_micro_batching_gives_the_same_update(tiny_dir, micro, max_tokens, algor
     for (name, a), b in zip(full.learner.model.named_parameters(), split.learner.model.parameters()):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=0, msg=name)
     assert m_full["actor/loss"] == pytest.approx(m_split["actor/loss"], abs=1e-6)
+
+
+# one-update steps skip the old-policy pass unless a token shaper or KL-in-reward reads it first (sample filters
+# act on rewards before scoring)
+ONE_UPDATE = [a for a in ALGOS if "token_shapers" not in ALGOS[a] and ALGOS[a].get("kl", {}).get("placement") != "reward"]
+
+
+def test_which_steps_skip_the_old_policy_pass(tiny_dir):
+    for name, spec in ALGOS.items():
+        algo = Algorithm(config_from_dict({"algorithm": spec}).algorithm, max_response_len=8)
+        assert algo.needs_old_pass(ppo_epochs=1, mini_batches=1) == (name not in ONE_UPDATE), name
+        assert algo.needs_old_pass(ppo_epochs=1, mini_batches=2) and algo.needs_old_pass(ppo_epochs=2, mini_batches=1)
+    algo = Algorithm(config_from_dict({"algorithm": {"adaptive_temperature": {"tau": 0.3}}}).algorithm,
+                     max_response_len=8)
+    assert algo.needs_old_pass(ppo_epochs=1, mini_batches=1)  # the next step samples with this step's entropies
+
+
+@pytest.mark.parametrize("algorithm", [*ONE_UPDATE, "token-mean/sequence-mask-correction"])
+def test_one_update_step_takes_old_logprobs_from_its_training_forward(tiny_dir, algorithm):
+    """One on-policy update: without the scoring pass the loss, gradients (1e-6) and weights are today's, rollout
+    correction (token level by default) included, and the old-policy log-probs / entropies the step reports come
+    from the training forward (1e-6 of the scoring pass's)."""
+    spec = ({"kl": {"coef": 0.1}, **ALGOS[algorithm]} if algorithm in ALGOS else
+            {"kl": {"coef": 0.1}, "rollout_correction": {"level": "sequence", "mode": "mask", "cap": 1.01}})
+    runs = {}
+    for mode in ("scored", "shortcut"):
+        _, algo, pool, engine = _setup(tiny_dir, micro_batch_size=3, algorithm=spec)
+        torch.manual_seed(0)
+        out = engine.generate(_rows(3), n=4, seed=11)
+        batch = algo.make_batch(out, torch.arange(12, dtype=torch.float32) % 3)
+        # an engine that disagrees with the learner (as vLLM in bf16 would), so correction weights are not all 1
+        noise = 0.05 * torch.randn(batch.rollout_logprobs.shape, generator=torch.Generator().manual_seed(1))
+        batch = dataclasses.replace(batch, rollout_logprobs=batch.rollout_logprobs + noise * batch.response_mask)
+        assert not algo.needs_old_pass(ppo_epochs=1, mini_batches=1)
+        scored = pool.score(batch, old=mode == "scored")
+        assert (scored.old_logprobs is None) == (mode == "shortcut")
+        assert scored.ref_logprobs is not None  # the reference pass stays
+        if mode == "scored":  # as the controller does: correction weights from the scoring pass
+            scored, _ = algo.shape(scored)
+        grads = []
+        step = pool.learner.opt.step
+        pool.learner.opt.step = lambda: grads.append([p.grad.clone() for p in pool.learner.model.parameters()]) or step()
+        metrics, after = pool.train_step(scored, ppo_epochs=1, mini_batches=1)
+        runs[mode] = (metrics, after, grads[0], [p.detach().clone() for p in pool.learner.model.parameters()])
+    (ma, a, ga, wa), (mb, b, gb, wb) = runs["scored"], runs["shortcut"]
+    assert mb["actor/loss"] == pytest.approx(ma["actor/loss"], abs=1e-6)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+    for x, y in zip(wa, wb):  # Adam moves a ~0-gradient element by up to lr whatever its last bits: 5% of a step
+        torch.testing.assert_close(x, y, atol=5e-5, rtol=0)
+    torch.testing.assert_close(b.old_logprobs, a.old_logprobs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.old_entropy, a.old_entropy, atol=1e-6, rtol=0)
+    if algorithm not in ALGOS:  # the sequence-level mask did drop responses, in both modes alike
+        assert algo.shape(b)[1]["rollout/tis_clipped_frac"] > 0
+    with pytest.raises(ValueError, match="one update only"):
+        pool.train_step(pool.score(batch, old=False), ppo_epochs=1, mini_batches=2)
 
 
 def test_load_weights_changes_rollout_outputs(tiny_dir):
@@ -276,7 +334,7 @@ def test_fused_logprobs_give_the_naive_paths_scores_loss_and_update(tiny_dir, al
         out = engine.generate(_rows(3), n=4, seed=3, adaptive=algo.sampling())
         assert out.temperatures is not None
         batch, _ = algo.shape(pool.score(algo.make_batch(out, torch.arange(12.0) % 3)))
-        metrics = pool.train_step(batch, ppo_epochs=1, mini_batches=2)
+        metrics, _ = pool.train_step(batch, ppo_epochs=1, mini_batches=2)
         runs[impl] = (batch, metrics, [p.detach().clone() for p in pool.learner.model.parameters()])
     (a, ma, wa), (b, mb, wb) = runs["fused"], runs["naive"]
     for name in ("old_logprobs", "old_entropy", "ref_logprobs"):

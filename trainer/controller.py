@@ -70,8 +70,15 @@ def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, st
     if algo.overlong.buffer:
         metrics["reward/overlong_penalty"] = (made.rewards - rewards).mean().item()
     batch, shaping_stats = algo.filter(made, progress=progress)
-    batch, token_stats = algo.shape(learner.score(batch), progress=progress)
-    shaping_stats.update(token_stats)
+    mini_batches = min(g.mini_batches, len(batch) // batch.group_size)
+    # one on-policy update whose old log-probs nothing reads beforehand: no separate old-policy pass, the training
+    # forward's own (detached) values are the old policy's
+    old_pass = algo.needs_old_pass(ppo_epochs=g.ppo_epochs, mini_batches=mini_batches)
+    if old_pass or algo.needs_reference:
+        batch = learner.score(batch, old=old_pass)
+    if old_pass:
+        batch, token_stats = algo.shape(batch, progress=progress)
+        shaping_stats.update(token_stats)
     bad = ~torch.isfinite(batch.advantages) & (batch.response_mask > 0)
     if bad.any():
         row = int(bad.any(1).nonzero()[0])
@@ -80,9 +87,11 @@ def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, st
                                          f"prompt {batch.prompts[row]!r}")
     t_score = time.perf_counter()
     workers.sleep_rollouts()
-    metrics.update(learner.train_step(batch, ppo_epochs=g.ppo_epochs,
-                                      mini_batches=min(g.mini_batches, len(batch) // batch.group_size)))
+    train_metrics, batch = learner.train_step(batch, ppo_epochs=g.ppo_epochs, mini_batches=mini_batches)
+    metrics.update(train_metrics)
     workers.wake_rollouts()
+    if not old_pass:  # the metrics shaping reports, from the old-policy values the update produced
+        shaping_stats.update(algo.shape(batch, progress=progress)[1])
     if metrics["nonfinite/skipped_updates"]:
         check_updates(env, step, metrics)
     t_train = time.perf_counter()

@@ -264,17 +264,22 @@ class Learner:
             return {"logprobs": torch.zeros(0, T), "entropy": torch.zeros(0, T)}
         return {k: torch.cat(v) for k, v in parts.items()}
 
-    def score(self, batch: TrainBatch, micros: list[Micro]) -> dict[str, torch.Tensor | None]:
-        """Old-policy log-probs/entropies and reference log-probs for the rows of `micros` (in their order); when
-        the batch carries group_vocab (THR), also the old policy's hidden states and group-vocabulary probabilities."""
-        was_training = self.model.training
-        self.model.eval()
-        features = getattr(batch, "group_vocab", None) is not None
-        old = self._no_grad_pass(self.opt.forward_module, batch, micros, features=features)
-        self.model.train(was_training)
-        ref_logp = self._no_grad_pass(self.reference, batch, micros)["logprobs"] if self.reference is not None else None
-        return {"old_logprobs": old["logprobs"], "old_entropy": old["entropy"], "ref_logprobs": ref_logp,
-                "old_hidden": old.get("hidden"), "old_vocab_probs": old.get("vocab_probs")}
+    def score(self, batch: TrainBatch, micros: list[Micro], old: bool = True) -> dict[str, torch.Tensor | None]:
+        """Old-policy log-probs/entropies (unless `old` is False: a one-update step takes them from its training
+        forward) and reference log-probs for the rows of `micros` (in their order); when the batch carries
+        group_vocab (THR), also the old policy's hidden states and group-vocabulary probabilities."""
+        out: dict[str, torch.Tensor | None] = {}
+        if old:
+            was_training = self.model.training
+            self.model.eval()
+            features = getattr(batch, "group_vocab", None) is not None
+            scored = self._no_grad_pass(self.opt.forward_module, batch, micros, features=features)
+            self.model.train(was_training)
+            out = {"old_logprobs": scored["logprobs"], "old_entropy": scored["entropy"],
+                   "old_hidden": scored.get("hidden"), "old_vocab_probs": scored.get("vocab_probs")}
+        out["ref_logprobs"] = (self._no_grad_pass(self.reference, batch, micros)["logprobs"]
+                               if self.reference is not None else None)
+        return out
 
     # ------------------------------------------------------------------------------------------------ updates
     def train(self, batch: TrainBatch, updates: list[Update]) -> dict[str, Any]:
@@ -283,11 +288,18 @@ class Learner:
         self.model.train()
         sums: dict[str, float] = defaultdict(float)
         grad_norms, lrs, model_stats = [], [], []
+        T = batch.response_ids.shape[1]
+        seen: dict[str, list[torch.Tensor]] = defaultdict(list)  # one-update step: the old policy's values, per row
         for update in updates:
             lrs.append(self.opt.lr())
             for i, micro in enumerate(update.micros):
                 part = trim(batch.select(micro.rows)).to(self.device)
                 logp, ent, _ = self._forward(self.opt.forward_module, part)
+                if batch.old_logprobs is None and micro.weight:
+                    m = part.response_mask.cpu()
+                    pad = T - logp.shape[1]
+                    seen["old_logprobs"].append(F.pad(logp.detach().float().cpu(), (0, pad)) * F.pad(m, (0, pad)))
+                    seen["old_entropy"].append(F.pad(ent.detach().float().cpu(), (0, pad)) * F.pad(m, (0, pad)))
                 loss, stats = self.algorithm.loss(logp, ent, part, num_tokens=update.num_tokens,
                                                   num_seqs=update.num_seqs)
                 moe = self.model.moe_loss() if hasattr(self.model, "moe_loss") else None
@@ -301,7 +313,8 @@ class Learner:
                     if hasattr(self.model, "routing_metrics"):
                         model_stats.append(self.model.routing_metrics())
             grad_norms.append(self.opt.step())
-        return {"sums": dict(sums), "grad_norms": grad_norms, "lrs": lrs, "model": _mean_dicts(model_stats)}
+        return {"sums": dict(sums), "grad_norms": grad_norms, "lrs": lrs, "model": _mean_dicts(model_stats),
+                **{k: torch.cat(v) for k, v in seen.items()}}
 
     def sft(self, batch: SFTBatch, update: Update) -> dict[str, Any]:
         """This rank's share of one SFT step: token-mean NLL over the global target-token count."""
@@ -378,11 +391,12 @@ class LearnerPool:
         self.version = 0  # GRPO updates applied; stamped on rollouts as the policy version
         self.backend = "torch"  # what wrote the optimizer state: 'torch' or 'deepspeed-zero<stage>'
 
-    def score(self, batch: TrainBatch) -> TrainBatch:
-        """Fill old_logprobs / old_entropy (current policy, no grad) and ref_logprobs (reference, if any)."""
+    def score(self, batch: TrainBatch, *, old: bool = True) -> TrainBatch:
+        """Fill old_logprobs / old_entropy (current policy, no grad; with `old` False they stay None and the one
+        update's training forward supplies them) and ref_logprobs (reference, if any)."""
         plans = plan_rows(list(range(len(batch))), row_tokens(batch), world=self.world,
                           max_rows=self.micro_batch_size, max_tokens=self.max_tokens)
-        args = [_localize(batch, micros) for micros in plans]
+        args = [(*_localize(batch, micros), old) for micros in plans]
         outs = self.fanout("score", args)
         kept = [[r for m in micros if m.weight for r in m.rows] for micros in plans]
         fields = {}
@@ -391,17 +405,27 @@ class LearnerPool:
                 fields[name] = gather_rows([(rows, o[name]) for rows, o in zip(kept, outs)], len(batch))
         return dataclasses.replace(batch, **fields)
 
-    def train_step(self, batch: TrainBatch, *, ppo_epochs: int, mini_batches: int) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, *, ppo_epochs: int, mini_batches: int) -> tuple[dict[str, float], TrainBatch]:
         """ppo_epochs passes; each splits the batch by prompt groups into mini_batches optimizer steps. Every
-        micro-batch's loss is divided by its mini-batch's token count over all ranks (token-mean)."""
+        micro-batch's loss is divided by its mini-batch's token count over all ranks (token-mean). Returns the
+        metrics and the batch — with old_logprobs / old_entropy filled from the training forward when it came
+        without them (a one-update step, `score(old=False)`)."""
+        if batch.old_logprobs is None and (ppo_epochs, mini_batches) != (1, 1):
+            raise ValueError("train_step without old log-probs makes one update only (ppo_epochs 1, mini_batches 1)")
         plans = plan_updates(batch, world=self.world, ppo_epochs=ppo_epochs, mini_batches=mini_batches,
                              max_rows=self.micro_batch_size, max_tokens=self.max_tokens)
         args = []
+        kept = []
         for updates in plans:
             sub, micros = _localize(batch, [m for u in updates for m in u.micros])
+            kept.append([r for u in updates for m in u.micros if m.weight for r in m.rows])
             it = iter(micros)
             args.append((sub, [Update([next(it) for _ in u.micros], u.num_tokens, u.num_seqs) for u in updates]))
         outs = self.fanout("train", args)
+        if batch.old_logprobs is None:
+            batch = dataclasses.replace(batch, **{
+                name: gather_rows([(rows, o[name]) for rows, o in zip(kept, outs)], len(batch))
+                for name in ("old_logprobs", "old_entropy")})
         tokens = sum(u.num_tokens for u in plans[0])
         sums: dict[str, float] = defaultdict(float)
         for o in outs:
@@ -415,7 +439,7 @@ class LearnerPool:
                         "actor/lr": outs[0]["lrs"][-1], "actor/updates": float(len(grad_norms)),
                         "nonfinite/skipped_updates": float(len(grad_norms) - len(finite))})
         metrics.update(_mean_dicts([o["model"] for o in outs if o.get("model")]))  # MoE load, gates (per-rank means)
-        return metrics
+        return metrics, batch
 
     def sft_step(self, batch: SFTBatch) -> dict[str, float]:
         """One optimizer step of token-mean NLL over the batch's target tokens, split over ranks and micro-batches."""
