@@ -93,7 +93,8 @@ def attach(address: str, *, timeout_s: float) -> None:
         if isinstance(outcome["error"], ConnectionError) or "authentication" in str(outcome["error"]).lower():
             # the port answered (checked above) but the GCS handshake failed: with Ray >= 2.5x that is most often
             # token authentication, which `ray start --head` turns on whenever the head has a token
-            have = f"this process used the token from {token}" if token else "this process found no token"
+            have = ("this process sent the token Ray finds here (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+                    "~/.ray/auth_token)" if token else "this process found no token")
             raise ClusterError(
                 f"cannot attach to the Ray cluster at {address!r}: the head answers but refused the connection; if it "
                 f"uses token authentication, {have}: copy the head's token here (`ray get-auth-token` on the head → "
@@ -101,27 +102,21 @@ def attach(address: str, *, timeout_s: float) -> None:
         raise outcome["error"]
 
 
-def _authenticate_like_ray() -> str | None:
+def _authenticate_like_ray() -> bool:
     """Ray 2.5x's `ray start --head` turns token authentication on when the head has a token (any earlier local
     `ray.init()` writes one to ~/.ray/auth_token). `ray.init(address="auto")` then authenticates with the token it
     finds here, but an explicit host:port does not, and the GCS refuses it. We do for every address what Ray does for
-    "auto": RAY_AUTH_MODE unset and a token available → token mode. Returns where the token came from, or None."""
+    "auto" (its own function: RAY_AUTH_MODE unset and a token available → token mode). Returns whether Ray's token
+    loader finds a token here (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) to send."""
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
-        return None
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        source = "RAY_AUTH_TOKEN"
-    elif os.environ.get("RAY_AUTH_TOKEN_PATH") and Path(os.environ["RAY_AUTH_TOKEN_PATH"]).is_file():
-        source = os.environ["RAY_AUTH_TOKEN_PATH"]
-    elif (Path.home() / ".ray" / "auth_token").is_file():
-        source = "~/.ray/auth_token"
-    else:
-        return None
+        return False
     try:
         from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+        from ray._raylet import AuthenticationTokenLoader
     except ImportError:  # a Ray without token authentication: nothing to do
-        return None
+        return False
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    return source
+    return AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
 
 
 def _actor_env() -> dict[str, str]:
@@ -268,12 +263,12 @@ class LearnerWorker:
                 continue
             # a bucket ends on a layer boundary once it holds bucket_bytes, so the engine can load every bucket
             # as it arrives (it loads whole layers only) and never holds more than a bucket of weights
-            if size >= bucket_bytes and weight_group(name) != group:
+            previous, group = group, weight_group(name)
+            if size >= bucket_bytes and group != previous:
                 call_all("load_bucket", ray.put(bucket))
                 sent, bucket, size = sent + 1, {}, 0
             bucket[name] = tensor.detach().to("cpu", copy=True)
             size += tensor.numel() * tensor.element_size()
-            group = weight_group(name)
         if bucket:
             call_all("load_bucket", ray.put(bucket))
             sent += 1

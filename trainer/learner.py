@@ -254,10 +254,10 @@ class Learner:
             if not micro.weight:
                 continue
             m = part.response_mask
-            pad = T - logp.shape[1]
-            parts["logprobs"].append(F.pad(logp.float().cpu(), (0, pad)) * m)
-            parts["entropy"].append(F.pad(ent.float().cpu(), (0, pad)) * m)
+            parts["logprobs"].append(_full_width(logp, m))
+            parts["entropy"].append(_full_width(ent, m))
             if extra is not None:
+                pad = T - logp.shape[1]
                 for name, v in zip(("hidden", "vocab_probs"), extra):
                     parts[name].append(F.pad(v.cpu(), (0, 0, 0, pad)) * m.unsqueeze(-1))
         if not parts:
@@ -288,7 +288,6 @@ class Learner:
         self.model.train()
         sums: dict[str, float] = defaultdict(float)
         grad_norms, lrs, model_stats = [], [], []
-        T = batch.response_ids.shape[1]
         seen: dict[str, list[torch.Tensor]] = defaultdict(list)  # one-update step: the old policy's values, per row
         for update in updates:
             lrs.append(self.opt.lr())
@@ -296,10 +295,9 @@ class Learner:
                 part = trim(batch.select(micro.rows)).to(self.device)
                 logp, ent, _ = self._forward(self.opt.forward_module, part)
                 if batch.old_logprobs is None and micro.weight:
-                    m = part.response_mask.cpu()
-                    pad = T - logp.shape[1]
-                    seen["old_logprobs"].append(F.pad(logp.detach().float().cpu(), (0, pad)) * F.pad(m, (0, pad)))
-                    seen["old_entropy"].append(F.pad(ent.detach().float().cpu(), (0, pad)) * F.pad(m, (0, pad)))
+                    m = batch.response_mask[micro.rows]  # the untrimmed rows' mask: the step's full width
+                    seen["old_logprobs"].append(_full_width(logp, m))
+                    seen["old_entropy"].append(_full_width(ent, m))
                 loss, stats = self.algorithm.loss(logp, ent, part, num_tokens=update.num_tokens,
                                                   num_seqs=update.num_seqs)
                 moe = self.model.moe_loss() if hasattr(self.model, "moe_loss") else None
@@ -364,6 +362,12 @@ class Learner:
 
     def load(self, path: Path) -> None:
         self.opt.load(path, device=self.device, dtype=self.dtype)
+
+
+def _full_width(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token values of trimmed rows ([b, T'], any device) → float32 on the CPU at the mask's full width [b, T],
+    zero where the mask is."""
+    return F.pad(values.detach().float().cpu(), (0, mask.shape[1] - values.shape[1])) * mask
 
 
 def _mean_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
