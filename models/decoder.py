@@ -242,11 +242,15 @@ class TokenwiseModel(TokenwisePreTrainedModel):
         total = past + S
         if attention_mask is None:
             attention_mask = torch.ones(B, total, dtype=torch.long, device=x.device)
-        # bool [B, 1, S, total]: causal within the cache-extended sequence and not a padding key; a query row with no
-        # allowed key (left padding) attends everywhere so SDPA returns finite values (they are never used)
-        q_pos = torch.arange(past, total, device=x.device)
-        mask = (torch.arange(total, device=x.device)[None, :] <= q_pos[:, None])[None, None]
-        mask = mask & attention_mask[:, None, None, -total:].bool()
+        # bool [B, 1, S, total]: causal within the cache-extended sequence and not a padding key (or the caller's own
+        # 4-D mask); a query row with no allowed key (left padding) attends everywhere so SDPA returns finite values
+        # (they are never used)
+        if attention_mask.dim() == 4:  # a prepared bool mask [B, 1, S, total] (packed rows: trainer/packing.py)
+            mask = attention_mask.bool()
+        else:
+            q_pos = torch.arange(past, total, device=x.device)
+            mask = (torch.arange(total, device=x.device)[None, :] <= q_pos[:, None])[None, None]
+            mask = mask & attention_mask[:, None, None, -total:].bool()
         mask = mask | ~mask.any(-1, keepdim=True)
         cos, sin = rope(position_ids, self.rotary_dim, self.config.rope_theta, x.dtype)
         hidden, attns = ((x,) if output_hidden_states else None), (() if output_attentions else None)

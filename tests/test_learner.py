@@ -33,7 +33,7 @@ def _setup(tiny_dir, *, micro_batch_size=64, max_tokens=0, **cfg_sections):
     learner = local_pool(Learner(tiny_dir, tok, optim=cfg.grpo.optim, total_updates=100, device=CPU,
                                  dtype=torch.float32, temperature=cfg.rollout.temperature, algorithm=algo,
                                  reference_dir=tiny_dir if algo.needs_reference else None,
-                                 logprobs=cfg.trainer.logprobs),
+                                 logprobs=cfg.trainer.logprobs, packing=cfg.trainer.packing),
                          micro_batch_size=micro_batch_size, max_tokens_per_micro_batch=max_tokens)
     fmt = PromptFormatter(tok, system_prompt=None, use_chat_template=True)
     engine = build_rollout(cfg.rollout, model_dir=tiny_dir, tokenizer=tok, formatter=fmt, dtype=torch.float32,
@@ -107,18 +107,21 @@ ALGOS.update({
 
 
 @pytest.mark.parametrize("algorithm", list(ALGOS))
-@pytest.mark.parametrize("micro, max_tokens", [(4, 0), (2, 0), (1, 30)])
-def test_micro_batching_gives_the_same_update(tiny_dir, micro, max_tokens, algorithm):
+@pytest.mark.parametrize("micro, max_tokens, packing", [(4, 0, "groups"), (2, 0, "rows"), (1, 30, "groups"),
+                                                         (2, 30, "none")])
+def test_micro_batching_gives_the_same_update(tiny_dir, micro, max_tokens, packing, algorithm):
     """Every aggregation divides by the whole mini-batch's counts and shapers see the whole step, so 1, 2, 4 or
-    token-budgeted micro-batches update identically, for every loss, aggregation, KL estimator and shaper."""
+    token-budgeted micro-batches update identically, for every loss, aggregation, KL estimator and shaper, padded
+    or packed."""
     torch.manual_seed(0)
     spec = {"kl": {"coef": 0.1}, **ALGOS[algorithm]}
-    _, algo, full, engine = _setup(tiny_dir, micro_batch_size=8, algorithm=spec)
+    _, algo, full, engine = _setup(tiny_dir, micro_batch_size=8, algorithm=spec, trainer={"packing": packing})
     out = engine.generate(_rows(2), n=4)
     rewards = torch.arange(8, dtype=torch.float32) % 3
     batch, _ = algo.filter(algo.make_batch(out, rewards), progress=0.5)
     batch, _ = algo.shape(full.score(batch), progress=0.5)
-    _, _, split, _ = _setup(tiny_dir, micro_batch_size=8 // micro, max_tokens=max_tokens, algorithm=spec)
+    _, _, split, _ = _setup(tiny_dir, micro_batch_size=8 // micro, max_tokens=max_tokens, algorithm=spec,
+                            trainer={"packing": packing})
     grads = {}
     for name, pool in (("full", full), ("split", split)):  # the accumulated gradient each optimizer step sees
         step = pool.learner.opt.step

@@ -1,5 +1,6 @@
-"""How one step's batch is cut for N learner ranks: rows balanced by token count, then micro-batches bounded by
-rows and padded tokens, padded with zero-weight micro-batches so that every rank runs the same number of forward
+"""How one step's batch is cut for N learner ranks: rows (or, packing whole prompt groups, groups) balanced by token
+count, then micro-batches bounded by rows and tokens (padded, or packed: trainer/packing.py), padded with zero-weight
+micro-batches so that every rank runs the same number of forward
 and backward passes (ZeRO-2/3 reduce and gather inside them: unequal counts would deadlock the group).
 
 Debug mode uses the same plans with one rank, so both modes compute the same sums in the same order per rank.
@@ -52,16 +53,26 @@ def balance(rows: list[int], tokens: list[int], parts: int) -> list[list[int]]:
 def micro_split(rows: list[int], tokens: list[int], *, max_rows: int, max_tokens: int = 0) -> list[list[int]]:
     """Consecutive chunks of at most max_rows rows and (if max_tokens) at most max_tokens padded tokens
     (rows x longest row); a single row longer than the budget goes alone."""
-    chunks: list[list[int]] = []
-    cur: list[int] = []
-    longest = 0
-    for r in rows:
-        new_longest = max(longest, tokens[r])
-        if cur and (len(cur) >= max_rows or (max_tokens and (len(cur) + 1) * new_longest > max_tokens)):
+    return [[r for u in c for r in u] for c in _split_units([[r] for r in rows], tokens, tokens, max_rows=max_rows,
+                                                             max_tokens=max_tokens, packed=False)]
+
+
+def _split_units(units: list[list[int]], cost: list[int], tokens: list[int], *, max_rows: int, max_tokens: int,
+                 packed: bool) -> list[list[list[int]]]:
+    """Consecutive chunks of units (lists of rows; unit i costs cost[i] tokens when packed), each of at most
+    max_rows rows and, if max_tokens, at most max_tokens tokens: packed tokens (the units' costs) or padded ones
+    (rows x longest row). A unit over a budget goes alone."""
+    chunks: list[list[list[int]]] = []
+    cur: list[list[int]] = []
+    n_rows = longest = load = 0
+    for i, unit in enumerate(units):
+        new_longest = max([longest] + [tokens[r] for r in unit])
+        size = load + cost[i] if packed else (n_rows + len(unit)) * new_longest
+        if cur and (n_rows + len(unit) > max_rows or (max_tokens and size > max_tokens)):
             chunks.append(cur)
-            cur, new_longest = [], tokens[r]
-        cur.append(r)
-        longest = new_longest
+            cur, n_rows, load, new_longest = [], 0, 0, max(tokens[r] for r in unit)
+        cur.append(unit)
+        n_rows, load, longest = n_rows + len(unit), load + cost[i], new_longest
     if cur:
         chunks.append(cur)
     return chunks
@@ -73,21 +84,38 @@ def _equalize(per_rank: list[list[list[int]]], filler: int) -> list[list[Micro]]
     return [[Micro(c) for c in chunks] + [Micro([filler], 0.0)] * (n - len(chunks)) for chunks in per_rank]
 
 
-def plan_rows(rows: list[int], tokens: list[int], *, world: int, max_rows: int,
-              max_tokens: int = 0) -> list[list[Micro]]:
-    """Per rank, the micro-batches covering its token-balanced share of `rows`; equal counts across ranks."""
-    shares = balance(rows, tokens, world)
-    per_rank = [micro_split(s, tokens, max_rows=max_rows, max_tokens=max_tokens) for s in shares]
+def plan_rows(rows: list[int], tokens: list[int], *, world: int, max_rows: int, max_tokens: int = 0,
+              packing: str = "none", prompt_tokens: list[int] | None = None,
+              group_size: int = 1) -> list[list[Micro]]:
+    """Per rank, the micro-batches covering its token-balanced share of `rows`; equal counts across ranks.
+
+    `packing` (trainer/packing.py) changes what a micro-batch costs: 'none' pads (rows x longest), 'rows' and
+    'groups' count real tokens, and 'groups' keeps the rows of a prompt group (rows [gG, (g+1)G), G = group_size)
+    together, on one rank and in one micro-batch where max_rows allows, costing their prompt once."""
+    if packing == "groups" and prompt_tokens is not None and group_size > 1:
+        runs: dict[int, list[int]] = {}
+        for r in rows:
+            runs.setdefault(r // group_size, []).append(r)
+        units = [run[i:i + max_rows] for run in runs.values() for i in range(0, len(run), max_rows)]
+        cost = [prompt_tokens[u[0]] + sum(tokens[r] - prompt_tokens[r] for r in u) for u in units]
+    else:
+        units, cost = [[r] for r in rows], [tokens[r] for r in rows]
+    shares = balance(list(range(len(units))), cost, world)
+    per_rank = [[[r for u in chunk for r in u]
+                 for chunk in _split_units([units[i] for i in share], [cost[i] for i in share], tokens,
+                                           max_rows=max_rows, max_tokens=max_tokens, packed=packing != "none")]
+                for share in shares]
     return _equalize(per_rank, filler=rows[0])
 
 
 def plan_updates(batch: Any, *, world: int, ppo_epochs: int, mini_batches: int, max_rows: int,
-                 max_tokens: int = 0) -> list[list[Update]]:
+                 max_tokens: int = 0, packing: str = "none") -> list[list[Update]]:
     """GRPO: per rank, the optimizer steps of `ppo_epochs` passes, each pass splitting the batch by prompt groups
     into `mini_batches` steps. Every rank gets the same number of updates and, per update, of micro-batches."""
     G = batch.group_size
     groups = len(batch) // G
     tokens = row_tokens(batch)
+    prompt_tokens = batch.prompt_mask.sum(1).long().tolist()
     loss_tokens = batch.loss_tokens.sum(1).long().tolist()  # the token-mean denominator
     plans: list[list[Update]] = [[] for _ in range(world)]
     for _ in range(ppo_epochs):
@@ -96,7 +124,8 @@ def plan_updates(batch: Any, *, world: int, ppo_epochs: int, mini_batches: int, 
             rows = list(range(lo * G, hi * G))
             num_tokens = max(1, sum(loss_tokens[r] for r in rows))
             for rank, micros in enumerate(plan_rows(rows, tokens, world=world, max_rows=max_rows,
-                                                    max_tokens=max_tokens)):
+                                                    max_tokens=max_tokens, packing=packing,
+                                                    prompt_tokens=prompt_tokens, group_size=G)):
                 plans[rank].append(Update(micros, num_tokens, len(rows)))
     return plans
 

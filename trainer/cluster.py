@@ -468,7 +468,7 @@ class RayWorkers:
                                r.call_timeout_s or FIRST_CALL_TIMEOUT_S, timeout_s=r.start_timeout_s)
         self.rollouts.call_all("pid", timeout_s=r.start_timeout_s)  # constructed (model loaded) before any timed call
         self.pool = LearnerPool(self._fanout, world=r.num_learners, micro_batch_size=micro_batch_size,
-                                max_tokens_per_micro_batch=max_tokens)
+                                max_tokens_per_micro_batch=max_tokens, packing=learner_kwargs.get("packing", "none"))
         self.pool.backend = f"deepspeed-zero{r.zero_stage}"
 
     def _fanout(self, method: str, per_rank_args: list[tuple]) -> list[Any]:

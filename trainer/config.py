@@ -555,7 +555,9 @@ class GRPOConfig:
     mini_batches: int = opt(1, "Optimizer steps per pass (the batch is split by prompt groups).", ge=1)
     micro_batch_size: int = opt(64, "Sequences per forward/backward (gradient accumulation).", ge=1)
     max_tokens_per_micro_batch: int = opt(
-        0, "Also cap each micro-batch at this many padded tokens (rows x longest prompt+response); 0 = rows only.",
+        0, "Also cap each micro-batch at this many tokens: padded (rows x longest prompt+response) under "
+           "trainer.packing 'none', real ones when packing (a group's prompt counted once under 'groups'); 0 = rows "
+           "only.",
         ge=0)
     optim: OptimConfig = opt(factory=lambda: OptimConfig(lr=5e-4), doc="Optimizer and schedule.")
     eval_every: int = opt(0, "Held-out evaluation every N steps (0 = only before and after).", ge=0)
@@ -645,6 +647,13 @@ class TrainerConfig:
                  "tokens x vocabulary logits); 'naive' from the model's logits. Applies to the GRPO learner (old, "
                  "reference and current policy); ZeRO-3 (partitioned head), models whose head is not a plain linear "
                  "layer, and THR's scoring pass use 'naive'; SFT uses the logits' cross-entropy.")
+    packing: Literal["none", "rows", "groups"] = opt(
+        "groups", "How the GRPO learner lays rows out for its log-prob forwards (old, reference and current policy; "
+                  "trainer/packing.py): 'none' pads every row to the micro-batch's longest; 'rows' packs the rows' "
+                  "real tokens end to end (per-row position ids, attention never crossing rows); 'groups' also keeps "
+                  "one copy of a prompt for all its responses in the micro-batch (each response attends to the prompt "
+                  "and itself). The same log-probs and gradients either way, up to float rounding. Needs SDPA or "
+                  "eager attention (others fall back to 'none'); THR's scoring pass pads.")
     on_nonfinite: Literal["stop", "skip"] = opt(
         "stop", "A reward, advantage, loss or gradient norm that is NaN or infinite: 'stop' ends the run before the "
                 "optimizer step and before any checkpoint, naming the reward and prompt (or the step and metric); "

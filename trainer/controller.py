@@ -42,7 +42,8 @@ def run_grpo(env: StageEnv) -> StageResult:
                 model_dir=env.init_dir, optim=g.optim, device=env.device, dtype=env.dtype,
                 total_updates=g.steps * g.ppo_epochs * g.mini_batches, temperature=cfg.rollout.temperature,
                 algorithm=algo, reference_dir=env.init_dir if algo.needs_reference else None,
-                logprobs=cfg.trainer.logprobs, lora=cfg.model.lora, seed=cfg.seed)),
+                logprobs=cfg.trainer.logprobs, lora=cfg.model.lora, seed=cfg.seed,
+                packing=cfg.trainer.packing)),
         make_state=lambda workers: StageState(
             env, learner=workers.pool, stream=data, algorithm=algo, total_steps=g.steps, eval_every=g.eval_every,
             save_every=g.save_every, evaluate=lambda: run_heldout_eval(workers, cfg, env.data["heldout"])),

@@ -29,6 +29,7 @@ from tokenwise.rl.errors import CheckpointError, NonFiniteError
 from tokenwise.rl.types import RolloutBatch, SFTBatch, TrainBatch
 from tokenwise.trainer.batching import Micro, Update, gather_rows, plan_rows, plan_sft, plan_updates, row_tokens
 from tokenwise.trainer.loading import load_causal_lm
+from tokenwise.trainer.packing import pack, unpack
 from tokenwise.trainer.lora import AdaptersOff, add_adapters, is_lora, load_adapter, merged_state
 from tokenwise.trainer.schedule import warmup_cosine
 
@@ -155,10 +156,11 @@ class Learner:
                  device: torch.device, dtype: torch.dtype, temperature: float = 1.0, algorithm: Any = None,
                  reference_dir: str | Path | None = None, rank: int = 0, world_size: int = 1,
                  distributed: Any = None, logprobs: str = "fused", lora: Any = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, packing: str = "none") -> None:
         """`distributed`: None for debug mode, else a trainer.distributed.DeepSpeedSpec (ZeRO stage, offload).
         `logprobs`: 'fused' (kernels/logprob_entropy where the model allows it) or 'naive' (the model's logits).
-        `lora`: a trainer.config.LoraSpec; with r > 0 only adapters train (trainer/lora.py), initialised from `seed`."""
+        `lora`: a trainer.config.LoraSpec; with r > 0 only adapters train (trainer/lora.py), initialised from `seed`.
+        `packing`: 'none' (padded rows), 'rows' or 'groups' (trainer/packing.py) for the log-prob forwards."""
         model = load_causal_lm(model_dir, dtype=dtype, device=device)
         self.lora = bool(lora is not None and lora.r)
         if self.lora:
@@ -186,6 +188,8 @@ class Learner:
         inner = model.get_base_model() if self.lora else model  # peft passes extra keyword arguments through
         self._keep_arg = "logits_to_keep" in inspect.signature(inner.forward).parameters
         self.fused = logprobs == "fused" and self._fused_supported(model, distributed)
+        self._additive_mask = False
+        self.packing = self._packing_supported(inner, packing)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -207,12 +211,28 @@ class Learner:
             print(f"learner: trainer.logprobs 'fused' falls back to 'naive': {'; '.join(reasons)}")
         return not reasons
 
+    def _packing_supported(self, model: torch.nn.Module, packing: str) -> str:
+        """`packing` if the model's attention takes our 4-D mask (SDPA or eager transformers attention, our decoder),
+        else 'none' with the reason printed."""
+        if packing == "none":
+            return packing
+        impl = getattr(model.config, "_attn_implementation", None) or "eager"
+        if model.config.model_type != "tokenwise" and impl not in ("sdpa", "eager"):
+            if self.rank == 0:
+                print(f"learner: trainer.packing {packing!r} falls back to 'none': attention implementation "
+                      f"{impl!r} takes no 4-D mask (use attn_implementation sdpa or eager)")
+            return "none"
+        self._additive_mask = impl == "eager" and model.config.model_type != "tokenwise"
+        return packing
+
     # ------------------------------------------------------------------------------------------------ forward
     def _forward(self, model: torch.nn.Module, batch: RolloutBatch, *,
                  features: bool = False) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
         """log-probs and entropies [B, T] of the response tokens at the temperature each was sampled with (the
         rollout's per-token temperatures if it recorded them, else rollout.temperature). With `features` (THR), also
         (last-layer hidden states [B, T, d], probabilities of the row's group_vocab ids [B, T, V])."""
+        if self.packing != "none" and not features:
+            return (*self._forward_packed(model, batch), None)
         T = batch.response_ids.shape[1]
         ids = torch.cat([batch.prompt_ids, batch.response_ids], dim=1).to(self.device)
         attn = torch.cat([batch.prompt_mask, batch.response_mask.long()], dim=1).to(self.device)
@@ -240,6 +260,30 @@ class Learner:
         vocab = batch.group_vocab.to(self.device)
         probs = torch.softmax(logits, -1).gather(-1, vocab.clamp(min=0).unsqueeze(1).expand(-1, T, -1))
         return logp, ent, (hidden, probs * (vocab >= 0).unsqueeze(1))
+
+    def _forward_packed(self, model: torch.nn.Module, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_forward` over a padding-free packing of the rows (trainer/packing.py): the same values [B, T]."""
+        packed = pack(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, mode=self.packing,
+                      pad_id=self.tokenizer.pad_token_id or 0).to(self.device)
+        mask = packed.mask
+        if self._additive_mask:  # eager attention adds its mask to the scores
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(
+                ~mask, torch.finfo(self.dtype).min)
+        kwargs = {"logits_to_keep": 1 if self.fused else 0} if self._keep_arg else {}
+        out = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                    use_cache=False, output_hidden_states=self.fused, **kwargs)
+        valid = packed.valid
+        labels = batch.response_ids.to(self.device)[valid]
+        temps = batch.temperatures.to(self.device)[valid] if batch.temperatures is not None else self.temperature
+        if self.fused:
+            hidden = out.hidden_states[-1].reshape(-1, out.hidden_states[-1].shape[-1])[packed.src]
+            head = getattr(model, "module", model).get_output_embeddings().weight  # unwrap a DeepSpeed engine
+            logp, ent = logprob_entropy(hidden, head, labels, temperature=temps)
+        else:
+            logits = out.logits.reshape(-1, out.logits.shape[-1])[packed.src].float()
+            logits = logits / (temps.unsqueeze(-1) if isinstance(temps, torch.Tensor) else temps)
+            logp, ent = token_logprobs_entropy(logits, labels)
+        return unpack(logp, valid), unpack(ent, valid)
 
     @torch.no_grad()
     def _no_grad_pass(self, model: torch.nn.Module, batch: RolloutBatch, micros: list[Micro], *,
@@ -387,8 +431,9 @@ class LearnerPool:
     """The learner ranks as one: plans each batch for `world` ranks, calls them through `fanout`, merges."""
 
     def __init__(self, fanout: Callable[[str, list[tuple]], list[Any]], *, world: int, micro_batch_size: int,
-                 max_tokens_per_micro_batch: int = 0) -> None:
+                 max_tokens_per_micro_batch: int = 0, packing: str = "none") -> None:
         self.fanout = fanout
+        self.packing = packing  # the learners' trainer.packing: what a micro-batch costs, whether groups stay whole
         self.world = world
         self.micro_batch_size = micro_batch_size
         self.max_tokens = max_tokens_per_micro_batch
@@ -399,7 +444,8 @@ class LearnerPool:
         """Fill old_logprobs / old_entropy (current policy, no grad; with `old` False they stay None and the one
         update's training forward supplies them) and ref_logprobs (reference, if any)."""
         plans = plan_rows(list(range(len(batch))), row_tokens(batch), world=self.world,
-                          max_rows=self.micro_batch_size, max_tokens=self.max_tokens)
+                          max_rows=self.micro_batch_size, max_tokens=self.max_tokens, packing=self.packing,
+                          prompt_tokens=batch.prompt_mask.sum(1).long().tolist(), group_size=batch.group_size)
         args = [(*_localize(batch, micros), old) for micros in plans]
         outs = self.fanout("score", args)
         kept = [[r for m in micros if m.weight for r in m.rows] for micros in plans]
@@ -417,7 +463,7 @@ class LearnerPool:
         if batch.old_logprobs is None and (ppo_epochs, mini_batches) != (1, 1):
             raise ValueError("train_step without old log-probs makes one update only (ppo_epochs 1, mini_batches 1)")
         plans = plan_updates(batch, world=self.world, ppo_epochs=ppo_epochs, mini_batches=mini_batches,
-                             max_rows=self.micro_batch_size, max_tokens=self.max_tokens)
+                             max_rows=self.micro_batch_size, max_tokens=self.max_tokens, packing=self.packing)
         args = []
         kept = []
         for updates in plans:
@@ -482,6 +528,6 @@ def local_pool(learner: Learner, *, micro_batch_size: int, max_tokens_per_micro_
     def fanout(method: str, args: list[tuple]) -> list[Any]:
         return [getattr(learner, method)(*args[0])]
     pool = LearnerPool(fanout, world=1, micro_batch_size=micro_batch_size,
-                       max_tokens_per_micro_batch=max_tokens_per_micro_batch)
+                       max_tokens_per_micro_batch=max_tokens_per_micro_batch, packing=learner.packing)
     pool.learner = learner
     return pool

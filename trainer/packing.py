@@ -1,0 +1,139 @@
+"""Padding-free packing of rollout rows for the learner's forward passes (`trainer.packing`).
+
+A padded micro-batch is [rows, longest prompt + longest response]: every row pays for the longest row, and every one
+of a group's G responses recomputes the same prompt. A packed micro-batch lays the rows' real tokens end to end in a
+few sequences ("bins") with per-row position ids and an attention mask that never lets a token see another row:
+
+- `rows`: each row (prompt + response) is a segment; segments are packed first-fit-decreasing into bins.
+- `groups`: the rows that share a prompt (a GRPO group, or the part of it in this micro-batch) become one segment,
+  the prompt once and then each response: a response token attends to the prompt and to its own earlier tokens, with
+  the position ids it has in its own row (the shared-prefix layout of Prefix Grouper, arXiv 2506.05433). The
+  prompt's gradient is the sum over its responses, as it is when each row holds a copy.
+
+Either way each response token's log-prob is computed from the same context as in the padded layout, so log-probs,
+losses and gradients equal the padded ones up to floating-point summation order (tests/test_packing.py). The mask
+is a 4-D boolean [bins, 1, L, L] (True: may attend), which both transformers models (SDPA / eager) and our decoder
+take as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MODES = ("none", "rows", "groups")
+MIN_BIN = 64  # tokens: bins are at least this long, so short rows share one (attention per bin is quadratic)
+MAX_SEGMENT = 2048  # tokens: a shared-prompt segment grows no longer (its dense mask is quadratic in its length)
+
+
+@dataclass
+class Packed:
+    input_ids: Tensor     # [N, L] int64, bins of segments, right-padded with `pad_id`
+    position_ids: Tensor  # [N, L] int64, each token's position in its own row
+    mask: Tensor          # [N, 1, L, L] bool, True where query token may attend to key token
+    src: Tensor           # [K] int64, flat index into [N * L] of the hidden state that predicts each valid response
+                          # token (the token before it), in row-major order of the response mask
+    valid: Tensor         # [b, T] bool, the response tokens `src` lists (the response mask)
+    tokens: int           # real (non-padding) tokens in the bins
+
+    def to(self, device: torch.device) -> "Packed":
+        return Packed(self.input_ids.to(device), self.position_ids.to(device), self.mask.to(device),
+                      self.src.to(device), self.valid.to(device), self.tokens)
+
+
+def _segments(prompts: list[list[int]], responses: list[list[int]], share: bool,
+              max_segment: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, rows) per segment: one row each, or (share) the rows with an identical prompt together, in the
+    order their first row appears, as long as the segment stays within max_segment tokens (then a new one starts,
+    with its own copy of the prompt)."""
+    if not share:
+        return [(p, [r]) for r, p in enumerate(prompts)]
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for r, p in enumerate(prompts):
+        by_prompt.setdefault(tuple(p), []).append(r)
+    out: list[tuple[list[int], list[int]]] = []
+    for p, rows in by_prompt.items():
+        cur: list[int] = []
+        size = len(p)
+        for r in rows:
+            if cur and size + len(responses[r]) > max_segment:
+                out.append((list(p), cur))
+                cur, size = [], len(p)
+            cur.append(r)
+            size += len(responses[r])
+        out.append((list(p), cur))
+    return out
+
+
+def _bins(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: segment indices per bin, each bin's total length at most `capacity` (a longer segment
+    goes alone)."""
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for s in sorted(range(len(lengths)), key=lambda s: (-lengths[s], s)):
+        for b, load in enumerate(loads):
+            if load + lengths[s] <= capacity:
+                bins[b].append(s)
+                loads[b] += lengths[s]
+                break
+        else:
+            bins.append([s])
+            loads.append(lengths[s])
+    return bins
+
+
+def pack(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor, *, mode: str,
+         pad_id: int = 0, min_bin: int = MIN_BIN, max_segment: int = MAX_SEGMENT) -> Packed:
+    """Pack b rows (left-padded prompts [b, P], right-padded responses [b, T] whose mask is a prefix of ones) in
+    `mode` 'rows' or 'groups'."""
+    if mode not in MODES[1:]:
+        raise ValueError(f"packing mode must be 'rows' or 'groups', got {mode!r}")
+    pm, rm = prompt_mask.bool().cpu(), response_mask.bool().cpu()
+    n_resp = rm.sum(1).tolist()
+    prompts = [row[m].tolist() for row, m in zip(prompt_ids.cpu(), pm)]
+    responses = [row[:n].tolist() for row, n in zip(response_ids.cpu(), n_resp)]
+    segments = _segments(prompts, responses, mode == "groups", max_segment)
+    lengths = [len(p) + sum(len(responses[r]) for r in rows) for p, rows in segments]
+    bins = _bins(lengths, max(max(lengths), min_bin))
+    L = max(sum(lengths[s] for s in b) for b in bins)
+    N = len(bins)
+    ids = torch.full((N, L), pad_id, dtype=torch.long)
+    pos = torch.zeros((N, L), dtype=torch.long)
+    seg = torch.full((N, L), -1, dtype=torch.long)     # segment of each token (-1: padding)
+    branch = torch.full((N, L), -1, dtype=torch.long)  # response (row) a token belongs to (-1: the prompt)
+    T = response_ids.shape[1]
+    where = torch.zeros((len(prompts), T), dtype=torch.long)  # flat index of each response token's predecessor
+    for b, members in enumerate(bins):
+        at = 0
+        for s in members:
+            p, rows = segments[s]
+            P = len(p)
+            ids[b, at:at + P] = torch.tensor(p, dtype=torch.long)
+            pos[b, at:at + P] = torch.arange(P)
+            seg[b, at:at + P] = s
+            last_prompt = b * L + at + P - 1
+            at += P
+            for r in rows:
+                n = len(responses[r])
+                ids[b, at:at + n] = torch.tensor(responses[r], dtype=torch.long)
+                pos[b, at:at + n] = torch.arange(P, P + n)
+                seg[b, at:at + n] = s
+                branch[b, at:at + n] = r
+                if n:
+                    where[r, 0] = last_prompt
+                    where[r, 1:n] = b * L + torch.arange(at, at + n - 1)
+                at += n
+    q, k = seg.unsqueeze(2), seg.unsqueeze(1)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    same_branch = (branch.unsqueeze(1) == -1) | (branch.unsqueeze(1) == branch.unsqueeze(2))
+    mask = (q == k) & (q >= 0) & causal & same_branch
+    mask |= torch.eye(L, dtype=torch.bool)  # a padding token sees itself only (finite SDPA output, never used)
+    return Packed(ids, pos, mask.unsqueeze(1), where[rm], rm, int((seg >= 0).sum()))
+
+
+def unpack(values: Tensor, valid: Tensor) -> Tensor:
+    """Per-token values of the valid response tokens [K] → [b, T] with zeros elsewhere (differentiable)."""
+    out = values.new_zeros(valid.shape)
+    return out.masked_scatter(valid, values)
