@@ -2,7 +2,7 @@
 
     pip install -e ".[trl]"          # TRL 1.16.0, optional: not a tokenwise dependency
     python benchmarks/vs_trl.py [--model DIR] [--threads 1 2] [--steps 12] [--warmup 2] [--repeats 1]
-                                [--json benchmarks/results/vs_trl.json]
+                                [--set KEY=VALUE ...] [--json benchmarks/results/vs_trl.json]
 
 Both sides train the same Hugging Face model directory (default: the quick start's SFT model, made first by
 `tokenwise train recipes/quickstart.yaml stages=[sft]`) on the same prompts (the quick start's sort task, training
@@ -91,7 +91,7 @@ def run_trl(model: str, threads: int, steps: int, warmup: int, work: Path) -> di
             "completion_len_mean": statistics.mean(lengths)}
 
 
-def run_tokenwise(model: str, threads: int, steps: int, warmup: int, work: Path) -> dict:
+def run_tokenwise(model: str, threads: int, steps: int, warmup: int, work: Path, overrides: list[str] = ()) -> dict:
     out = work / f"tokenwise-{threads}"
     cmd = [sys.executable, "-m", "tokenwise.trainer", "train", str(ROOT / "recipes" / "quickstart.yaml"),
            "stages=[grpo]", "model.type=pretrained", f"model.path={model}", f"output_dir={out}",
@@ -101,7 +101,7 @@ def run_tokenwise(model: str, threads: int, steps: int, warmup: int, work: Path)
            f"rollout.max_new_tokens={MAX_NEW}", "rollout.temperature=1.0", "rollout.engine=hf",
            "rewards=[{type: exact_answer, weight: 1.0}]", f"algorithm.kl.coef={KL}", "algorithm.kl.estimator=k3",
            f"algorithm.policy_loss.clip_low={CLIP}", f"algorithm.policy_loss.clip_high={CLIP}",
-           "logging.progress=false", "logging.tensorboard=false"]
+           "logging.progress=false", "logging.tensorboard=false", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=_threads_env(threads), capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"tokenwise failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -111,10 +111,10 @@ def run_tokenwise(model: str, threads: int, steps: int, warmup: int, work: Path)
             "completion_len_mean": statistics.mean(r["rollout/response_len_mean"] for r in rows)}
 
 
-def side_process(side: str, model: str, threads: int, steps: int, warmup: int) -> dict:
+def side_process(side: str, model: str, threads: int, steps: int, warmup: int, overrides: list[str]) -> dict:
     """One side in a fresh process with `threads` threads; its result is the last line it prints."""
     cmd = [sys.executable, __file__, "--side", side, "--model", model, "--threads", str(threads),
-           "--steps", str(steps), "--warmup", str(warmup)]
+           "--steps", str(steps), "--warmup", str(warmup), "--set", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=_threads_env(threads), capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{side} ({threads} threads) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -141,13 +141,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2, help="step gaps left out of the timing")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each side per thread count (alternating)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="tokenwise recipe overrides (e.g. trainer.packing=none, to see what a piece contributes)")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "vs_trl.json"))
     ap.add_argument("--side", choices=["trl", "tokenwise"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:  # a child process: one side, one thread count; the result is the last line printed
         with tempfile.TemporaryDirectory() as tmp:
-            run = run_trl if args.side == "trl" else run_tokenwise
-            print(json.dumps(run(args.model, args.threads[0], args.steps, args.warmup, Path(tmp))))
+            if args.side == "trl":
+                result = run_trl(args.model, args.threads[0], args.steps, args.warmup, Path(tmp))
+            else:
+                result = run_tokenwise(args.model, args.threads[0], args.steps, args.warmup, Path(tmp), args.set)
+            print(json.dumps(result))
         return
     try:
         import trl
@@ -161,7 +166,7 @@ def main() -> None:
         for threads in args.threads:
             for rep in range(args.repeats):
                 for side in (("tokenwise", "trl") if rep % 2 == 0 else ("trl", "tokenwise")):
-                    r = side_process(side, model, threads, args.steps, args.warmup)
+                    r = side_process(side, model, threads, args.steps, args.warmup, args.set)
                     r.update(side=side, threads=threads, repeat=rep,
                              completions_per_s=PROMPTS * GROUP / r["s_per_step"])
                     print(f"  {side:9s} {threads} thread(s): {r['s_per_step']:.3f} s/step, "
@@ -179,6 +184,8 @@ def main() -> None:
                      f"{t / w:.2f}x |")
     print("\n".join(lines))
     write_json(args.json, rows, cpu=cpu_model(), trl=trl.__version__, transformers=transformers.__version__,
+               model="the quick start's SFT model" if not args.model else Path(args.model).name,
+               command=" ".join("DIR" if a == args.model else a for a in sys.argv), tokenwise_overrides=args.set,
                ratios={str(k): round(v, 3) for k, v in ratios.items()},
                work={"prompts": PROMPTS, "group": GROUP, "max_new_tokens": MAX_NEW, "kl_k3": KL, "lr": LR,
                      "clip": CLIP, "dtype": "float32", "steps": args.steps, "warmup": args.warmup})

@@ -245,3 +245,31 @@ def test_rollout_dump_then_replay_trains_identically(tiny_recipe, tmp_path):
                            trainer={"replay": str(dumped / "rollouts")})
     _assert_one_line_error(_cli(["train", str(too_many), f"output_dir={tmp_path / 'c'}"]), "trainer.replay",
                            "steps 1..3", "grpo.steps is 5")
+
+
+@pytest.mark.parametrize("kl, mini_batches, calls", [(0.0, 1, []), (0.01, 1, [False]), (0.0, 2, [True]),
+                                                     (0.01, 2, [True])])
+def test_a_step_runs_only_the_scoring_passes_it_needs(tiny_recipe, tmp_path, monkeypatch, kl, mini_batches, calls):
+    """One on-policy update without KL scores nothing before it trains; with KL only the reference pass runs
+    (score(old=False)); several updates need the old-policy pass (score(old=True)), and the learner loads no
+    reference model when the KL coefficient is 0."""
+    from tokenwise.trainer.learner import Learner, LearnerPool
+    seen, references = [], []
+    score, init = LearnerPool.score, Learner.__init__
+
+    def spy_score(self, batch, *, old=True):
+        seen.append(old)
+        return score(self, batch, old=old)
+
+    def spy_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        references.append(self.reference is not None)
+
+    monkeypatch.setattr(LearnerPool, "score", spy_score)
+    monkeypatch.setattr(Learner, "__init__", spy_init)
+    recipe = tiny_recipe(stages=["grpo"], grpo={"steps": 2, "mini_batches": mini_batches},
+                         algorithm={"kl": {"coef": kl}})
+    assert main(["train", str(recipe), f"output_dir={tmp_path / 'run'}"]) == 0
+    assert seen == calls * 2
+    assert references == [kl > 0]
+    assert len([r for r in read_metrics(tmp_path / "run", "grpo") if "actor/loss" in r]) == 2

@@ -158,3 +158,24 @@ def test_group_packing_plans_groups_whole_and_counts_a_prompt_once():
                       group_size=4)
     assert sorted(r for p in plans for m in p for r in m.rows) == list(range(8))
     assert all(set(m.rows) in ({0, 1, 2, 3}, {4, 5, 6, 7}) for p in plans for m in p)
+
+
+def test_varlen_rows_find_their_boundaries_from_the_position_ids(llama_dir):
+    """Under flash attention the learner packs 'rows' into one sequence without a mask: the attention finds the rows
+    where the position ids restart. transformers' SDPA path reads the same position ids (its packed-sequence
+    mask), so the layout is checked here against the padded forward on CPU."""
+    batch = trim(_batch(4))
+    weights = torch.randn(batch.response_ids.shape, generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(0)
+    padded = _run(_learner(llama_dir, packing="none", logprobs="fused"), batch, weights)
+    learner = _learner(llama_dir, packing="rows", logprobs="fused")
+    learner._varlen = True  # what _packing_supported sets under flash_attention_2 (not installed here)
+    packed = _run(learner, batch, weights)
+    for a, b in zip(packed[:2], padded[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert float((packed[2] - padded[2]).norm() / padded[2].norm()) < 1e-5
+    p = pack(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, mode="rows", varlen=True)
+    assert p.mask is None and p.input_ids.shape[0] == 1
+    assert p.input_ids.shape[1] == p.tokens == int(batch.prompt_mask.sum() + batch.response_mask.sum())
+    with pytest.raises(ValueError, match="rows only"):
+        pack(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, mode="groups", varlen=True)

@@ -188,7 +188,6 @@ class Learner:
         inner = model.get_base_model() if self.lora else model  # peft passes extra keyword arguments through
         self._keep_arg = "logits_to_keep" in inspect.signature(inner.forward).parameters
         self.fused = logprobs == "fused" and self._fused_supported(model, distributed)
-        self._additive_mask = False
         self.packing = self._packing_supported(inner, packing)
 
     @property
@@ -212,17 +211,26 @@ class Learner:
         return not reasons
 
     def _packing_supported(self, model: torch.nn.Module, packing: str) -> str:
-        """`packing` if the model's attention takes our 4-D mask (SDPA or eager transformers attention, our decoder),
-        else 'none' with the reason printed."""
+        """`packing` if the model's attention takes our 4-D mask (SDPA or eager transformers attention, our decoder);
+        under transformers' flash attention 'rows' as one variable-length sequence (a shared prompt needs a mask, so
+        'groups' becomes 'rows'); else 'none'. A change is printed with its reason."""
+        self._additive_mask = self._varlen = False
         if packing == "none":
             return packing
         impl = getattr(model.config, "_attn_implementation", None) or "eager"
-        if model.config.model_type != "tokenwise" and impl not in ("sdpa", "eager"):
+        ours = model.config.model_type == "tokenwise"
+        if not ours and impl.startswith("flash_attention"):
+            self._varlen = True
+            if packing == "groups" and self.rank == 0:
+                print(f"learner: trainer.packing 'groups' packs 'rows' under {impl} (variable-length attention "
+                      f"takes no mask, and a shared prompt needs one)")
+            return "rows"
+        if not ours and impl not in ("sdpa", "eager"):
             if self.rank == 0:
                 print(f"learner: trainer.packing {packing!r} falls back to 'none': attention implementation "
-                      f"{impl!r} takes no 4-D mask (use attn_implementation sdpa or eager)")
+                      f"{impl!r} takes no 4-D mask (use attn_implementation sdpa, eager or flash_attention_2)")
             return "none"
-        self._additive_mask = impl == "eager" and model.config.model_type != "tokenwise"
+        self._additive_mask = impl == "eager" and not ours
         return packing
 
     # ------------------------------------------------------------------------------------------------ forward
@@ -264,7 +272,7 @@ class Learner:
     def _forward_packed(self, model: torch.nn.Module, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """`_forward` over a padding-free packing of the rows (trainer/packing.py): the same values [B, T]."""
         packed = pack(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, mode=self.packing,
-                      pad_id=self.tokenizer.pad_token_id or 0).to(self.device)
+                      pad_id=self.tokenizer.pad_token_id or 0, varlen=self._varlen).to(self.device)
         mask = packed.mask
         if self._additive_mask:  # eager attention adds its mask to the scores
             mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(

@@ -32,14 +32,16 @@ MAX_SEGMENT = 2048  # tokens: a shared-prompt segment grows no longer (its dense
 class Packed:
     input_ids: Tensor     # [N, L] int64, bins of segments, right-padded with `pad_id`
     position_ids: Tensor  # [N, L] int64, each token's position in its own row
-    mask: Tensor          # [N, 1, L, L] bool, True where query token may attend to key token
+    mask: Tensor | None   # [N, 1, L, L] bool, True where query token may attend to key token (None: varlen, the
+                          # attention finds the rows from the position ids)
     src: Tensor           # [K] int64, flat index into [N * L] of the hidden state that predicts each valid response
                           # token (the token before it), in row-major order of the response mask
     valid: Tensor         # [b, T] bool, the response tokens `src` lists (the response mask)
     tokens: int           # real (non-padding) tokens in the bins
 
     def to(self, device: torch.device) -> "Packed":
-        return Packed(self.input_ids.to(device), self.position_ids.to(device), self.mask.to(device),
+        return Packed(self.input_ids.to(device), self.position_ids.to(device),
+                      self.mask.to(device) if self.mask is not None else None,
                       self.src.to(device), self.valid.to(device), self.tokens)
 
 
@@ -85,9 +87,13 @@ def _bins(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def pack(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor, *, mode: str,
-         pad_id: int = 0, min_bin: int = MIN_BIN, max_segment: int = MAX_SEGMENT) -> Packed:
+         pad_id: int = 0, min_bin: int = MIN_BIN, max_segment: int = MAX_SEGMENT, varlen: bool = False) -> Packed:
     """Pack b rows (left-padded prompts [b, P], right-padded responses [b, T] whose mask is a prefix of ones) in
-    `mode` 'rows' or 'groups'."""
+    `mode` 'rows' or 'groups'. `varlen` ('rows' only): every row in one sequence and no mask; variable-length
+    attention (flash-attention's varlen kernel under transformers' flash_attention_2, or transformers' own packed-
+    sequence mask under SDPA) finds the rows where the position ids restart at 0."""
+    if varlen and mode != "rows":
+        raise ValueError("varlen packing lays out rows only (a shared prompt needs a mask)")
     if mode not in MODES[1:]:
         raise ValueError(f"packing mode must be 'rows' or 'groups', got {mode!r}")
     pm, rm = prompt_mask.bool().cpu(), response_mask.bool().cpu()
@@ -96,7 +102,7 @@ def pack(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response
     responses = [row[:n].tolist() for row, n in zip(response_ids.cpu(), n_resp)]
     segments = _segments(prompts, responses, mode == "groups", max_segment)
     lengths = [len(p) + sum(len(responses[r]) for r in rows) for p, rows in segments]
-    bins = _bins(lengths, max(max(lengths), min_bin))
+    bins = [list(range(len(segments)))] if varlen else _bins(lengths, max(max(lengths), min_bin))
     L = max(sum(lengths[s] for s in b) for b in bins)
     N = len(bins)
     ids = torch.full((N, L), pad_id, dtype=torch.long)
@@ -125,6 +131,8 @@ def pack(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response
                     where[r, 0] = last_prompt
                     where[r, 1:n] = b * L + torch.arange(at, at + n - 1)
                 at += n
+    if varlen:
+        return Packed(ids, pos, None, where[rm], rm, int((seg >= 0).sum()))
     q, k = seg.unsqueeze(2), seg.unsqueeze(1)
     causal = torch.ones(L, L, dtype=torch.bool).tril()
     same_branch = (branch.unsqueeze(1) == -1) | (branch.unsqueeze(1) == branch.unsqueeze(2))
