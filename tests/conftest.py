@@ -66,6 +66,15 @@ def tiny_recipe(tmp_path):
     return write
 
 
+def builtin_model_dir(tmp_path_factory, name: str, *, num_heads: int = 2, num_kv_heads: int = 1) -> Path:
+    """A saved built-in model directory, 2 layers, 32 wide: what the learner-level tests load."""
+    from tokenwise.models.builtin import save_builtin
+    d = tmp_path_factory.mktemp(name)
+    save_builtin(d, seed=0, hidden_size=32, num_layers=2, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                 intermediate_size=64, max_position_embeddings=64)
+    return d
+
+
 def read_metrics(run_dir: Path, stage: str) -> list[dict]:
     return [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
 

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from tokenwise.models.builtin import save_builtin
+from conftest import builtin_model_dir
 from tokenwise.rl.algorithm import Algorithm
 from tokenwise.rl.data import arithmetic_task
 from tokenwise.rl.rewards import compute_rewards
@@ -20,10 +20,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    save_builtin(d, seed=0, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,
-                 max_position_embeddings=64)
-    return d
+    return builtin_model_dir(tmp_path_factory, "tiny")
 
 
 def _setup(tiny_dir, *, micro_batch_size=64, max_tokens=0, **cfg_sections):

@@ -4,8 +4,8 @@ transformers models (SDPA and eager attention) and on our decoder (gated attenti
 import pytest
 import torch
 
-from conftest import rollout_batch
-from tokenwise.models.builtin import build_tokenizer, save_builtin
+from conftest import builtin_model_dir, rollout_batch
+from tokenwise.models.builtin import build_tokenizer
 from tokenwise.models.decoder import TokenwiseConfig, TokenwiseForCausalLM
 from tokenwise.rl.types import RolloutBatch
 from tokenwise.trainer.batching import plan_rows, row_tokens
@@ -18,10 +18,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("llama")
-    save_builtin(d, seed=0, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
-                 max_position_embeddings=64)
-    return d
+    return builtin_model_dir(tmp_path_factory, "llama", num_heads=4, num_kv_heads=2)
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +176,11 @@ def test_varlen_rows_find_their_boundaries_from_the_position_ids(llama_dir):
     assert p.input_ids.shape[1] == p.tokens == int(batch.prompt_mask.sum() + batch.response_mask.sum())
     with pytest.raises(ValueError, match="rows only"):
         pack(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, mode="groups", varlen=True)
+
+
+def test_a_response_mask_with_holes_is_refused_with_the_setting_to_change():
+    batch = _batch(5)
+    mask = batch.response_mask.clone()
+    mask[0, 0] = 0  # a masked token before valid ones
+    with pytest.raises(ValueError, match="trainer.packing: none"):
+        pack(batch.prompt_ids, batch.prompt_mask, batch.response_ids, mask, mode="groups")

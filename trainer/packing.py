@@ -98,6 +98,9 @@ def pack(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response
         raise ValueError(f"packing mode must be 'rows' or 'groups', got {mode!r}")
     pm, rm = prompt_mask.bool().cpu(), response_mask.bool().cpu()
     n_resp = rm.sum(1).tolist()
+    if not torch.equal(rm, torch.arange(rm.shape[1]) < rm.sum(1, keepdim=True)):
+        raise ValueError("packing needs each response mask to be a prefix of ones (right-padded responses); "
+                         "set trainer.packing: none for batches with masked tokens inside a response")
     prompts = [row[m].tolist() for row, m in zip(prompt_ids.cpu(), pm)]
     responses = [row[:n].tolist() for row, n in zip(response_ids.cpu(), n_resp)]
     segments = _segments(prompts, responses, mode == "groups", max_segment)
