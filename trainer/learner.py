@@ -277,18 +277,25 @@ class Learner:
         if self._additive_mask:  # eager attention adds its mask to the scores
             mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(
                 ~mask, torch.finfo(self.dtype).min)
-        kwargs = {"logits_to_keep": 1 if self.fused else 0} if self._keep_arg else {}
+        src = packed.src
+        kwargs = {}
+        if self._keep_arg and self.fused:
+            kwargs = {"logits_to_keep": 1}
+        elif self._keep_arg:  # logits at the positions some bin predicts from (never at a prompt's earlier tokens)
+            keep, at = torch.unique(src % packed.input_ids.shape[1], return_inverse=True)
+            kwargs = {"logits_to_keep": keep}
+            src = src // packed.input_ids.shape[1] * len(keep) + at
         out = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
                     use_cache=False, output_hidden_states=self.fused, **kwargs)
         valid = packed.valid
         labels = batch.response_ids.to(self.device)[valid]
         temps = batch.temperatures.to(self.device)[valid] if batch.temperatures is not None else self.temperature
         if self.fused:
-            hidden = out.hidden_states[-1].reshape(-1, out.hidden_states[-1].shape[-1])[packed.src]
+            hidden = out.hidden_states[-1].reshape(-1, out.hidden_states[-1].shape[-1])[src]
             head = getattr(model, "module", model).get_output_embeddings().weight  # unwrap a DeepSpeed engine
             logp, ent = logprob_entropy(hidden, head, labels, temperature=temps)
         else:
-            logits = out.logits.reshape(-1, out.logits.shape[-1])[packed.src].float()
+            logits = out.logits.reshape(-1, out.logits.shape[-1])[src].float()
             logits = logits / (temps.unsqueeze(-1) if isinstance(temps, torch.Tensor) else temps)
             logp, ent = token_logprobs_entropy(logits, labels)
         return unpack(logp, valid), unpack(ent, valid)

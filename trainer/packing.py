@@ -112,36 +112,51 @@ def pack(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response
     pos = torch.zeros((N, L), dtype=torch.long)
     seg = torch.full((N, L), -1, dtype=torch.long)     # segment of each token (-1: padding)
     branch = torch.full((N, L), -1, dtype=torch.long)  # response (row) a token belongs to (-1: the prompt)
-    T = response_ids.shape[1]
-    where = torch.zeros((len(prompts), T), dtype=torch.long)  # flat index of each response token's predecessor
+    # every real token's flat slot, id, position, segment and branch, gathered as Python ints and written at once
+    slot: list[int] = []
+    tok: list[int] = []
+    posl: list[int] = []
+    segl: list[int] = []
+    brl: list[int] = []
+    pred: list[int] = []  # per valid response token, in row-major order of the mask: its predecessor's flat slot
+    pred_of: dict[int, list[int]] = {}
     for b, members in enumerate(bins):
-        at = 0
+        at = b * L
         for s in members:
             p, rows = segments[s]
             P = len(p)
-            ids[b, at:at + P] = torch.tensor(p, dtype=torch.long)
-            pos[b, at:at + P] = torch.arange(P)
-            seg[b, at:at + P] = s
-            last_prompt = b * L + at + P - 1
+            slot += range(at, at + P)
+            tok += p
+            posl += range(P)
+            segl += [s] * P
+            brl += [-1] * P
+            last_prompt = at + P - 1
             at += P
             for r in rows:
                 n = len(responses[r])
-                ids[b, at:at + n] = torch.tensor(responses[r], dtype=torch.long)
-                pos[b, at:at + n] = torch.arange(P, P + n)
-                seg[b, at:at + n] = s
-                branch[b, at:at + n] = r
-                if n:
-                    where[r, 0] = last_prompt
-                    where[r, 1:n] = b * L + torch.arange(at, at + n - 1)
+                slot += range(at, at + n)
+                tok += responses[r]
+                posl += range(P, P + n)
+                segl += [s] * n
+                brl += [r] * n
+                pred_of[r] = [last_prompt, *range(at, at + n - 1)] if n else []
                 at += n
+    for r in range(len(prompts)):
+        pred += pred_of[r]
+    flat = torch.tensor(slot, dtype=torch.long)
+    ids.view(-1)[flat] = torch.tensor(tok, dtype=torch.long)
+    pos.view(-1)[flat] = torch.tensor(posl, dtype=torch.long)
+    seg.view(-1)[flat] = torch.tensor(segl, dtype=torch.long)
+    branch.view(-1)[flat] = torch.tensor(brl, dtype=torch.long)
+    src = torch.tensor(pred, dtype=torch.long)
     if varlen:
-        return Packed(ids, pos, None, where[rm], rm, int((seg >= 0).sum()))
+        return Packed(ids, pos, None, src, rm, len(slot))
     q, k = seg.unsqueeze(2), seg.unsqueeze(1)
     causal = torch.ones(L, L, dtype=torch.bool).tril()
     same_branch = (branch.unsqueeze(1) == -1) | (branch.unsqueeze(1) == branch.unsqueeze(2))
     mask = (q == k) & (q >= 0) & causal & same_branch
     mask |= torch.eye(L, dtype=torch.bool)  # a padding token sees itself only (finite SDPA output, never used)
-    return Packed(ids, pos, mask.unsqueeze(1), where[rm], rm, int((seg >= 0).sum()))
+    return Packed(ids, pos, mask.unsqueeze(1), src, rm, len(slot))
 
 
 def unpack(values: Tensor, valid: Tensor) -> Tensor:
