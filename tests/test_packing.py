@@ -178,9 +178,13 @@ def test_varlen_rows_find_their_boundaries_from_the_position_ids(llama_dir):
         pack(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, mode="groups", varlen=True)
 
 
-def test_a_response_mask_with_holes_is_refused_with_the_setting_to_change():
+def test_layouts_packing_cannot_express_are_refused_with_the_setting_to_change():
     batch = _batch(5)
     mask = batch.response_mask.clone()
     mask[0, 0] = 0  # a masked token before valid ones
     with pytest.raises(ValueError, match="trainer.packing: none"):
         pack(batch.prompt_ids, batch.prompt_mask, batch.response_ids, mask, mode="groups")
+    empty = batch.prompt_mask.clone()
+    empty[0] = 0
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        pack(batch.prompt_ids, empty, batch.response_ids, batch.response_mask, mode="rows")

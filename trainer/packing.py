@@ -102,6 +102,9 @@ def pack(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response
         raise ValueError("packing needs each response mask to be a prefix of ones (right-padded responses); "
                          "set trainer.packing: none for batches with masked tokens inside a response")
     prompts = [row[m].tolist() for row, m in zip(prompt_ids.cpu(), pm)]
+    if not all(prompts):
+        raise ValueError("packing needs at least one prompt token per row (the first response token is predicted "
+                         "from the prompt's last); set trainer.packing: none")
     responses = [row[:n].tolist() for row, n in zip(response_ids.cpu(), n_resp)]
     segments = _segments(prompts, responses, mode == "groups", max_segment)
     lengths = [len(p) + sum(len(responses[r]) for r in rows) for p, rows in segments]
