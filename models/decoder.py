@@ -170,14 +170,18 @@ class MoEFFN(nn.Module):
             self.shared_expert = DenseFFN(H, c.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(H, 1, bias=False)
         self.routing: Routing | None = None  # of the last forward: losses and load metrics
+        self.shape: tuple[int, int] = (0, 0)  # (B, S) of the last forward
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, replay: Tensor | None = None) -> Tensor:
+        """`replay` [B, S, k] int64: route each token through these experts (-1 rows: its own top-k)."""
         flat = x.reshape(-1, x.shape[-1])
+        self.shape = (x.shape[0], x.shape[1])
         # under ZeRO-3, reading the router's weight here (not calling the router) makes DeepSpeed gather it as an
         # external parameter of this block for the forward and backward (tests/test_cluster.py checks ZeRO-3 MoE)
         out, self.routing = moe_ffn(flat, self.router.weight, self.experts_gate_up, self.experts_down,
                                     top_k=self.top_k, renormalize=self.renormalize,
-                                    capacity_factor=self.capacity_factor)
+                                    capacity_factor=self.capacity_factor,
+                                    replay=replay.reshape(-1, self.top_k) if replay is not None else None)
         if hasattr(self, "shared_expert"):
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
         return out.view_as(x)
@@ -192,10 +196,11 @@ class DecoderLayer(nn.Module):
         self.mlp = MoEFFN(c) if c.ffn == "moe" else DenseFFN(c.hidden_size, c.intermediate_size)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: Cache | None,
-                return_probs: bool = False) -> tuple[Tensor, Tensor | None]:
+                return_probs: bool = False, replay: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         a, probs = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, return_probs)
         x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), probs
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, replay) if replay is not None else self.mlp(h)), probs
 
 
 class TokenwisePreTrainedModel(PreTrainedModel):
@@ -231,6 +236,7 @@ class TokenwiseModel(TokenwisePreTrainedModel):
                 position_ids: Tensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: Tensor | None = None, use_cache: bool | None = None,
                 output_hidden_states: bool = False, output_attentions: bool = False,
+                expert_ids: Tensor | None = None,
                 **kwargs) -> tuple[Tensor, Cache | None, tuple | None, tuple | None]:
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, S, _ = x.shape
@@ -254,8 +260,13 @@ class TokenwiseModel(TokenwisePreTrainedModel):
         mask = mask | ~mask.any(-1, keepdim=True)
         cos, sin = rope(position_ids, self.rotary_dim, self.config.rope_theta, x.dtype)
         hidden, attns = ((x,) if output_hidden_states else None), (() if output_attentions else None)
-        for layer in self.layers:
-            x, probs = layer(x, cos, sin, mask, past_key_values if use_cache else None, output_attentions)
+        moe = [i for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoEFFN)]
+        if expert_ids is not None and expert_ids.shape[:3] != (B, S, len(moe)):
+            raise ValueError(f"expert_ids must be [batch, seq, MoE layers, top_k] = [{B}, {S}, {len(moe)}, k], got "
+                             f"{tuple(expert_ids.shape)}")
+        for i, layer in enumerate(self.layers):
+            replay = expert_ids[:, :, moe.index(i)] if expert_ids is not None and i in moe else None
+            x, probs = layer(x, cos, sin, mask, past_key_values if use_cache else None, output_attentions, replay)
             if output_hidden_states:
                 hidden += (x,)
             if output_attentions:
@@ -285,9 +296,12 @@ class TokenwiseForCausalLM(TokenwisePreTrainedModel, GenerationMixin):
                 position_ids: Tensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: Tensor | None = None, labels: Tensor | None = None, use_cache: bool | None = None,
                 logits_to_keep: int | Tensor = 0, output_hidden_states: bool = False,
-                output_attentions: bool = False, **kwargs) -> CausalLMOutputWithPast:
+                output_attentions: bool = False, expert_ids: Tensor | None = None,
+                **kwargs) -> CausalLMOutputWithPast:
+        """`expert_ids` [B, S, MoE layers, top_k] int64 (routing replay): route each token of each MoE layer through
+        these experts, -1 rows routing by the router's own top-k (`routed_experts()` returns what a forward chose)."""
         x, cache, hidden, attns = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
-                                             use_cache, output_hidden_states, output_attentions)
+                                             use_cache, output_hidden_states, output_attentions, expert_ids)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(x[:, keep])
         loss = None
@@ -295,6 +309,14 @@ class TokenwiseForCausalLM(TokenwisePreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache, hidden_states=hidden,
                                       attentions=attns)
+
+    def routed_experts(self) -> Tensor | None:
+        """The experts each token of the last forward went through: [B, S, MoE layers, top_k] int64 (None for a dense
+        model) — what a rollout engine records and the learner replays."""
+        moes = [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoEFFN)]
+        if not moes or moes[0].routing is None:
+            return None
+        return torch.stack([m.routing.expert_idx.view(*m.shape, -1) for m in moes], dim=2)
 
     def moe_loss(self) -> Tensor | None:
         """router_aux_loss_coef · Σ_layers L_aux + router_z_loss_coef · Σ_layers L_z of the last forward (None for a

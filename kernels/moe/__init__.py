@@ -26,8 +26,9 @@ def _expert(h_gate_up: Tensor) -> Tensor:
 
 def moe_ffn(x: Tensor, router_weight: Tensor, w_gate_up: Tensor, w_down: Tensor, *, top_k: int,
             renormalize: bool = True, capacity_factor: float | None = None,
-            impl: str = "auto") -> tuple[Tensor, Routing]:
-    routing = route(x, router_weight, top_k=top_k, renormalize=renormalize, capacity_factor=capacity_factor)
+            impl: str = "auto", replay: Tensor | None = None) -> tuple[Tensor, Routing]:
+    routing = route(x, router_weight, top_k=top_k, renormalize=renormalize, capacity_factor=capacity_factor,
+                    replay=replay)
     N, E = x.shape[0], w_gate_up.shape[0]
     slot_expert = routing.expert_idx.reshape(-1)
     slot_token = torch.arange(N, device=x.device).repeat_interleave(top_k)

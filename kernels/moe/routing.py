@@ -30,15 +30,28 @@ class Routing:
 
 
 def route(x: Tensor, router_weight: Tensor, *, top_k: int, renormalize: bool = True,
-          capacity_factor: float | None = None) -> Routing:
+          capacity_factor: float | None = None, replay: Tensor | None = None) -> Routing:
     """x [N, H], router_weight [E, H] → Routing. logits = x W_gᵀ in fp32, p = softmax, top-k of p; with renormalize
-    the k weights are divided by their sum."""
+    the k weights are divided by their sum.
+
+    `replay` [N, k] int64 (routing replay): route token n through the experts replay[n] instead of its top-k — rows
+    of -1 keep the router's own choice. The gate weights are still this router's probabilities of those experts (so
+    the router keeps its gradient), renormalised as usual; the losses and load see the replayed experts."""
     E = router_weight.shape[0]
     if not 1 <= top_k <= E:
         raise ValueError(f"top_k must be in 1..{E} (the number of experts), got {top_k}")
     logits = x.float() @ router_weight.float().T
     probs = torch.softmax(logits, dim=-1)
     weight, expert_idx = torch.topk(probs, top_k, dim=-1)
+    if replay is not None:
+        if replay.shape != expert_idx.shape or replay.dtype != torch.long:
+            raise ValueError(f"replayed experts must be int64 [{x.shape[0]}, {top_k}] (tokens x top_k), got "
+                             f"{replay.dtype} {tuple(replay.shape)}")
+        if bool((replay >= E).any()) or bool(((replay < 0) & (replay[:, :1] >= 0)).any()):
+            raise ValueError(f"replayed experts must be in 0..{E - 1}, or -1 for a whole row the router decides")
+        own = replay[:, :1] < 0
+        expert_idx = torch.where(own, expert_idx, replay.to(expert_idx.device))
+        weight = probs.gather(-1, expert_idx)
     if renormalize:
         weight = weight / weight.sum(-1, keepdim=True)
     N = x.shape[0]
