@@ -260,12 +260,15 @@ class TokenwiseModel(TokenwisePreTrainedModel):
         mask = mask | ~mask.any(-1, keepdim=True)
         cos, sin = rope(position_ids, self.rotary_dim, self.config.rope_theta, x.dtype)
         hidden, attns = ((x,) if output_hidden_states else None), (() if output_attentions else None)
-        moe = [i for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoEFFN)]
-        if expert_ids is not None and expert_ids.shape[:3] != (B, S, len(moe)):
-            raise ValueError(f"expert_ids must be [batch, seq, MoE layers, top_k] = [{B}, {S}, {len(moe)}, k], got "
-                             f"{tuple(expert_ids.shape)}")
-        for i, layer in enumerate(self.layers):
-            replay = expert_ids[:, :, moe.index(i)] if expert_ids is not None and i in moe else None
+        replays: list[Tensor | None] = [None] * len(self.layers)  # per layer: its replayed experts [B, S, k]
+        if expert_ids is not None:
+            moe = [i for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoEFFN)]
+            if expert_ids.shape[:3] != (B, S, len(moe)):
+                raise ValueError(f"expert_ids must be [batch, seq, MoE layers, top_k] = [{B}, {S}, {len(moe)}, k], "
+                                 f"got {tuple(expert_ids.shape)}")
+            for j, i in enumerate(moe):
+                replays[i] = expert_ids[:, :, j]
+        for layer, replay in zip(self.layers, replays):
             x, probs = layer(x, cos, sin, mask, past_key_values if use_cache else None, output_attentions, replay)
             if output_hidden_states:
                 hidden += (x,)

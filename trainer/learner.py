@@ -250,24 +250,35 @@ class Learner:
         kwargs = {"logits_to_keep": 1 if fused else T + 1} if self._keep_arg else {}
         out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
                     output_hidden_states=features or fused, **kwargs)
-        temps = batch.temperatures.to(self.device) if batch.temperatures is not None else None
+        temps = batch.temperatures.to(self.device) if batch.temperatures is not None else self.temperature
         labels = batch.response_ids.to(self.device)
-        if fused:
-            hidden = out.hidden_states[-1][:, -(T + 1):-1]
-            head = getattr(model, "module", model).get_output_embeddings().weight  # unwrap a DeepSpeed engine
-            flat_labels = labels.masked_fill(batch.response_mask.to(self.device) == 0, -100).reshape(-1)
-            logp, ent = logprob_entropy(hidden.reshape(-1, hidden.shape[-1]), head, flat_labels,
-                                        temperature=temps.reshape(-1) if temps is not None else self.temperature)
-            return logp.view(labels.shape), ent.view(labels.shape), None
-        logits = out.logits[:, -(T + 1):-1].float()
-        logits = logits / (temps.unsqueeze(-1) if temps is not None else self.temperature)
-        logp, ent = token_logprobs_entropy(logits, labels)
+        if fused:  # the fused op skips -100 labels (padding)
+            labels = labels.masked_fill(batch.response_mask.to(self.device) == 0, -100)
+        window = lambda t: t[:, -(T + 1):-1]  # the positions that predict the response tokens
+        logp, ent, logits = self._scores(model, out, window, labels, temps, fused=fused)
         if not features:
             return logp, ent, None
-        hidden = out.hidden_states[-1][:, -(T + 1):-1].float()
+        hidden = window(out.hidden_states[-1]).float()
         vocab = batch.group_vocab.to(self.device)
         probs = torch.softmax(logits, -1).gather(-1, vocab.clamp(min=0).unsqueeze(1).expand(-1, T, -1))
         return logp, ent, (hidden, probs * (vocab >= 0).unsqueeze(1))
+
+    @staticmethod
+    def _scores(model: torch.nn.Module, out: Any, pick: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
+                temps: torch.Tensor | float, *, fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Log-probs and entropies of `labels` from the forward `out` at the positions `pick` takes from its
+        [..., S, d] outputs, each at its sampling temperature (`temps` shaped like labels, or one number). Fused: from
+        the last hidden states and the output head (never the logits; -100 labels skipped); else from the model's
+        logits, which are returned too (temperature-scaled, float32)."""
+        if fused:
+            hidden = pick(out.hidden_states[-1])
+            head = getattr(model, "module", model).get_output_embeddings().weight  # unwrap a DeepSpeed engine
+            logp, ent = logprob_entropy(hidden.reshape(-1, hidden.shape[-1]), head, labels.reshape(-1),
+                                        temperature=temps.reshape(-1) if isinstance(temps, torch.Tensor) else temps)
+            return logp.view(labels.shape), ent.view(labels.shape), None
+        logits = pick(out.logits).float()
+        logits = logits / (temps.unsqueeze(-1) if isinstance(temps, torch.Tensor) else temps)
+        return (*token_logprobs_entropy(logits, labels), logits)
 
     def _forward_packed(self, model: torch.nn.Module, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """`_forward` over a padding-free packing of the rows (trainer/packing.py): the same values [B, T]."""
@@ -290,14 +301,8 @@ class Learner:
         valid = packed.valid
         labels = batch.response_ids.to(self.device)[valid]
         temps = batch.temperatures.to(self.device)[valid] if batch.temperatures is not None else self.temperature
-        if self.fused:
-            hidden = out.hidden_states[-1].reshape(-1, out.hidden_states[-1].shape[-1])[src]
-            head = getattr(model, "module", model).get_output_embeddings().weight  # unwrap a DeepSpeed engine
-            logp, ent = logprob_entropy(hidden, head, labels, temperature=temps)
-        else:
-            logits = out.logits.reshape(-1, out.logits.shape[-1])[src].float()
-            logits = logits / (temps.unsqueeze(-1) if isinstance(temps, torch.Tensor) else temps)
-            logp, ent = token_logprobs_entropy(logits, labels)
+        logp, ent, _ = self._scores(model, out, lambda t: t.reshape(-1, t.shape[-1])[src], labels, temps,
+                                    fused=self.fused)
         return unpack(logp, valid), unpack(ent, valid)
 
     @torch.no_grad()
