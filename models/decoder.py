@@ -313,13 +313,15 @@ class TokenwiseForCausalLM(TokenwisePreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache, hidden_states=hidden,
                                       attentions=attns)
 
-    def routed_experts(self) -> Tensor | None:
+    def routed_experts(self, own: bool = False) -> Tensor | None:
         """The experts each token of the last forward went through: [B, S, MoE layers, top_k] int64 (None for a dense
-        model) — what a rollout engine records and the learner replays."""
+        model) — what a rollout engine records and the learner replays. `own`: the router's own top-k instead (the
+        same unless the forward replayed experts)."""
         moes = [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoEFFN)]
         if not moes or moes[0].routing is None:
             return None
-        return torch.stack([m.routing.expert_idx.view(*m.shape, -1) for m in moes], dim=2)
+        return torch.stack([(m.routing.own_idx if own else m.routing.expert_idx).view(*m.shape, -1) for m in moes],
+                           dim=2)
 
     def moe_loss(self) -> Tensor | None:
         """router_aux_loss_coef · Σ_layers L_aux + router_z_loss_coef · Σ_layers L_z of the last forward (None for a

@@ -53,6 +53,10 @@ class RolloutBatch(_Rows):
     group_size: int            # G
     policy_version: int        # learner update count of the weights that generated this batch
     temperatures: Tensor | None = None  # [B, T] float32, per-token sampling temperature (None: rollout.temperature)
+    # MoE routing as the engine chose it (routing replay): per token, per MoE layer, its top-k experts; -1 where not
+    # recorded (padding, a response's last token, which no forward reads; prompt tokens a prefix cache served)
+    prompt_expert_ids: Tensor | None = None    # [B, P, MoE layers, k] int16, left-padded like prompt_ids
+    response_expert_ids: Tensor | None = None  # [B, T, MoE layers, k] int16
 
 
 @dataclass

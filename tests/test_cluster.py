@@ -128,11 +128,13 @@ def test_gated_moe_model_in_cluster_mode_matches_debug_mode(local_ray, recipe_fo
     """Our decoder with attention gates and MoE layers (router losses in the loss) under 2 ZeRO-2 or ZeRO-3
     learners: the same samples, losses and MoE statistics as in one process. Under ZeRO-3 the MoE block reads its
     router's weight without calling the router; DeepSpeed gathers it as an external parameter of the block. The
-    ZeRO-3 run makes one update per step, so it takes the old log-probs from the training forward of both ranks."""
+    ZeRO-3 run makes one update per step, so it takes the old log-probs from the training forward of both ranks.
+    Routing replay is on: the rollout actor's recorded experts travel to both ranks and are replayed there."""
     from test_e2e import MOE_GATED
     ours, ref = _ray_and_local(recipe_for, tmp_path, f"moe{zero_stage}", model=MOE_GATED,
-                               trainer={"ray": {"zero_stage": zero_stage}},
+                               trainer={"ray": {"zero_stage": zero_stage}}, algorithm={"routing_replay": True},
                                grpo={"mini_batches": 1 if zero_stage == 3 else 2})
+    assert all(r["moe/routing_agreement"] > 0.99 for r in ours + ref)
     assert [r["reward/mean"] for r in ours] == [r["reward/mean"] for r in ref]
     # the load-balance loss is computed per micro-batch (f and P of its own tokens, as in Megatron), and the
     # micro-batches differ between 1 and 2 ranks: agreement to 2e-3 rather than 1e-4

@@ -205,12 +205,21 @@ MOE_GATED = {"type": "builtin", "arch": "tokenwise", "attn_gate": "elementwise",
 
 
 def test_gated_moe_model_trains_through_sft_and_grpo_with_its_metrics(tiny_recipe, tmp_path):
+    """With routing replay on: the engine's recorded experts reach the dumped rollouts, and the learner (fp32, like
+    the engine) agrees with nearly all of them on its own."""
+    from tokenwise.trainer.dump import load_rollouts
     run = tmp_path / "run"
-    assert main(["train", str(tiny_recipe(model=MOE_GATED)), f"output_dir={run}"]) == 0
+    recipe = tiny_recipe(model=MOE_GATED, algorithm={"routing_replay": True}, rollout={"dump_dir": "rollouts"})
+    assert main(["train", str(recipe), f"output_dir={run}"]) == 0
     steps = [r for r in read_metrics(run, "grpo") if "actor/loss" in r]
     for key in ("moe/aux_loss", "moe/z_loss", "moe/dropped_frac", "moe/expert_load_max", "moe/layer1/expert_load_max",
-                "gate/mean", "gate/layer0/mean"):
+                "gate/mean", "gate/layer0/mean", "moe/routing_agreement"):
         assert all(key in r for r in steps), key
+    assert all(r["moe/routing_agreement"] > 0.99 for r in steps)
+    batch, _, _ = load_rollouts(run / "rollouts", 2)
+    assert batch.response_expert_ids.shape == (*batch.response_ids.shape, 2, 2)
+    assert batch.prompt_expert_ids.shape == (*batch.prompt_ids.shape, 2, 2)
+    assert torch.equal(batch.prompt_expert_ids[..., 0, 0] >= 0, batch.prompt_mask > 0)
     assert all(0 < r["gate/mean"] < 1 and r["moe/aux_loss"] > 0 for r in steps)
     evals = [r for r in read_metrics(run, "grpo") if "eval/accuracy" in r]
     assert all(0 < r["eval/attn_sink"] <= 1 and "eval/attn_sink_layer1" in r for r in evals)
@@ -245,6 +254,10 @@ def test_rollout_dump_then_replay_trains_identically(tiny_recipe, tmp_path):
                            trainer={"replay": str(dumped / "rollouts")})
     _assert_one_line_error(_cli(["train", str(too_many), f"output_dir={tmp_path / 'c'}"]), "trainer.replay",
                            "steps 1..3", "grpo.steps is 5")
+    routed = tiny_recipe("d.yaml", stages=["grpo"], grpo=grpo, trainer={"replay": str(dumped / "rollouts")},
+                         algorithm={"routing_replay": True})
+    _assert_one_line_error(_cli(["train", str(routed), f"output_dir={tmp_path / 'd'}"]), "algorithm.routing_replay",
+                           "no recorded MoE experts")
 
 
 @pytest.mark.parametrize("kl, mini_batches, calls", [(0.0, 1, []), (0.01, 1, [False]), (0.0, 2, [True]),

@@ -285,6 +285,7 @@ def test_our_decoder_is_served_by_vllm(tmp_path, decoder):
     ref, _ = _score(hf_engine, before, 1.0)
     mask = before.response_mask.bool()
     assert (before.rollout_logprobs.double() - ref)[mask].abs().max() < 1e-4
+    _check_recorded_routing(hf_engine, before, moe=decoder["ffn"] == "moe")
     _, other = _tokenwise_checkpoint(tmp_path / "other", seed=1, **decoder)
     state = other.state_dict()
     names = list(state)  # buckets that split every layer: half of its tensors early, the rest at the end
@@ -295,7 +296,31 @@ def test_our_decoder_is_served_by_vllm(tmp_path, decoder):
     ref, _ = _score(hf_engine, after, 1.0)
     mask = after.response_mask.bool()
     assert (after.rollout_logprobs.double() - ref)[mask].abs().max() < 1e-4
+    _check_recorded_routing(hf_engine, after, moe=decoder["ffn"] == "moe")
     assert after.responses != before.responses
+    if decoder["ffn"] == "moe":  # a greedy call repeats its one sample per row, record included
+        greedy = vllm_engine.generate(rows, n=2, greedy=True)
+        assert torch.equal(greedy.response_expert_ids[0::2], greedy.response_expert_ids[1::2])
+        _check_recorded_routing(hf_engine, greedy, moe=True)
+
+
+def _check_recorded_routing(hf_engine, batch, *, moe: bool) -> None:
+    """vLLM's record of each token's experts (our worker-extension recorder on CPU) is the transformers model's own
+    routing of prompt + response: every prompt token and every response token but the last (never fed back)."""
+    if not moe:
+        assert batch.prompt_expert_ids is None and batch.response_expert_ids is None
+        return
+    assert torch.equal(batch.prompt_expert_ids[..., 0, 0] >= 0, batch.prompt_mask > 0)
+    last = torch.arange(batch.response_ids.shape[1])[None] == batch.response_mask.sum(1, keepdim=True) - 1
+    assert torch.equal(batch.response_expert_ids[..., 0, 0] >= 0, (batch.response_mask > 0) & ~last)
+    ids = torch.cat([batch.prompt_ids, batch.response_ids], 1)
+    mask = torch.cat([batch.prompt_mask, batch.response_mask.long()], 1)
+    with torch.no_grad():
+        hf_engine.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    own = hf_engine.model.routed_experts().sort(-1).values
+    recorded = torch.cat([batch.prompt_expert_ids, batch.response_expert_ids], 1).long()
+    valid = recorded[..., 0] >= 0
+    assert (own == recorded.sort(-1).values).all(-1)[valid].float().mean() > 0.99
 
 
 def test_architecture_vllm_cannot_serve_falls_back_to_transformers(tmp_path, capsys):
@@ -339,3 +364,34 @@ def test_vllm_finds_our_decoder_through_its_plugin_entry_point(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "False True tokenwise.models.vllm_decoder the user"
+
+
+def test_moe_routing_replay_with_vllm_rollouts_in_cluster_mode(tmp_path):
+    """Our MoE decoder served by a vLLM rollout actor, one ZeRO-3 learner actor, algorithm.routing_replay on: the
+    engine's recorded experts reach the learner every step (moe/routing_agreement is logged; fp32 on both sides, so
+    nearly every top-k set agrees), across weight syncs, and the old log-probs replayed through them match the
+    engine's."""
+    import yaml
+    from tokenwise.trainer.cli import main
+    d, _ = _tokenwise_checkpoint(tmp_path / "m", seed=0, attn_gate="headwise", ffn="moe", num_experts=4,
+                                 experts_per_token=2, moe_intermediate_size=32)
+    recipe = {
+        "name": "vllm-moe", "seed": 0, "stages": ["grpo"], "model": {"type": "pretrained", "path": str(d)},
+        "data": SFT["data"], "rewards": [{"type": "format", "weight": 1.0}],
+        "rollout": {"engine": "vllm", "max_new_tokens": 8},
+        "grpo": {"steps": 3, "prompts_per_step": 8, "group_size": 4, "mini_batches": 1, "micro_batch_size": 32,
+                 "optim": {"lr": 1e-3}, "eval_every": 0, "save_every": 0},
+        "algorithm": {"routing_replay": True, "kl": {"coef": 0.0}},
+        "eval": {"num_prompts": 8, "k": 0},
+        "trainer": {"mode": "ray", "ray": {"num_cpus": 2, "num_learners": 1, "num_rollout_workers": 1,
+                                           "cpus_per_learner": 1, "cpus_per_rollout": 1, "zero_stage": 3}},
+        "logging": {"progress": False, "plot": False},
+    }
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run = tmp_path / "run"
+    assert main(["train", str(path), f"output_dir={run}"]) == 0
+    steps = [r for r in read_metrics(run, "grpo") if "actor/loss" in r]
+    assert len(steps) == 3
+    assert all(r["moe/routing_agreement"] > 0.99 for r in steps)
+    assert max(r["rollout/logprob_abs_diff"] for r in steps) < 1e-3

@@ -504,6 +504,11 @@ class AlgorithmConfig:
                                                     doc="HAPO entropy-adaptive sampling temperature.")
     rollout_correction: RolloutCorrection = opt(factory=RolloutCorrection,
                                                 doc="Truncated importance sampling against rollout/train mismatch.")
+    routing_replay: bool = opt(
+        False, "MoE routing replay: the policy's forwards (old log-probs and training) route every token through the "
+               "experts the rollout engine chose for it (recorded by both engines for our MoE decoder; prompt and "
+               "response tokens; tokens without a record route themselves). Gate weights stay the learner's router "
+               "probabilities of those experts, so the router still learns. moe/routing_agreement is logged either way.")
 
     def __post_init__(self) -> None:
         if self.kl.placement == "reward" and self.sample_filters:

@@ -33,7 +33,7 @@ def run_grpo(env: StageEnv) -> StageResult:
     algo = Algorithm(cfg.algorithm, max_response_len=cfg.rollout.max_new_tokens)
     data = PromptStream(env.data["train"], seed=cfg.seed)
     if cfg.trainer.replay is not None:
-        check_replay(cfg.trainer.replay, g.steps)
+        check_replay(cfg.trainer.replay, g.steps, routing=cfg.algorithm.routing_replay)
     return run_stage(
         env, panels=PANELS,
         make_workers=lambda: build_workers(
@@ -43,7 +43,7 @@ def run_grpo(env: StageEnv) -> StageResult:
                 total_updates=g.steps * g.ppo_epochs * g.mini_batches, temperature=cfg.rollout.temperature,
                 algorithm=algo, reference_dir=env.init_dir if algo.needs_reference else None,
                 logprobs=cfg.trainer.logprobs, lora=cfg.model.lora, seed=cfg.seed,
-                packing=cfg.trainer.packing)),
+                packing=cfg.trainer.packing, routing_replay=cfg.algorithm.routing_replay)),
         make_state=lambda workers: StageState(
             env, learner=workers.pool, stream=data, algorithm=algo, total_steps=g.steps, eval_every=g.eval_every,
             save_every=g.save_every, evaluate=lambda: run_heldout_eval(workers, cfg, env.data["heldout"])),

@@ -3,7 +3,8 @@
 `rollout.dump_dir` writes each GRPO step's training rollouts (after dynamic sampling) as two files:
 
     step_000012.safetensors   prompt_ids, prompt_mask, response_ids, response_mask, rollout_logprobs, truncated (uint8),
-                              rewards, [temperatures]; metadata: group_size, policy_version, the step's reward stats
+                              rewards, [temperatures], [prompt_expert_ids, response_expert_ids (MoE routing, int16)];
+                              metadata: group_size, policy_version, the step's reward stats
     step_000012.jsonl         one line per response: prompt, answer, response, reward, truncated
 
 `trainer.replay: DIR` trains from such a dump instead of generating: step N reads step_N's rollouts and rewards, so a
@@ -25,6 +26,7 @@ from tokenwise.rl.errors import ConfigError
 from tokenwise.rl.types import RolloutBatch
 
 _TENSORS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "rollout_logprobs", "truncated")
+_OPTIONAL = ("temperatures", "prompt_expert_ids", "response_expert_ids")
 
 
 def _name(step: int) -> str:
@@ -37,8 +39,9 @@ def dump_rollouts(directory: str | Path, step: int, batch: RolloutBatch, rewards
     tensors = {k: getattr(batch, k).contiguous() for k in _TENSORS}
     tensors["truncated"] = tensors["truncated"].to(torch.uint8)
     tensors["rewards"] = rewards.float().contiguous()
-    if batch.temperatures is not None:
-        tensors["temperatures"] = batch.temperatures.contiguous()
+    for name in _OPTIONAL:
+        if getattr(batch, name) is not None:
+            tensors[name] = getattr(batch, name).contiguous()
     meta = {"group_size": str(batch.group_size), "policy_version": str(batch.policy_version),
             "stats": json.dumps({k: float(v) for k, v in stats.items()})}
     tmp = d / f".{_name(step)}.safetensors.tmp"
@@ -63,11 +66,19 @@ def _span(have: list[int]) -> str:
     return f"steps {have[0]}..{have[-1]}" if have else "no steps"
 
 
-def check_replay(directory: str | Path, steps: int) -> None:
-    """Before a replayed stage starts: the dump must hold rollouts up to step `steps` (grpo.steps)."""
+def check_replay(directory: str | Path, steps: int, *, routing: bool = False) -> None:
+    """Before a replayed stage starts: the dump must hold rollouts up to step `steps` (grpo.steps), and with
+    `routing` (algorithm.routing_replay) their recorded MoE experts."""
     have = dumped_steps(directory)
     if not have or have[-1] < steps:
         raise ConfigError(f"trainer.replay: '{directory}' holds rollouts of {_span(have)}, grpo.steps is {steps}")
+    if routing:
+        from safetensors import safe_open
+        with safe_open(str(Path(directory) / f"{_name(have[0])}.safetensors"), framework="pt") as f:
+            if "response_expert_ids" not in f.keys():
+                raise ConfigError(f"algorithm.routing_replay: the rollouts in trainer.replay '{directory}' carry no "
+                                  f"recorded MoE experts (dumped from a dense model, or before recording existed); "
+                                  f"set algorithm.routing_replay: false")
 
 
 def load_rollouts(directory: str | Path, step: int) -> tuple[RolloutBatch, Tensor, dict]:
@@ -86,5 +97,5 @@ def load_rollouts(directory: str | Path, step: int) -> tuple[RolloutBatch, Tenso
         **{k: t[k] for k in _TENSORS if k != "truncated"}, truncated=t["truncated"].bool(),
         prompts=[r["prompt"] for r in rows], answers=[r["answer"] for r in rows],
         responses=[r["response"] for r in rows], group_size=int(meta["group_size"]),
-        policy_version=int(meta["policy_version"]), temperatures=t.get("temperatures"))
+        policy_version=int(meta["policy_version"]), **{k: t.get(k) for k in _OPTIONAL})
     return batch, t["rewards"], json.loads(meta["stats"])

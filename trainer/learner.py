@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
 from tokenwise.kernels.logprob_entropy import logprob_entropy
-from tokenwise.rl.errors import CheckpointError, NonFiniteError
+from tokenwise.rl.errors import CheckpointError, ConfigError, NonFiniteError
 from tokenwise.rl.types import RolloutBatch, SFTBatch, TrainBatch
 from tokenwise.trainer.batching import Micro, Update, gather_rows, plan_rows, plan_sft, plan_updates, row_tokens
 from tokenwise.trainer.loading import load_causal_lm
@@ -156,12 +156,20 @@ class Learner:
                  device: torch.device, dtype: torch.dtype, temperature: float = 1.0, algorithm: Any = None,
                  reference_dir: str | Path | None = None, rank: int = 0, world_size: int = 1,
                  distributed: Any = None, logprobs: str = "fused", lora: Any = None,
-                 seed: int = 0, packing: str = "none") -> None:
+                 seed: int = 0, packing: str = "none", routing_replay: bool = False) -> None:
         """`distributed`: None for debug mode, else a trainer.distributed.DeepSpeedSpec (ZeRO stage, offload).
         `logprobs`: 'fused' (kernels/logprob_entropy where the model allows it) or 'naive' (the model's logits).
         `lora`: a trainer.config.LoraSpec; with r > 0 only adapters train (trainer/lora.py), initialised from `seed`.
-        `packing`: 'none' (padded rows), 'rows' or 'groups' (trainer/packing.py) for the log-prob forwards."""
+        `packing`: 'none' (padded rows), 'rows' or 'groups' (trainer/packing.py) for the log-prob forwards.
+        `routing_replay`: the policy's forwards route each token through the experts the rollout engine recorded."""
         model = load_causal_lm(model_dir, dtype=dtype, device=device)
+        # MoE routing: the rollouts' recorded experts are compared with the policy's own choice (and replayed)
+        self._moe = getattr(model.config, "ffn", None) == "moe" and hasattr(model, "routed_experts")
+        if routing_replay and not self._moe:
+            raise ConfigError("algorithm.routing_replay: true replays recorded MoE routing, and this model has no MoE "
+                              "layers of ours (model.arch: tokenwise with model.ffn: moe); set it to false")
+        self.routing_replay = routing_replay
+        self._tally: list[int] | None = None  # [agreeing, recorded] response token x MoE layer top-k sets
         self.lora = bool(lora is not None and lora.r)
         if self.lora:
             model = add_adapters(model, lora, seed=seed)
@@ -234,13 +242,14 @@ class Learner:
         return packing
 
     # ------------------------------------------------------------------------------------------------ forward
-    def _forward(self, model: torch.nn.Module, batch: RolloutBatch, *,
-                 features: bool = False) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+    def _forward(self, model: torch.nn.Module, batch: RolloutBatch, *, features: bool = False,
+                 policy: bool = True) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
         """log-probs and entropies [B, T] of the response tokens at the temperature each was sampled with (the
         rollout's per-token temperatures if it recorded them, else rollout.temperature). With `features` (THR), also
-        (last-layer hidden states [B, T, d], probabilities of the row's group_vocab ids [B, T, V])."""
+        (last-layer hidden states [B, T, d], probabilities of the row's group_vocab ids [B, T, V]). A `policy`
+        forward replays the rollout's recorded MoE routing under routing_replay (the reference routes itself)."""
         if self.packing != "none" and not features:
-            return (*self._forward_packed(model, batch), None)
+            return (*self._forward_packed(model, batch, policy), None)
         T = batch.response_ids.shape[1]
         ids = torch.cat([batch.prompt_ids, batch.response_ids], dim=1).to(self.device)
         attn = torch.cat([batch.prompt_mask, batch.response_mask.long()], dim=1).to(self.device)
@@ -248,8 +257,15 @@ class Learner:
         fused = self.fused and not features
         # fused: the model computes logits for one position only; log-probs come from its last hidden states
         kwargs = {"logits_to_keep": 1 if fused else T + 1} if self._keep_arg else {}
+        recorded = self._recorded(batch) if policy else None
+        if recorded is not None and self.routing_replay:
+            kwargs["expert_ids"] = recorded
         out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
                     output_hidden_states=features or fused, **kwargs)
+        if recorded is not None and self._tally is not None:
+            response = torch.zeros(ids.shape, dtype=torch.bool, device=self.device)
+            response[:, -T:] = True
+            self._count_routing(recorded, response)
         temps = batch.temperatures.to(self.device) if batch.temperatures is not None else self.temperature
         labels = batch.response_ids.to(self.device)
         if fused:  # the fused op skips -100 labels (padding)
@@ -280,7 +296,24 @@ class Learner:
         logits = logits / (temps.unsqueeze(-1) if isinstance(temps, torch.Tensor) else temps)
         return (*token_logprobs_entropy(logits, labels), logits)
 
-    def _forward_packed(self, model: torch.nn.Module, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _recorded(self, batch: RolloutBatch) -> torch.Tensor | None:
+        """The rollout's recorded experts [B, P + T, MoE layers, k] int64 (-1: not recorded), or None."""
+        if not self._moe or batch.response_expert_ids is None or batch.prompt_expert_ids is None:
+            return None
+        return torch.cat([batch.prompt_expert_ids, batch.response_expert_ids], dim=1).to(self.device, torch.long)
+
+    def _count_routing(self, recorded: torch.Tensor, response: torch.Tensor) -> None:
+        """Add the last forward's agreement with the engine: of the response tokens' recorded (token, MoE layer)
+        top-k sets, how many the policy's router picks itself (as sets; under replay, its own top-k given the
+        replayed layers below)."""
+        own = self.model.routed_experts(own=True).sort(-1).values
+        counted = response.unsqueeze(-1) & (recorded[..., 0] >= 0)  # [.., M]
+        agree = (own == recorded.sort(-1).values).all(-1) & counted
+        self._tally[0] += int(agree.sum())
+        self._tally[1] += int(counted.sum())
+
+    def _forward_packed(self, model: torch.nn.Module, batch: RolloutBatch,
+                        policy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """`_forward` over a padding-free packing of the rows (trainer/packing.py): the same values [B, T]."""
         packed = pack(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, mode=self.packing,
                       pad_id=self.tokenizer.pad_token_id or 0, varlen=self._varlen).to(self.device)
@@ -296,8 +329,16 @@ class Learner:
             keep, at = torch.unique(src % packed.input_ids.shape[1], return_inverse=True)
             kwargs = {"logits_to_keep": keep}
             src = src // packed.input_ids.shape[1] * len(keep) + at
+        recorded = self._recorded(batch) if policy else None
+        if recorded is not None:
+            recorded = packed.gather(recorded, fill=-1)
+            if self.routing_replay:
+                kwargs["expert_ids"] = recorded
         out = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
                     use_cache=False, output_hidden_states=self.fused, **kwargs)
+        if recorded is not None and self._tally is not None:
+            width, P = batch.prompt_ids.shape[1] + batch.response_ids.shape[1], batch.prompt_ids.shape[1]
+            self._count_routing(recorded, (packed.origin >= 0) & (packed.origin % width >= P))
         valid = packed.valid
         labels = batch.response_ids.to(self.device)[valid]
         temps = batch.temperatures.to(self.device)[valid] if batch.temperatures is not None else self.temperature
@@ -307,14 +348,14 @@ class Learner:
 
     @torch.no_grad()
     def _no_grad_pass(self, model: torch.nn.Module, batch: RolloutBatch, micros: list[Micro], *,
-                      features: bool = False) -> dict[str, torch.Tensor]:
+                      features: bool = False, policy: bool = True) -> dict[str, torch.Tensor]:
         """{logprobs, entropy [, hidden, vocab_probs]} for the rows of the weight-1 micro-batches (in order), masked;
         padding passes run and are dropped."""
         parts: dict[str, list[torch.Tensor]] = defaultdict(list)
         T = batch.response_ids.shape[1]
         for micro in micros:
             part = batch.select(micro.rows)
-            logp, ent, extra = self._forward(model, trim(part), features=features)
+            logp, ent, extra = self._forward(model, trim(part), features=features, policy=policy)
             if not micro.weight:
                 continue
             m = part.response_mask
@@ -341,7 +382,7 @@ class Learner:
             self.model.train(was_training)
             out = {"old_logprobs": scored["logprobs"], "old_entropy": scored["entropy"],
                    "old_hidden": scored.get("hidden"), "old_vocab_probs": scored.get("vocab_probs")}
-        out["ref_logprobs"] = (self._no_grad_pass(self.reference, batch, micros)["logprobs"]
+        out["ref_logprobs"] = (self._no_grad_pass(self.reference, batch, micros, policy=False)["logprobs"]
                                if self.reference is not None else None)
         return out
 
@@ -353,11 +394,16 @@ class Learner:
         sums: dict[str, float] = defaultdict(float)
         grad_norms, lrs, model_stats = [], [], []
         seen: dict[str, list[torch.Tensor]] = defaultdict(list)  # one-update step: the old policy's values, per row
-        for update in updates:
+        tally = [0, 0]  # routing agreement with the engine, over the first update (the policy before this step)
+        for u, update in enumerate(updates):
             lrs.append(self.opt.lr())
             for i, micro in enumerate(update.micros):
                 part = trim(batch.select(micro.rows)).to(self.device)
-                logp, ent, _ = self._forward(self.opt.forward_module, part)
+                self._tally = tally if u == 0 and micro.weight else None
+                try:
+                    logp, ent, _ = self._forward(self.opt.forward_module, part)
+                finally:
+                    self._tally = None
                 if batch.old_logprobs is None and micro.weight:
                     m = batch.response_mask[micro.rows]  # the untrimmed rows' mask: the step's full width
                     seen["old_logprobs"].append(_full_width(logp, m))
@@ -376,7 +422,7 @@ class Learner:
                         model_stats.append(self.model.routing_metrics())
             grad_norms.append(self.opt.step())
         return {"sums": dict(sums), "grad_norms": grad_norms, "lrs": lrs, "model": _mean_dicts(model_stats),
-                **{k: torch.cat(v) for k, v in seen.items()}}
+                "routing": tally, **{k: torch.cat(v) for k, v in seen.items()}}
 
     def sft(self, batch: SFTBatch, update: Update) -> dict[str, Any]:
         """This rank's share of one SFT step: token-mean NLL over the global target-token count."""
@@ -509,6 +555,9 @@ class LearnerPool:
                         "actor/lr": outs[0]["lrs"][-1], "actor/updates": float(len(grad_norms)),
                         "nonfinite/skipped_updates": float(len(grad_norms) - len(finite))})
         metrics.update(_mean_dicts([o["model"] for o in outs if o.get("model")]))  # MoE load, gates (per-rank means)
+        agree, recorded = (sum(o.get("routing", (0, 0))[i] for o in outs) for i in (0, 1))
+        if recorded:  # rollouts with recorded MoE routing: how often the policy's router picks the same experts
+            metrics["moe/routing_agreement"] = agree / recorded
         return metrics, batch
 
     def sft_step(self, batch: SFTBatch) -> dict[str, float]:

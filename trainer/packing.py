@@ -38,11 +38,21 @@ class Packed:
                           # token (the token before it), in row-major order of the response mask
     valid: Tensor         # [b, T] bool, the response tokens `src` lists (the response mask)
     tokens: int           # real (non-padding) tokens in the bins
+    origin: Tensor | None = None  # [N, L] int64, flat index into the padded rows [b * (P + T)] (prompt columns, then
+                                  # response columns) of each token (a shared prompt: its first row's); -1 padding
 
     def to(self, device: torch.device) -> "Packed":
         return Packed(self.input_ids.to(device), self.position_ids.to(device),
                       self.mask.to(device) if self.mask is not None else None,
-                      self.src.to(device), self.valid.to(device), self.tokens)
+                      self.src.to(device), self.valid.to(device), self.tokens,
+                      self.origin.to(device) if self.origin is not None else None)
+
+    def gather(self, values: Tensor, fill: int | float = 0) -> Tensor:
+        """Per-token values of the padded rows [b, P + T, ...] laid out like the bins: [N, L, ...], `fill` on
+        padding (e.g. a rollout's recorded MoE experts, trainer/learner.py)."""
+        flat = values.reshape(-1, *values.shape[2:])[self.origin.clamp(min=0)]
+        pad = (self.origin < 0).view(*self.origin.shape, *[1] * (values.dim() - 2))
+        return flat.masked_fill(pad, fill)
 
 
 def _segments(prompts: list[list[int]], responses: list[list[int]], share: bool,
@@ -121,6 +131,8 @@ def pack(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response
     posl: list[int] = []
     segl: list[int] = []
     brl: list[int] = []
+    org: list[int] = []  # each token's flat index in the padded rows [b, P + T]
+    width, P_pad = prompt_ids.shape[1] + response_ids.shape[1], prompt_ids.shape[1]
     pred: list[int] = []  # per valid response token, in row-major order of the mask: its predecessor's flat slot
     pred_of: dict[int, list[int]] = {}
     for b, members in enumerate(bins):
@@ -133,6 +145,7 @@ def pack(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response
             posl += range(P)
             segl += [s] * P
             brl += [-1] * P
+            org += range(rows[0] * width + P_pad - P, rows[0] * width + P_pad)
             last_prompt = at + P - 1
             at += P
             for r in rows:
@@ -142,6 +155,7 @@ def pack(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response
                 posl += range(P, P + n)
                 segl += [s] * n
                 brl += [r] * n
+                org += range(r * width + P_pad, r * width + P_pad + n)
                 pred_of[r] = [last_prompt, *range(at, at + n - 1)] if n else []
                 at += n
     for r in range(len(prompts)):
@@ -152,14 +166,16 @@ def pack(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response
     seg.view(-1)[flat] = torch.tensor(segl, dtype=torch.long)
     branch.view(-1)[flat] = torch.tensor(brl, dtype=torch.long)
     src = torch.tensor(pred, dtype=torch.long)
+    origin = torch.full((N, L), -1, dtype=torch.long)
+    origin.view(-1)[flat] = torch.tensor(org, dtype=torch.long)
     if varlen:
-        return Packed(ids, pos, None, src, rm, len(slot))
+        return Packed(ids, pos, None, src, rm, len(slot), origin)
     q, k = seg.unsqueeze(2), seg.unsqueeze(1)
     causal = torch.ones(L, L, dtype=torch.bool).tril()
     same_branch = (branch.unsqueeze(1) == -1) | (branch.unsqueeze(1) == branch.unsqueeze(2))
     mask = (q == k) & (q >= 0) & causal & same_branch
     mask |= torch.eye(L, dtype=torch.bool)  # a padding token sees itself only (finite SDPA output, never used)
-    return Packed(ids, pos, mask.unsqueeze(1), src, rm, len(slot))
+    return Packed(ids, pos, mask.unsqueeze(1), src, rm, len(slot), origin)
 
 
 def unpack(values: Tensor, valid: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ class Routing:
     aux_loss: Tensor       # scalar: E · Σ_e f_e · P_e (f = share of routed slots, P = mean router probability)
     z_loss: Tensor         # scalar: mean over tokens of logsumexp(router logits)²
     expert_load: Tensor    # [E] float32, share of the N·k slots sent to each expert (before drops)
+    own_idx: Tensor | None = None  # [N, k] int64, the router's own top-k (differs from expert_idx under replay)
 
     @property
     def dropped_frac(self) -> float:
@@ -43,6 +44,7 @@ def route(x: Tensor, router_weight: Tensor, *, top_k: int, renormalize: bool = T
     logits = x.float() @ router_weight.float().T
     probs = torch.softmax(logits, dim=-1)
     weight, expert_idx = torch.topk(probs, top_k, dim=-1)
+    own_idx = expert_idx
     if replay is not None:
         if replay.shape != expert_idx.shape or replay.dtype != torch.long:
             raise ValueError(f"replayed experts must be int64 [{x.shape[0]}, {top_k}] (tokens x top_k), got "
@@ -67,4 +69,4 @@ def route(x: Tensor, router_weight: Tensor, *, top_k: int, renormalize: bool = T
         onehot = torch.nn.functional.one_hot(flat, E)
         position = (onehot.cumsum(0) * onehot).sum(-1) - 1  # this slot's place in its expert's queue
         kept = (position < capacity).view(N, top_k)
-    return Routing(expert_idx, weight * kept, kept, aux, z_loss, load)
+    return Routing(expert_idx, weight * kept, kept, aux, z_loss, load, own_idx)

@@ -34,6 +34,11 @@ def concat_rollouts(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
         policy_version=min(p.policy_version for p in parts),
         temperatures=None if parts[0].temperatures is None else torch.cat(
             [F.pad(p.temperatures, (0, T - p.temperatures.shape[1]), value=1.0) for p in parts]),
+        prompt_expert_ids=None if parts[0].prompt_expert_ids is None else torch.cat(
+            [F.pad(p.prompt_expert_ids, (0, 0, 0, 0, P - p.prompt_expert_ids.shape[1], 0), value=-1) for p in parts]),
+        response_expert_ids=None if parts[0].response_expert_ids is None else torch.cat(
+            [F.pad(p.response_expert_ids, (0, 0, 0, 0, 0, T - p.response_expert_ids.shape[1]), value=-1)
+             for p in parts]),
     )
 
 
@@ -95,6 +100,9 @@ class HFRollout(BucketedSync):
         self.version = 0
         self._pending: set[str] = set()
         self._home = model.device
+        # MoE routing replay: record each token's experts (our decoder reports them; a dense model has none)
+        self.records_routing = getattr(getattr(model, "config", None), "ffn", None) == "moe" and hasattr(
+            model, "routed_experts")
 
     def begin_sync(self) -> None:
         self._pending = set(self.model.state_dict().keys())
@@ -190,8 +198,15 @@ class HFRollout(BucketedSync):
             if self.top_p < 1.0:
                 processors.append(TopPLogitsWarper(top_p=self.top_p))
             processors.append(SampledLogprobs())
-        out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen,
-                                  logits_processor=processors)
+        routed: list[torch.Tensor] = []  # per forward of generate: [B, S, MoE layers, k] (prefill, then one token)
+        hook = (self.model.register_forward_hook(lambda m, a, o: routed.append(m.routed_experts().to("cpu", torch.int16)))
+                if self.records_routing else None)
+        try:
+            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen,
+                                      logits_processor=processors)
+        finally:
+            if hook is not None:
+                hook.remove()
         response = out.sequences[:, ids.shape[1]:].cpu()
         is_eos = torch.isin(response, torch.tensor(self.eos_ids))
         after_first_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
@@ -202,6 +217,7 @@ class HFRollout(BucketedSync):
             logprobs = processors[-1].finish(out.sequences).cpu().masked_fill(response_mask == 0, 0.0)
         is_eos = is_eos & (response_mask > 0)
         content = response_mask.bool() & ~is_eos
+        experts = _recorded_experts(routed, mask, response_mask) if self.records_routing else (None, None)
         return RolloutBatch(
             prompt_ids=ids, prompt_mask=mask, response_ids=response, response_mask=response_mask,
             rollout_logprobs=logprobs, truncated=~is_eos.any(dim=1),
@@ -211,4 +227,19 @@ class HFRollout(BucketedSync):
             group_size=n, policy_version=self.version,
             temperatures=(torch.stack(processors[0].history, dim=1).cpu() * response_mask + (1 - response_mask)
                           if adaptive is not None else None),
+            prompt_expert_ids=experts[0], response_expert_ids=experts[1],
         )
+
+
+def _recorded_experts(routed: list[torch.Tensor], prompt_mask: torch.Tensor,
+                      response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt [B, P, M, k], response [B, T, M, k]) expert ids from generate's forwards: the prefill routes the prompt,
+    decode step t routes response token t - 1; the last token is never fed back (-1), nor is anything masked."""
+    B, P = prompt_mask.shape
+    T = response_mask.shape[1]
+    if not routed or routed[0].shape[1] != P or any(r.shape[1] != 1 for r in routed[1:]) or len(routed) != T:
+        raise RuntimeError(f"routing record: expected a prefill of {P} tokens and {T - 1} one-token decode steps, got "
+                           f"forwards of {[r.shape[1] for r in routed]} tokens")
+    prompt = routed[0].masked_fill(prompt_mask[:, :, None, None] == 0, -1)
+    response = torch.cat([*routed[1:], torch.full_like(routed[0][:, :1], -1)], dim=1)
+    return prompt, response.masked_fill(response_mask[:, :, None, None] == 0, -1)

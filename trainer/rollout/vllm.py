@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from tokenwise.rl.errors import ConfigError
@@ -116,6 +117,13 @@ class VLLMRollout(BucketedSync):
         v = cfg.vllm
         memory = ({"kv_cache_memory_bytes": int(v.kv_cache_gib * _GIB)} if device.type == "cpu"
                   else {"gpu_memory_utilization": v.gpu_memory_utilization, "enable_sleep_mode": True})
+        config = _model_config(model_dir)
+        # MoE routing replay: record each token's experts. On GPU vLLM's own routed-experts output (its V2 model
+        # runner); on CPU, where that runner does not run, our worker extension's recorder (vllm_ext.py).
+        self.records_routing = config.get("model_type") == "tokenwise" and config.get("ffn") == "moe"
+        if self.records_routing and device.type == "cuda":
+            os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "1")
+            memory["enable_return_routed_experts"] = True
         set_threads = torch.set_num_threads  # the CPU worker replaces it process-wide; the learner needs it back
         try:
             self.llm = vllm.LLM(
@@ -125,6 +133,9 @@ class VLLMRollout(BucketedSync):
                 logits_processors=[AdaptiveTemperatureProcessor], disable_log_stats=True, **memory)
         finally:
             torch.set_num_threads = set_threads
+        self._own_recorder = self.records_routing and device.type != "cuda"
+        if self._own_recorder and not self.llm.collective_rpc("tokenwise_record_routing")[0]:
+            self.records_routing = self._own_recorder = False
 
     # ------------------------------------------------------------------------------------------------ weight sync
     def begin_sync(self) -> None:
@@ -173,7 +184,7 @@ class VLLMRollout(BucketedSync):
         prompt); with `seed`, sample j of row i draws from its own generator seeded from (seed, i, j). `temperature`
         overrides the engine's sampling temperature for this call."""
         from vllm.inputs import TokensPrompt
-        from tokenwise.trainer.rollout.vllm_ext import EXTRA_KEY
+        from tokenwise.trainer.rollout.vllm_ext import EXTRA_KEY, ROUTING_KEY
         texts = [self.format.row(r) for r in rows]
         prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         adaptive = None if greedy else adaptive
@@ -183,31 +194,73 @@ class VLLMRollout(BucketedSync):
         for i, ids in enumerate(prompt_ids):
             for j in range(1 if greedy else n):
                 key = f"{self._calls}-{i}-{j}"
-                extra = None
+                extra = {}
                 if adaptive is not None:
-                    extra = {EXTRA_KEY: {"key": key, "temperature": temperature, "tau": adaptive["tau"],
-                                         "stats": dict(adaptive["stats"])}}
+                    extra[EXTRA_KEY] = {"key": key, "temperature": temperature, "tau": adaptive["tau"],
+                                        "stats": dict(adaptive["stats"])}
+                if self._own_recorder:
+                    extra[ROUTING_KEY] = key
                 requests.append(TokensPrompt(prompt_token_ids=ids))
                 params.append(self._vllm.SamplingParams(
                     n=1, temperature=0.0 if greedy else (1.0 if adaptive is not None else temperature),
                     top_p=1.0 if greedy else self.top_p, top_k=0 if greedy else self.top_k,
                     max_tokens=self.max_new_tokens, stop_token_ids=self.eos_ids, logprobs=None if greedy else 0,
                     detokenize=False, seed=None if seed is None or greedy else (seed * 1_000_003 + i * 4_099 + j) % (1 << 62),
-                    extra_args=extra))
+                    extra_args=extra or None))
                 keys.append(key)
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         completions = [o.outputs[0] for o in outputs]
+        experts = self._routing(keys, prompt_ids, completions, 1 if greedy else n) if self.records_routing else None
         if greedy and n > 1:
             completions = [c for c in completions for _ in range(n)]
+            experts = experts and [e for e in experts for _ in range(n)]
         temps = None
         if adaptive is not None:
             applied = self.llm.collective_rpc("tokenwise_take_temperatures", args=(keys,))[0]
             temps = [[applied[k].get(t, temperature) for t in range(len(c.token_ids))]
                      for k, c in zip(keys, completions)]
-        return apply_stop_strings(self._batch(rows, prompt_ids, completions, n, temps), self.stop, self.tokenizer)
+        return apply_stop_strings(self._batch(rows, prompt_ids, completions, n, temps, experts), self.stop,
+                                  self.tokenizer)
+
+    def _routing(self, keys: list[str], prompt_ids: list[list[int]], completions: list,
+                 per_row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per request: (prompt [P_i, M, k], response [L, M, k]) int16 expert ids, -1 where not recorded (a response's
+        last token is never fed back). A prompt position the prefix cache served (not recomputed for this request)
+        takes the routing recorded by another sample of the same prompt in this call, if one computed it."""
+        if self._own_recorder:
+            chunks = self.llm.collective_rpc("tokenwise_take_routing", args=(keys,))[0]
+        else:  # vLLM's own output: [prompt + generated tokens routed, layers, k]
+            chunks = {k: ([np.arange(len(c.routed_experts))], [c.routed_experts]) if c.routed_experts is not None
+                      else ([], []) for k, c in zip(keys, completions)}
+            chunks = {k: list(zip(*v)) for k, v in chunks.items()}
+        out = []
+        for key, ids, c in zip(keys, [p for p in prompt_ids for _ in range(per_row)], completions):
+            P, L = len(ids), len(c.token_ids)
+            got = chunks.get(key, [])
+            if not got:
+                raise RuntimeError(f"routing record: request {key} came back without recorded experts")
+            shape = got[0][1].shape[1:]
+            seq = np.full((P + L, *shape), -1, dtype=np.int16)
+            for pos, ex in got:
+                keep = pos < P + L
+                seq[pos[keep]] = ex[keep]
+            out.append((torch.from_numpy(seq[:P]), torch.from_numpy(seq[P:])))
+            if L:
+                out[-1][1][L - 1] = -1  # the last token is never fed back; any value here is not of this response
+        for start in range(0, len(out), per_row):  # prefix-cache hits: a sibling's record of the shared prompt
+            group = [p for p, _ in out[start:start + per_row]]
+            for p in group:
+                missing = (p[:, 0, 0] < 0).nonzero().squeeze(1)
+                for other in group:
+                    if not len(missing):
+                        break
+                    found = other[missing, 0, 0] >= 0
+                    p[missing[found]] = other[missing[found]]
+                    missing = missing[~found]
+        return out
 
     def _batch(self, rows: list[dict], prompt_ids: list[list[int]], completions: list, n: int,
-               temps: list[list[float]] | None) -> RolloutBatch:
+               temps: list[list[float]] | None, experts: list | None = None) -> RolloutBatch:
         P = max(len(p) for p in prompt_ids)
         T = max(1, max(len(c.token_ids) for c in completions))
         prompt = torch.tensor([[self.pad_id] * (P - len(p)) + p for p in prompt_ids]).repeat_interleave(n, dim=0)
@@ -230,9 +283,18 @@ class VLLMRollout(BucketedSync):
             ended = L > 0 and ids[-1] in self.eos_ids
             truncated[b] = not ended
             texts.append(self.tokenizer.decode(ids[:L - 1] if ended else ids, skip_special_tokens=True))
+        prompt_experts = response_experts = None
+        if experts is not None:
+            shape = experts[0][0].shape[1:]
+            prompt_experts = torch.full((len(completions), P, *shape), -1, dtype=torch.int16)
+            response_experts = torch.full((len(completions), T, *shape), -1, dtype=torch.int16)
+            for b, (pe, re_) in enumerate(experts):
+                prompt_experts[b, P - len(pe):] = pe
+                response_experts[b, :len(re_)] = re_
         return RolloutBatch(
             prompt_ids=prompt, prompt_mask=pmask, response_ids=response, response_mask=mask,
             rollout_logprobs=logprobs, truncated=truncated,
             prompts=[r["prompt"] for r in rows for _ in range(n)], answers=[str(r["answer"]) for r in rows for _ in range(n)],
-            responses=texts, group_size=n, policy_version=self.version, temperatures=temperatures)
+            responses=texts, group_size=n, policy_version=self.version, temperatures=temperatures,
+            prompt_expert_ids=prompt_experts, response_expert_ids=response_experts)
 

@@ -22,6 +22,9 @@ EXTRA_KEY = "tokenwise_adaptive"  # SamplingParams.extra_args[EXTRA_KEY] = {"key
 
 _APPLIED: dict[str, dict[int, float]] = {}  # request key -> {output position: temperature}
 
+ROUTING_KEY = "tokenwise_routing"  # SamplingParams.extra_args[ROUTING_KEY] = request key: record its MoE routing
+_ROUTED: dict[str, list[tuple[Any, Any]]] = {}  # request key -> [(positions [n], experts [n, MoE layers, k])]
+
 
 class WeightSync:
     """Mixed into vLLM's worker (`worker_extension_cls`); reached with `LLM.collective_rpc(name, args=...)`."""
@@ -42,6 +45,46 @@ class WeightSync:
 
     def tokenwise_take_temperatures(self, keys: Sequence[str]) -> dict[str, dict[int, float]]:
         return {k: _APPLIED.pop(k, {}) for k in keys}
+
+    def tokenwise_record_routing(self) -> int:
+        """Record the experts every MoE layer picks for each token of requests that carry extra_args[ROUTING_KEY]
+        (vLLM's own routed-experts output needs its V2 model runner, which the CPU build lacks). Each layer's router
+        writes its top-k ids into one buffer (the router's capture hook, which vLLM calls before any expert-parallel
+        remapping); after each forward the runner's batch layout (request order, query start offsets, positions)
+        files them under the request's key. Returns the number of MoE layers (0: nothing to record)."""
+        from vllm.model_executor.layers.fused_moe.layer import MoERunner
+        runner = self.model_runner
+        layers = sorted((m for m in runner.get_model().modules() if isinstance(m, MoERunner)), key=lambda m: m.layer_id)
+        if not layers or getattr(runner, "_tokenwise_routing", None) is not None:
+            return len(layers)
+        k = layers[0].router.top_k
+        buf = torch.full((len(layers), runner.max_num_tokens, k), -1, dtype=torch.int32, device=runner.device)
+        for j, layer in enumerate(layers):
+            layer.router.set_capture_fn(lambda ids, j=j: buf[j, :ids.shape[0]].copy_(ids))
+        forward = runner._model_forward
+
+        def recording_forward(*args: Any, **kwargs: Any) -> Any:
+            out = forward(*args, **kwargs)
+            batch = runner.input_batch
+            n = batch.num_reqs
+            keys = [(runner.requests[r].sampling_params.extra_args or {}).get(ROUTING_KEY)
+                    for r in batch.req_ids[:n]]
+            if any(keys):
+                starts = runner.query_start_loc.np[:n + 1].tolist()
+                positions = runner.positions[:starts[-1]].cpu().numpy().copy()  # the buffer is reused
+                experts = buf[:, :starts[-1]].transpose(0, 1).to("cpu", torch.int16).numpy()
+                for i, key in enumerate(keys):
+                    if key and starts[i + 1] > starts[i]:
+                        span = slice(starts[i], starts[i + 1])
+                        _ROUTED.setdefault(key, []).append((positions[span], experts[span]))
+            return out
+
+        runner._model_forward = recording_forward
+        runner._tokenwise_routing = buf
+        return len(layers)
+
+    def tokenwise_take_routing(self, keys: Sequence[str]) -> dict[str, list[tuple[Any, Any]]]:
+        return {k: _ROUTED.pop(k, []) for k in keys}
 
 
 def repack_output_heads(model: torch.nn.Module) -> int:
