@@ -187,6 +187,13 @@ class MoEFFN(nn.Module):
         return out.view_as(x)
 
 
+def moe_block(module: nn.Module) -> MoEFFN | None:
+    """The MoE block a layer's feed-forward is, also under adapters (peft wraps a block whose expert tensors it
+    adapts in ParamWrapper layers), or None for a dense one."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    return base if isinstance(base, MoEFFN) else None
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, c: TokenwiseConfig, layer_idx: int) -> None:
         super().__init__()
@@ -262,7 +269,7 @@ class TokenwiseModel(TokenwisePreTrainedModel):
         hidden, attns = ((x,) if output_hidden_states else None), (() if output_attentions else None)
         replays: list[Tensor | None] = [None] * len(self.layers)  # per layer: its replayed experts [B, S, k]
         if expert_ids is not None:
-            moe = [i for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoEFFN)]
+            moe = [i for i, layer in enumerate(self.layers) if moe_block(layer.mlp) is not None]
             if expert_ids.shape[:3] != (B, S, len(moe)):
                 raise ValueError(f"expert_ids must be [batch, seq, MoE layers, top_k] = [{B}, {S}, {len(moe)}, k], "
                                  f"got {tuple(expert_ids.shape)}")
@@ -317,7 +324,7 @@ class TokenwiseForCausalLM(TokenwisePreTrainedModel, GenerationMixin):
         """The experts each token of the last forward went through: [B, S, MoE layers, top_k] int64 (None for a dense
         model) — what a rollout engine records and the learner replays. `own`: the router's own top-k instead (the
         same unless the forward replayed experts)."""
-        moes = [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoEFFN)]
+        moes = [m for m in (moe_block(layer.mlp) for layer in self.model.layers) if m is not None]
         if not moes or moes[0].routing is None:
             return None
         return torch.stack([(m.routing.own_idx if own else m.routing.expert_idx).view(*m.shape, -1) for m in moes],
@@ -326,7 +333,7 @@ class TokenwiseForCausalLM(TokenwisePreTrainedModel, GenerationMixin):
     def moe_loss(self) -> Tensor | None:
         """router_aux_loss_coef · Σ_layers L_aux + router_z_loss_coef · Σ_layers L_z of the last forward (None for a
         dense model)."""
-        routings = [layer.mlp.routing for layer in self.model.layers if isinstance(layer.mlp, MoEFFN)]
+        routings = [m.routing for m in (moe_block(layer.mlp) for layer in self.model.layers) if m is not None]
         if not routings or routings[0] is None:
             return None
         c = self.config
@@ -336,8 +343,8 @@ class TokenwiseForCausalLM(TokenwisePreTrainedModel, GenerationMixin):
         """Of the last forward: MoE aux / z losses, dropped share, expert load (share x E, so 1 is uniform; max and
         min over experts, mean over layers, and per layer), and the mean attention gate per layer."""
         out: dict[str, float] = {}
-        moes = [(i, layer.mlp.routing) for i, layer in enumerate(self.model.layers)
-                if isinstance(layer.mlp, MoEFFN) and layer.mlp.routing is not None]
+        moes = [(i, m.routing) for i, m in enumerate(moe_block(layer.mlp) for layer in self.model.layers)
+                if m is not None and m.routing is not None]
         if moes:
             loads = torch.stack([r.expert_load for _, r in moes]).float() * self.config.num_experts
             out.update({"moe/aux_loss": float(sum(r.aux_loss.detach() for _, r in moes)) / len(moes),

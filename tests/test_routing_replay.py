@@ -229,3 +229,21 @@ def test_routing_replay_needs_an_moe_model(tmp_path_factory):
     with pytest.raises(ConfigError, match="algorithm.routing_replay"):
         Learner(d, load_tokenizer(d), optim=OptimConfig(), total_updates=1, device=torch.device("cpu"),
                 dtype=torch.float32, routing_replay=True)
+
+
+def test_adapters_on_the_experts_keep_routing_losses_and_replay():
+    """peft wraps an MoE block whose expert tensors it adapts (ParamWrapper): the model still finds the block, so it
+    reports its routing, keeps the load-balance / z losses in the loss, and replays recorded experts."""
+    from tokenwise.trainer.config import LoraSpec
+    from tokenwise.trainer.lora import add_adapters
+    model = add_adapters(_moe_model(), LoraSpec(r=4, target_modules=["q_proj"],
+                                                target_parameters=["experts_gate_up", "experts_down"]), seed=0)
+    base = model.get_base_model()
+    assert type(base.model.layers[0].mlp).__name__ == "ParamWrapper"
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids)
+    recorded = base.routed_experts()
+    assert recorded is not None and recorded.shape == (2, 7, 3, 2)
+    assert base.moe_loss() is not None and "moe/aux_loss" in base.routing_metrics()
+    assert torch.equal(model(input_ids=ids, expert_ids=recorded).logits, out.logits)
+    assert not torch.allclose(model(input_ids=ids, expert_ids=(recorded + 1) % 4).logits, out.logits)

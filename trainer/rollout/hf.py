@@ -199,7 +199,8 @@ class HFRollout(BucketedSync):
                 processors.append(TopPLogitsWarper(top_p=self.top_p))
             processors.append(SampledLogprobs())
         routed: list[torch.Tensor] = []  # per forward of generate: [B, S, MoE layers, k] (prefill, then one token)
-        hook = (self.model.register_forward_hook(lambda m, a, o: routed.append(m.routed_experts().to("cpu", torch.int16)))
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # peft: its base
+        hook = (inner.register_forward_hook(lambda m, a, o: routed.append(m.routed_experts().to("cpu", torch.int16)))
                 if self.records_routing else None)
         try:
             out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen,
