@@ -115,22 +115,22 @@ class VLLMRollout(BucketedSync):
         self.sync_stats = {"reloads": 0, "peak_pending_bytes": 0}  # of the last sync: streaming, and its memory
         self._calls = 0
         v = cfg.vllm
-        memory = ({"kv_cache_memory_bytes": int(v.kv_cache_gib * _GIB)} if device.type == "cpu"
-                  else {"gpu_memory_utilization": v.gpu_memory_utilization, "enable_sleep_mode": True})
+        options = ({"kv_cache_memory_bytes": int(v.kv_cache_gib * _GIB)} if device.type == "cpu"
+                   else {"gpu_memory_utilization": v.gpu_memory_utilization, "enable_sleep_mode": True})
         config = _model_config(model_dir)
         # MoE routing replay: record each token's experts. On GPU vLLM's own routed-experts output (its V2 model
         # runner); on CPU, where that runner does not run, our worker extension's recorder (vllm_ext.py).
         self.records_routing = config.get("model_type") == "tokenwise" and config.get("ffn") == "moe"
         if self.records_routing and device.type == "cuda":
             os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "1")
-            memory["enable_return_routed_experts"] = True
+            options["enable_return_routed_experts"] = True
         set_threads = torch.set_num_threads  # the CPU worker replaces it process-wide; the learner needs it back
         try:
             self.llm = vllm.LLM(
                 model=str(model_dir), skip_tokenizer_init=True, dtype=str(dtype).removeprefix("torch."), seed=seed,
                 enforce_eager=v.enforce_eager, max_model_len=v.max_model_len, enable_prefix_caching=v.enable_prefix_caching,
                 logprobs_mode="processed_logprobs", worker_extension_cls="tokenwise.trainer.rollout.vllm_ext.WeightSync",
-                logits_processors=[AdaptiveTemperatureProcessor], disable_log_stats=True, **memory)
+                logits_processors=[AdaptiveTemperatureProcessor], disable_log_stats=True, **options)
         finally:
             torch.set_num_threads = set_threads
         self._own_recorder = self.records_routing and device.type != "cuda"
