@@ -240,6 +240,41 @@ def test_exact_and_format_rewards():
     assert format_reward(prompt="q", response="abc", answer="1", truncated=False) == 0.0
 
 
+@pytest.mark.parametrize("response, answer, math, exact", [
+    ("The answer is $\\frac{1}{2}$.", "0.5", 1.0, 0.0),                  # LaTeX fraction vs decimal
+    ("so \\boxed{\\frac{3}{4}}", "3/4", 1.0, 0.0),                          # boxed fraction vs plain fraction
+    ("\\boxed{\\dfrac{6}{8}}", "\\frac{3}{4}", 1.0, 0.0),                   # unreduced, \\dfrac
+    ("We get $x = 2\\sqrt{2}$", "\\sqrt{8}", 1.0, 0.0),                      # equivalent expressions
+    ("\\boxed{50\\%}", "0.5", 1.0, 0.0),                                     # percent
+    ("\\boxed{5\\text{ cm}}", "5", 1.0, 1.0),                                # units dropped
+    ("\\boxed{10^{\\circ}}", "10", 1.0, 1.0),                                # degrees (exact: the last number)
+    ("#### 1,000", "1000", 1.0, 1.0),                                        # both read this
+    ("\\boxed{3}", "4", 0.0, 0.0),                                          # wrong
+    ("$\\frac{1}{3}$", "0.33", 0.0, 0.0),                                   # not equal, only close
+    ("I don't know", "3", 0.0, 0.0),                                         # no answer
+])
+def test_math_verify_reward_against_exact_answer(response, answer, math, exact):
+    """math_verify (Hugging Face's verifier) accepts mathematically equal answers that exact_answer's string match
+    rejects, and still rejects wrong or merely close ones."""
+    from tokenwise.rl.rewards import REWARDS
+    item = dict(prompt="q", response=response, answer=answer, truncated=False)
+    assert REWARDS.get("math_verify")(**item) == math
+    assert exact_answer(**item) == exact
+
+
+def test_math_verify_reward_works_off_the_main_thread():
+    """math-verify times its parser with SIGALRM, which only the main thread may set: elsewhere (a reward thread)
+    the reward runs without that timeout instead of raising."""
+    import threading
+    from tokenwise.rl.rewards import REWARDS
+    out = []
+    t = threading.Thread(target=lambda: out.append(REWARDS.get("math_verify")(
+        prompt="q", response="\\boxed{\\frac{1}{2}}", answer="0.5", truncated=False)))
+    t.start()
+    t.join()
+    assert out == [1.0]
+
+
 def test_compute_rewards_weights_and_means():
     specs = [("exact_answer", 1.0, exact_answer), ("format", 0.1, format_reward)]
     total, means = compute_rewards(specs, prompts=["a", "b"], responses=["2", "x"], answers=["2", "3"],

@@ -240,6 +240,14 @@ class FormatReward:
 
 
 @dataclass
+class MathVerifyReward:
+    """1.0 when Hugging Face's math-verify finds the response's final answer mathematically equal to the reference
+    answer (LaTeX or plain; fractions, \\boxed{}, percentages, units and degrees, equivalent expressions), else 0.0."""
+    type: Literal["math_verify"] = opt("math_verify", "Reward function name.")
+    weight: float = opt(1.0, "Multiplier of this reward in the sum.")
+
+
+@dataclass
 class PythonReward:
     """Your own reward: a function `fn(*, prompt, response, answer, truncated) -> float` named as 'module:function'
     (importable) or 'path/to/file.py:function'."""
@@ -262,7 +270,7 @@ class PythonReward:
                               f"got {self.function!r}")
 
 
-RewardConfig = Union[ExactAnswerReward, FormatReward, PythonReward]
+RewardConfig = Union[ExactAnswerReward, FormatReward, MathVerifyReward, PythonReward]
 
 
 # --------------------------------------------------------------------------------------------------------- rollout

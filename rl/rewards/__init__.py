@@ -63,6 +63,21 @@ def format_reward(*, prompt: str, response: str, answer: str, truncated: bool) -
     return float(not truncated and extract_answer(response) is not None)
 
 
+@REWARDS.register("math_verify")
+def math_verify_reward(*, prompt: str, response: str, answer: str, truncated: bool) -> float:
+    """1.0 when Hugging Face's math-verify finds the response's final answer mathematically equal to the reference
+    (LaTeX or plain: \\frac{1}{2} = 0.5 = 50\\%, \\boxed{}, units and degrees dropped, 2\\sqrt{2} = \\sqrt{8}), else
+    0.0. The reference is read as LaTeX (wrapped in $...$ unless it has its own delimiters or \\boxed)."""
+    import threading
+    from math_verify import parse, verify
+    # math-verify bounds parsing and comparison with SIGALRM, which only the main thread may use
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    gold_text = answer if ("$" in answer or "\\boxed" in answer) else f"${answer}$"
+    gold = parse(gold_text, parsing_timeout=timeout) or parse(answer, parsing_timeout=timeout)
+    pred = parse(response, parsing_timeout=timeout)
+    return float(bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=timeout))
+
+
 def load_function(spec: str, *, what: str) -> RewardFn:
     """'package.module:function' or 'path/to/file.py:function' → the function, imported in this process (refusal
     detectors, tests). `what` names the recipe key in errors."""
