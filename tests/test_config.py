@@ -163,7 +163,8 @@ def test_config_names_match_registries():
     assert types_of(c.SampleFilterConfig) == SAMPLE_FILTERS.names()
     assert sorted(typing.get_args(typing.get_type_hints(c.AlgorithmConfig)["aggregation"])) == AGGREGATIONS.names()
     assert sorted(typing.get_args(typing.get_type_hints(c.KLConfig)["estimator"])) == KL_ESTIMATORS.names()
-    assert sorted(set(types_of(c.RewardConfig)) - {"python"}) == REWARDS.names()
+    # python and code_tests run processes: trainer/reward_process.py builds them, rl/ registers the rest
+    assert sorted(set(types_of(c.RewardConfig)) - {"python", "code_tests"}) == REWARDS.names()
 
 
 def test_ray_section_is_validated():

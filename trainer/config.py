@@ -248,6 +248,22 @@ class MathVerifyReward:
 
 
 @dataclass
+class CodeTestsReward:
+    """The response's program (its last ```python block, else the whole text) run against the row's tests in the
+    sandbox (trainer/sandbox.py: a fresh process tree per run with time, CPU, memory, process and output limits, no
+    network, nothing writable outside its temporary directory). The row's answer holds the tests: a JSON list of
+    {"input": stdin, "output": expected stdout} cases (score: the share passed) or Python asserts run after the
+    program (1.0 if they pass). Failed runs are counted in sandbox/* metrics."""
+    type: Literal["code_tests"] = opt("code_tests", "Reward function name.")
+    weight: float = opt(1.0, "Multiplier of this reward in the sum.")
+    timeout_s: float = opt(5.0, "Wall-clock limit of one run (one test case).", gt=0)
+    memory_mb: int = opt(512, "Address-space limit of the program in MiB.", ge=64)
+    max_output_kb: int = opt(64, "stdout + stderr a run may write before it is killed, in KiB.", ge=1)
+    max_processes: int = opt(16, "Processes and threads a run may have.", ge=1)
+    workers: int = opt(2, "Runs at a time.", ge=1)
+
+
+@dataclass
 class PythonReward:
     """Your own reward: a function `fn(*, prompt, response, answer, truncated) -> float` named as 'module:function'
     (importable) or 'path/to/file.py:function'."""
@@ -270,7 +286,7 @@ class PythonReward:
                               f"got {self.function!r}")
 
 
-RewardConfig = Union[ExactAnswerReward, FormatReward, MathVerifyReward, PythonReward]
+RewardConfig = Union[ExactAnswerReward, FormatReward, MathVerifyReward, CodeTestsReward, PythonReward]
 
 
 # --------------------------------------------------------------------------------------------------------- rollout

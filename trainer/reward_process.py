@@ -151,6 +151,11 @@ def reward_specs(configs: Sequence) -> list[tuple[str, float, Any]]:
                     error.detail = e.detail
                     raise error from None
                 specs.append((cfg.function.rpartition(":")[2], cfg.weight, fn))
+            elif cfg.type == "code_tests":
+                from tokenwise.trainer.sandbox import CodeTests, SandboxLimits
+                limits = SandboxLimits(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb,
+                                       max_output_bytes=cfg.max_output_kb << 10, max_processes=cfg.max_processes)
+                specs.append((cfg.type, cfg.weight, CodeTests(limits, workers=cfg.workers)))
             else:
                 specs.append((cfg.type, cfg.weight, REWARDS.get(cfg.type)))
     except BaseException:

@@ -127,4 +127,6 @@ def compute_rewards(specs: Sequence[tuple[str, float, RewardFn]], *, prompts: Se
         raw = torch.tensor(values, dtype=torch.float32)
         total += weight * raw
         means[f"reward/{name}"] = raw.mean().item()
+        if hasattr(fn, "take_stats"):  # e.g. the sandbox's counts of failed runs (trainer/sandbox.py)
+            means.update(fn.take_stats())
     return total, means
