@@ -247,3 +247,17 @@ def test_adapters_on_the_experts_keep_routing_losses_and_replay():
     assert base.moe_loss() is not None and "moe/aux_loss" in base.routing_metrics()
     assert torch.equal(model(input_ids=ids, expert_ids=recorded).logits, out.logits)
     assert not torch.allclose(model(input_ids=ids, expert_ids=(recorded + 1) % 4).logits, out.logits)
+
+
+def test_replay_without_recorded_experts_is_a_clear_error(moe_dir):
+    """Rollouts that carry no record (an engine that could not record) never train silently without replay."""
+    from tokenwise.rl.errors import ConfigError
+    from tokenwise.trainer.config import OptimConfig
+    from tokenwise.trainer.learner import Learner, local_pool
+    batch, tok, _ = _replayed_batch(moe_dir, rotate_share=0.0)
+    bare = dataclasses.replace(batch, prompt_expert_ids=None, response_expert_ids=None)
+    pool = local_pool(Learner(moe_dir, tok, optim=OptimConfig(), total_updates=1, device=torch.device("cpu"),
+                              dtype=torch.float32, routing_replay=True), micro_batch_size=8)
+    with pytest.raises(ConfigError, match="algorithm.routing_replay: these rollouts carry no recorded MoE experts"):
+        pool.score(bare)
+    assert pool.score(batch).old_logprobs is not None

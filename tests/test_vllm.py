@@ -209,13 +209,28 @@ def test_weight_sync_after_a_training_step(engines, sft_model):
         vllm_engine.load_bucket({"not.a.weight": torch.zeros(1)})
 
 
+def _one_learner_one_engine(zero_stage: int) -> dict:
+    """trainer: cluster mode on a local Ray with one DeepSpeed learner actor and one vLLM rollout actor, 1 CPU each."""
+    return {"mode": "ray", "ray": {"num_cpus": 2, "num_learners": 1, "num_rollout_workers": 1, "cpus_per_learner": 1,
+                                   "cpus_per_rollout": 1, "zero_stage": zero_stage}}
+
+
+def _train(recipe: dict, tmp_path: Path) -> Path:
+    """Write `recipe`, train it in tmp_path/run, return the run folder."""
+    import yaml
+    from tokenwise.trainer.cli import main
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run = tmp_path / "run"
+    assert main(["train", str(path), f"output_dir={run}"]) == 0
+    return run
+
+
 def test_grpo_with_vllm_rollouts_in_cluster_mode_learns(sft_model, tmp_path):
     """The quick-start task from the SFT model: one DeepSpeed ZeRO-2 learner actor and one vLLM rollout actor on a
     local Ray, weights synced into the engine every step. Held-out accuracy rises well beyond the teacher's plateau
     (the quick start gains 20-30 points in 30 steps on every seed; the test asks for 10), and the engine's log-probs
     agree with the learner's (the mismatch metrics are logged)."""
-    import yaml
-    from tokenwise.trainer.cli import main
     recipe = {
         "name": "vllm-grpo", "seed": 0, "stages": ["grpo"],
         "model": {"type": "pretrained", "path": str(sft_model)},
@@ -226,15 +241,9 @@ def test_grpo_with_vllm_rollouts_in_cluster_mode_learns(sft_model, tmp_path):
                  "micro_batch_size": 256, "optim": {"lr": GRPO_LR}, "eval_every": 0, "save_every": 0},
         "algorithm": {"kl": {"coef": 0.01}},
         "eval": {"num_prompts": 64, "k": 0},
-        "trainer": {"mode": "ray", "ray": {"num_cpus": 2, "num_learners": 1, "num_rollout_workers": 1,
-                                           "cpus_per_learner": 1, "cpus_per_rollout": 1, "zero_stage": 2}},
-        "logging": {"progress": False, "plot": False},
+        "trainer": _one_learner_one_engine(zero_stage=2), "logging": {"progress": False, "plot": False},
     }
-    path = tmp_path / "grpo.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    run = tmp_path / "run"
-    assert main(["train", str(path), f"output_dir={run}"]) == 0
-    metrics = read_metrics(run, "grpo")
+    metrics = read_metrics(_train(recipe, tmp_path), "grpo")
     steps = [r for r in metrics if "reward/mean" in r]
     assert len(steps) == GRPO_STEPS
     evals = [r["eval/accuracy"] for r in metrics if "eval/accuracy" in r]
@@ -371,8 +380,6 @@ def test_moe_routing_replay_with_vllm_rollouts_in_cluster_mode(tmp_path):
     engine's recorded experts reach the learner every step (moe/routing_agreement is logged; fp32 on both sides, so
     nearly every top-k set agrees), across weight syncs, and the old log-probs replayed through them match the
     engine's."""
-    import yaml
-    from tokenwise.trainer.cli import main
     d, _ = _tokenwise_checkpoint(tmp_path / "m", seed=0, attn_gate="headwise", ffn="moe", num_experts=4,
                                  experts_per_token=2, moe_intermediate_size=32)
     recipe = {
@@ -383,15 +390,9 @@ def test_moe_routing_replay_with_vllm_rollouts_in_cluster_mode(tmp_path):
                  "optim": {"lr": 1e-3}, "eval_every": 0, "save_every": 0},
         "algorithm": {"routing_replay": True, "kl": {"coef": 0.0}},
         "eval": {"num_prompts": 8, "k": 0},
-        "trainer": {"mode": "ray", "ray": {"num_cpus": 2, "num_learners": 1, "num_rollout_workers": 1,
-                                           "cpus_per_learner": 1, "cpus_per_rollout": 1, "zero_stage": 3}},
-        "logging": {"progress": False, "plot": False},
+        "trainer": _one_learner_one_engine(zero_stage=3), "logging": {"progress": False, "plot": False},
     }
-    path = tmp_path / "grpo.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    run = tmp_path / "run"
-    assert main(["train", str(path), f"output_dir={run}"]) == 0
-    steps = [r for r in read_metrics(run, "grpo") if "actor/loss" in r]
+    steps = [r for r in read_metrics(_train(recipe, tmp_path), "grpo") if "actor/loss" in r]
     assert len(steps) == 3
     assert all(r["moe/routing_agreement"] > 0.99 for r in steps)
     assert max(r["rollout/logprob_abs_diff"] for r in steps) < 1e-3

@@ -299,6 +299,9 @@ class Learner:
     def _recorded(self, batch: RolloutBatch) -> torch.Tensor | None:
         """The rollout's recorded experts [B, P + T, MoE layers, k] int64 (-1: not recorded), or None."""
         if not self._moe or batch.response_expert_ids is None or batch.prompt_expert_ids is None:
+            if self.routing_replay:
+                raise ConfigError("algorithm.routing_replay: these rollouts carry no recorded MoE experts (an engine "
+                                  "that could not record them says why when it starts); set it to false")
             return None
         return torch.cat([batch.prompt_expert_ids, batch.response_expert_ids], dim=1).to(self.device, torch.long)
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from tokenwise.rl.errors import ConfigError
+from tokenwise.rl.importing import first_line
 from tokenwise.rl.types import RolloutBatch
 from tokenwise.trainer.loading import PromptFormatter
 from tokenwise.trainer.rollout.base import BucketedSync, weight_group
@@ -125,12 +126,25 @@ class VLLMRollout(BucketedSync):
             os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "1")
             options["enable_return_routed_experts"] = True
         set_threads = torch.set_num_threads  # the CPU worker replaces it process-wide; the learner needs it back
-        try:
-            self.llm = vllm.LLM(
+
+        def start(options: dict) -> Any:
+            return vllm.LLM(
                 model=str(model_dir), skip_tokenizer_init=True, dtype=str(dtype).removeprefix("torch."), seed=seed,
                 enforce_eager=v.enforce_eager, max_model_len=v.max_model_len, enable_prefix_caching=v.enable_prefix_caching,
                 logprobs_mode="processed_logprobs", worker_extension_cls="tokenwise.trainer.rollout.vllm_ext.WeightSync",
                 logits_processors=[AdaptiveTemperatureProcessor], disable_log_stats=True, **options)
+        try:
+            try:
+                self.llm = start(options)
+            except Exception as e:  # not yet run on a GPU: an engine that cannot record still generates
+                if "enable_return_routed_experts" not in options:
+                    raise
+                from tokenwise.trainer.logging import console
+                console.print(f"[yellow]rollout.engine vllm: the engine cannot return routed experts here "
+                              f"({first_line(e)}); it generates without recording MoE routing[/]")
+                options.pop("enable_return_routed_experts")
+                self.records_routing = False
+                self.llm = start(options)
         finally:
             torch.set_num_threads = set_threads
         self._own_recorder = self.records_routing and device.type != "cuda"
