@@ -81,6 +81,8 @@ class Tool:
                 raise ToolError(f"{self.name}: argument {n!r} must be {_JSON_TYPES[want]}, got {json.dumps(v)}")
         try:
             return str(self.fn(**arguments))
+        except ToolError as e:  # the tool's own account of its failure
+            raise ToolError(f"{self.name} failed: {e}") from None
         except Exception as e:  # the tool's own failure is the model's observation
             raise ToolError(f"{self.name} failed: {type(e).__name__}: {e}") from None
 

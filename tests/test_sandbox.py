@@ -131,3 +131,26 @@ def test_without_namespaces_the_limits_still_end_runaway_code(monkeypatch):
     for kind, status in (("infinite loop", "timeout"), ("memory bomb", "memory"), ("output flood", "output_limit")):
         result = run_python(_hostile(kind, "unused"), limits=LIMITS)
         assert result.status == status and result.isolation == "rlimits" and result.seconds < LIMITS.timeout_s + 2.5
+
+
+def test_python_tool_runs_code_in_the_sandbox_inside_an_episode():
+    """The `python` tool: its output is the observation; hostile or failing code is an error observation (a counted
+    tool error) within the tool's limit, and the episode goes on."""
+    from tokenwise.rl.environments import ToolEnvironment
+    from tokenwise.trainer.sandbox import python_tool
+    tool = python_tool(SandboxLimits(timeout_s=2.0))
+    env = ToolEnvironment([tool], score=lambda row, text: float(row["answer"] in text))
+    env.reset({"prompt": "What is 2**20?", "answer": "1048576"})
+
+    def call(code: str):
+        return env.step("<tool_call>" + json.dumps({"name": "python", "arguments": {"code": code}}) + "</tool_call>")
+
+    step = call("print(2**20)")
+    assert step.observation == [{"role": "tool", "content": "1048576\n"}] and step.info["tool_errors"] == 0
+    for code, said in (("while True: pass", "timed out after 2 s"), ("raise ValueError('bad')", "ValueError: bad"),
+                       ("x = bytearray(10**10)", "out of memory")):
+        step = call(code)
+        assert not step.done and step.info["tool_errors"] == 1
+        assert step.observation[0]["content"] == f"error: python failed: {said}"
+    assert env.step("It is 1048576.").reward == 1.0
+    assert tool.schema()["function"]["parameters"]["required"] == ["code"]

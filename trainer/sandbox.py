@@ -207,6 +207,24 @@ def _kill(proc: subprocess.Popen) -> None:
         pass
 
 
+# ------------------------------------------------------------------------------------------------------ python tool
+def python_tool(limits: SandboxLimits = SandboxLimits(), max_chars: int = 2000):
+    """The `python` tool for environments (rl/environments.py): runs the model's code in the sandbox and answers with
+    what it printed (cut to `max_chars`); a failed run answers with its status and the last line of its error, which
+    the environment reports as a tool error."""
+    from tokenwise.rl.environments import Tool, ToolError
+
+    def python(code: str) -> str:
+        """Run Python code in a sandbox (no network, no files outside its directory) and return what it printed."""
+        result = run_python(code, limits=limits)
+        if not result.ok:
+            last = (result.stderr.strip().splitlines() or [""])[-1][:200]
+            raise ToolError({"timeout": f"timed out after {limits.timeout_s:g} s", "memory": "out of memory",
+                             "output_limit": "printed too much"}.get(result.status, last or f"exit {result.exit_code}"))
+        return result.stdout[:max_chars]
+    return Tool.from_function(python)
+
+
 # ------------------------------------------------------------------------------------------------ code_tests reward
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 
