@@ -113,7 +113,7 @@ def _set_limits(limits: SandboxLimits, nproc: int) -> None:
 def _reader(stream, sink: list[bytes], budget: list[int], flooded: threading.Event) -> None:
     """Read a pipe to its end, keeping at most the shared byte budget; past it, say so (the caller kills)."""
     while True:
-        chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
+        chunk = stream.read1(65536)
         if not chunk:
             return
         keep = chunk[:max(0, budget[0])]
@@ -124,18 +124,13 @@ def _reader(stream, sink: list[bytes], budget: list[int], flooded: threading.Eve
             flooded.set()
 
 
-def run_python(code: str, *, stdin: str = "", limits: SandboxLimits = SandboxLimits(),
-               files: dict[str, str] | None = None) -> SandboxResult:
-    """Run `code` as `main.py` in a fresh temporary directory (with `files`, name → text, beside it) under the
-    sandbox, `stdin` as its input. Never raises for anything the code does."""
+def run_python(code: str, *, stdin: str = "", limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
+    """Run `code` as `main.py` in a fresh temporary directory under the sandbox, `stdin` as its input. Never raises
+    for anything the code does."""
     mode = isolation()
     work = Path(tempfile.mkdtemp(prefix="tokenwise-sandbox-"))
     try:
         (work / "main.py").write_text(code)
-        for name, text in (files or {}).items():
-            if "/" in name or name.startswith("."):
-                raise ValueError(f"sandbox files are plain names in the work directory, got {name!r}")
-            (work / name).write_text(text)
         cmd = _namespaced(work) if mode == "namespaces" else [sys.executable, "-I", "main.py"]
         # in a user namespace the process limit counts the sandbox's own processes; outside one, all of this user's
         # (root is exempt there: without namespaces a fork bomb run by root is bounded by the timeout only)
