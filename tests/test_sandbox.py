@@ -154,3 +154,10 @@ def test_python_tool_runs_code_in_the_sandbox_inside_an_episode():
         assert step.observation[0]["content"] == f"error: python failed: {said}"
     assert env.step("It is 1048576.").reward == 1.0
     assert tool.schema()["function"]["parameters"]["required"] == ["code"]
+
+
+def test_a_program_that_never_reads_a_large_input_still_times_out():
+    """More input than a pipe holds, to a program that does not read it (and spends no CPU): the call still ends at
+    its wall-clock timeout."""
+    result = run_python("import time\ntime.sleep(60)", stdin="x" * (1 << 20), limits=SandboxLimits(timeout_s=2.0))
+    assert result.status == "timeout" and result.seconds < 2.0 + 2.5

@@ -124,6 +124,14 @@ def _reader(stream, sink: list[bytes], budget: list[int], flooded: threading.Eve
             flooded.set()
 
 
+def _writer(stream, data: bytes) -> None:
+    try:
+        stream.write(data)
+        stream.close()
+    except OSError:
+        pass  # it exited, or closed its input
+
+
 def run_python(code: str, *, stdin: str = "", limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
     """Run `code` as `main.py` in a fresh temporary directory under the sandbox, `stdin` as its input. Never raises
     for anything the code does."""
@@ -149,13 +157,10 @@ def run_python(code: str, *, stdin: str = "", limits: SandboxLimits = SandboxLim
         flooded = threading.Event()
         readers = [threading.Thread(target=_reader, args=(s, sink, budget, flooded), daemon=True)
                    for s, sink in ((proc.stdout, out), (proc.stderr, err))]
+        # the input goes in from a thread too: a program that never reads more than a pipe holds must not block us
+        readers.append(threading.Thread(target=_writer, args=(proc.stdin, stdin.encode()), daemon=True))
         for r in readers:
             r.start()
-        try:
-            proc.stdin.write(stdin.encode())
-            proc.stdin.close()
-        except OSError:
-            pass  # it exited, or does not read its input
         status = None
         deadline = start + limits.timeout_s
         while proc.poll() is None:
