@@ -50,9 +50,13 @@ class Packed:
     def gather(self, values: Tensor, fill: int | float = 0) -> Tensor:
         """Per-token values of the padded rows [b, P + T, ...] laid out like the bins: [N, L, ...], `fill` on
         padding (e.g. a rollout's recorded MoE experts, trainer/learner.py)."""
-        flat = values.reshape(-1, *values.shape[2:])[self.origin.clamp(min=0)]
-        pad = (self.origin < 0).view(*self.origin.shape, *[1] * (values.dim() - 2))
-        return flat.masked_fill(pad, fill)
+        return _lay_out(values, self.origin, fill)
+
+
+def _lay_out(values: Tensor, origin: Tensor, fill: int | float) -> Tensor:
+    """values [b, P + T, ...] at each bin slot's origin [N, L] (-1: `fill`) → [N, L, ...]."""
+    flat = values.reshape(-1, *values.shape[2:])[origin.clamp(min=0)]
+    return flat.masked_fill((origin < 0).view(*origin.shape, *[1] * (values.dim() - 2)), fill)
 
 
 def _segments(prompts: list[list[int]], responses: list[list[int]], share: bool,
@@ -121,14 +125,10 @@ def pack(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response
     bins = [list(range(len(segments)))] if varlen else _bins(lengths, max(max(lengths), min_bin))
     L = max(sum(lengths[s] for s in b) for b in bins)
     N = len(bins)
-    ids = torch.full((N, L), pad_id, dtype=torch.long)
-    pos = torch.zeros((N, L), dtype=torch.long)
     seg = torch.full((N, L), -1, dtype=torch.long)     # segment of each token (-1: padding)
     branch = torch.full((N, L), -1, dtype=torch.long)  # response (row) a token belongs to (-1: the prompt)
-    # every real token's flat slot, id, position, segment and branch, gathered as Python ints and written at once
+    # every real token's flat slot, origin, segment and branch, gathered as Python ints and written at once
     slot: list[int] = []
-    tok: list[int] = []
-    posl: list[int] = []
     segl: list[int] = []
     brl: list[int] = []
     org: list[int] = []  # each token's flat index in the padded rows [b, P + T]
@@ -141,8 +141,6 @@ def pack(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response
             p, rows = segments[s]
             P = len(p)
             slot += range(at, at + P)
-            tok += p
-            posl += range(P)
             segl += [s] * P
             brl += [-1] * P
             org += range(rows[0] * width + P_pad - P, rows[0] * width + P_pad)
@@ -151,8 +149,6 @@ def pack(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response
             for r in rows:
                 n = len(responses[r])
                 slot += range(at, at + n)
-                tok += responses[r]
-                posl += range(P, P + n)
                 segl += [s] * n
                 brl += [r] * n
                 org += range(r * width + P_pad, r * width + P_pad + n)
@@ -161,13 +157,16 @@ def pack(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response
     for r in range(len(prompts)):
         pred += pred_of[r]
     flat = torch.tensor(slot, dtype=torch.long)
-    ids.view(-1)[flat] = torch.tensor(tok, dtype=torch.long)
-    pos.view(-1)[flat] = torch.tensor(posl, dtype=torch.long)
     seg.view(-1)[flat] = torch.tensor(segl, dtype=torch.long)
     branch.view(-1)[flat] = torch.tensor(brl, dtype=torch.long)
     src = torch.tensor(pred, dtype=torch.long)
     origin = torch.full((N, L), -1, dtype=torch.long)
     origin.view(-1)[flat] = torch.tensor(org, dtype=torch.long)
+    # ids and positions are the padded rows' own, laid out by origin (a response token's position follows its
+    # row's real prompt tokens)
+    ids = _lay_out(torch.cat([prompt_ids.cpu(), response_ids.cpu()], 1), origin, pad_id)
+    pos = _lay_out(torch.cat([pm.long().cumsum(1) - 1, pm.sum(1, keepdim=True) + torch.arange(rm.shape[1])], 1),
+                   origin, 0)
     if varlen:
         return Packed(ids, pos, None, src, rm, len(slot), origin)
     q, k = seg.unsqueeze(2), seg.unsqueeze(1)
