@@ -187,6 +187,11 @@ class MoEFFN(nn.Module):
         return out.view_as(x)
 
 
+def routes_experts(model: nn.Module) -> bool:
+    """Whether `model` is our decoder with MoE layers (or a peft model around one): what reports routed_experts()."""
+    return getattr(getattr(model, "config", None), "ffn", None) == "moe" and hasattr(model, "routed_experts")
+
+
 def moe_block(module: nn.Module) -> MoEFFN | None:
     """The MoE block a layer's feed-forward is, also under adapters (peft wraps a block whose expert tensors it
     adapts in ParamWrapper layers), or None for a dense one."""

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
 from tokenwise.kernels.logprob_entropy import logprob_entropy
+from tokenwise.models.decoder import routes_experts
 from tokenwise.rl.errors import CheckpointError, ConfigError, NonFiniteError
 from tokenwise.rl.types import RolloutBatch, SFTBatch, TrainBatch
 from tokenwise.trainer.batching import Micro, Update, gather_rows, plan_rows, plan_sft, plan_updates, row_tokens
@@ -164,7 +165,7 @@ class Learner:
         `routing_replay`: the policy's forwards route each token through the experts the rollout engine recorded."""
         model = load_causal_lm(model_dir, dtype=dtype, device=device)
         # MoE routing: the rollouts' recorded experts are compared with the policy's own choice (and replayed)
-        self._moe = getattr(model.config, "ffn", None) == "moe" and hasattr(model, "routed_experts")
+        self._moe = routes_experts(model)
         if routing_replay and not self._moe:
             raise ConfigError("algorithm.routing_replay: true replays recorded MoE routing, and this model has no MoE "
                               "layers of ours (model.arch: tokenwise with model.ffn: moe); set it to false")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
+from tokenwise.models.decoder import routes_experts
 from tokenwise.rl.hapo import sampling_temperatures
 from tokenwise.rl.types import RolloutBatch
 from tokenwise.trainer.loading import PromptFormatter, eos_token_ids
@@ -101,8 +102,7 @@ class HFRollout(BucketedSync):
         self._pending: set[str] = set()
         self._home = model.device
         # MoE routing replay: record each token's experts (our decoder reports them; a dense model has none)
-        self.records_routing = getattr(getattr(model, "config", None), "ffn", None) == "moe" and hasattr(
-            model, "routed_experts")
+        self.records_routing = routes_experts(model)
 
     def begin_sync(self) -> None:
         self._pending = set(self.model.state_dict().keys())

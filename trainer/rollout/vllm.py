@@ -243,10 +243,9 @@ class VLLMRollout(BucketedSync):
         takes the routing recorded by another sample of the same prompt in this call, if one computed it."""
         if self._own_recorder:
             chunks = self.llm.collective_rpc("tokenwise_take_routing", args=(keys,))[0]
-        else:  # vLLM's own output: [prompt + generated tokens routed, layers, k]
-            chunks = {k: ([np.arange(len(c.routed_experts))], [c.routed_experts]) if c.routed_experts is not None
-                      else ([], []) for k, c in zip(keys, completions)}
-            chunks = {k: list(zip(*v)) for k, v in chunks.items()}
+        else:  # vLLM's own output: [prompt + generated tokens routed, layers, k], from position 0
+            chunks = {k: [(np.arange(len(c.routed_experts)), c.routed_experts)] if c.routed_experts is not None else []
+                      for k, c in zip(keys, completions)}
         out = []
         for key, ids, c in zip(keys, [p for p in prompt_ids for _ in range(per_row)], completions):
             P, L = len(ids), len(c.token_ids)
