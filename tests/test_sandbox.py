@@ -55,6 +55,25 @@ def test_hostile_code_ends_as_a_failed_call_within_its_limit(kind, statuses):
     assert again.ok and again.stdout == "42\n"
 
 
+def _kernel_caps_root() -> bool:
+    """Whether this kernel gives each pid namespace its own pid_max (Linux >= 6.14)."""
+    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    return (major, minor) >= (6, 14)
+
+
+@pytest.mark.skipif(isolation() != "namespaces" or (os.getuid() == 0 and not _kernel_caps_root()),
+                    reason="run as root without a per-namespace pid_max (Linux < 6.14) nothing caps processes")
+def test_processes_are_capped_even_for_root():
+    """A program that forks sleeping children as fast as it can gets at most max_processes of them (RLIMIT_NPROC) or,
+    where the kernel exempts root from that, about 300 (the pid namespace's pid_max): never the thousands that took a
+    fork bomb seconds to kill at the timeout. Fails without the pid_max cap when run as root."""
+    code = ("import os, time\nn = 0\nwhile n < 1500:\n    try:\n        pid = os.fork()\n    except OSError:\n"
+            "        break\n    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n    n += 1\nprint(n, flush=True)\n")
+    result = run_python(code, limits=SandboxLimits(timeout_s=10.0, memory_mb=256, max_processes=16))
+    assert result.ok, (result.status, result.stderr[-300:])
+    assert 0 < int(result.stdout) < 310
+
+
 def test_detached_child_is_gone_after_the_call():
     """A child that made itself a new session is still ended with the call: it never writes after the timeout."""
     marker = f"sandbox-late-{uuid.uuid4().hex}"

@@ -3,7 +3,10 @@
 Every call runs in a process tree of its own, started fresh, in a fresh temporary directory that is removed after:
 
 - **limits** (setrlimit, inherited by everything it starts): address space (`memory_mb`), CPU seconds, file size,
-  open files, processes (`max_processes`, counted inside the sandbox), no core dumps;
+  open files, processes (`max_processes`, counted inside the sandbox), no core dumps. The kernel exempts real root
+  from the process limit; with namespaces on Linux >= 6.14 the pid namespace's own `pid_max` caps a fork bomb at
+  about 300 processes for root too (without that cap, run by root, thousands pile up before the timeout and take
+  seconds to kill);
 - **a wall-clock timeout**: past it the whole tree is killed (its own session; with namespaces, killing the pid
   namespace's first process ends every process in it, whatever session it made for itself);
 - **an output cap**: stdout and stderr are read as they come, and a call that writes more than `max_output_bytes`
@@ -73,7 +76,7 @@ def isolation() -> str:
     work = Path(tempfile.mkdtemp(prefix="tokenwise-sandbox-"))
     try:
         (work / "main.py").write_text("")
-        probe = subprocess.run(_namespaced(work), cwd=work, capture_output=True, timeout=20)
+        probe = subprocess.run(_namespaced(work, 16), cwd=work, capture_output=True, timeout=20)
         return "namespaces" if probe.returncode == 0 else "rlimits"
     except (OSError, subprocess.TimeoutExpired):
         return "rlimits"
@@ -81,9 +84,13 @@ def isolation() -> str:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _namespaced(work: Path) -> list[str]:
+def _namespaced(work: Path, max_processes: int) -> list[str]:
+    # the pid namespace's own pid_max caps its processes (zombies too) where the kernel has it (Linux >= 6.14), also
+    # for root, whom RLIMIT_NPROC does not bind; the kernel takes no value under 301
+    pid_max = max(301, max_processes + 2)
     return [shutil.which("unshare"), "--user", "--map-root-user", "--net", "--pid", "--mount", "--fork",
-            "--kill-child", sys.executable, "-I", "-S", str(_BOOT), str(work), shutil.which("setpriv"), sys.executable]
+            "--kill-child", sys.executable, "-I", "-S", str(_BOOT), str(work), shutil.which("setpriv"), sys.executable,
+            str(pid_max)]
 
 
 def _user_tasks() -> int:
@@ -139,7 +146,7 @@ def run_python(code: str, *, stdin: str = "", limits: SandboxLimits = SandboxLim
     work = Path(tempfile.mkdtemp(prefix="tokenwise-sandbox-"))
     try:
         (work / "main.py").write_text(code)
-        cmd = _namespaced(work) if mode == "namespaces" else [sys.executable, "-I", "main.py"]
+        cmd = _namespaced(work, limits.max_processes) if mode == "namespaces" else [sys.executable, "-I", "main.py"]
         # in a user namespace the process limit counts the sandbox's own processes; outside one, all of this user's
         # (root is exempt there: without namespaces a fork bomb run by root is bounded by the timeout only)
         nproc = limits.max_processes if mode == "namespaces" else limits.max_processes + _user_tasks()

@@ -2,7 +2,7 @@
 root): make every mount read-only except the work directory, give the pid namespace its own /proc, then exec the
 code through `setpriv` with every capability dropped, so nothing it runs can remount, mount or unmount.
 
-    python -I -S sandbox_boot.py WORK_DIR SETPRIV PYTHON      (runs PYTHON -I main.py in WORK_DIR)
+    python -I -S sandbox_boot.py WORK_DIR SETPRIV PYTHON PID_MAX     (runs PYTHON -I main.py in WORK_DIR)
 
 Standard library only, no imports from the package: it runs before anything else in the sandbox. Exit status 97
 means the mounts could not be made read-only (the caller then treats namespaces as unavailable).
@@ -39,13 +39,19 @@ def mounts():
 
 
 def main():
-    work, setpriv, python = sys.argv[1:4]
+    work, setpriv, python, pid_max = sys.argv[1:5]
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     mount(work, work, None, MS_BIND)  # its own mount: stays writable
     try:
         mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # this pid namespace's processes only
     except OSError:
         pass  # a /proc the kernel will not replace (masked paths): the old one shows, read-only
+    try:  # Linux >= 6.14: pid_max is per pid namespace; it bounds the processes here even for real root, whom the
+        # kernel exempts from RLIMIT_NPROC (the kernel's least value, 301, allows about 300)
+        with open("/proc/sys/kernel/pid_max", "w") as f:
+            f.write(pid_max)
+    except OSError:
+        pass  # an older kernel: RLIMIT_NPROC (not for root) and the timeout bound a fork bomb
     failed = []
     for point, options in mounts():
         if point == work or "ro" in options:
