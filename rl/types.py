@@ -12,6 +12,12 @@ import torch
 from torch import Tensor
 
 
+# Columns of RolloutBatch.episode_stats: the environment's return (sum of its step rewards), assistant turns, tool calls,
+# tool calls that failed, and 1 where the episode was cut (a turn hit its token limit, or the turn or token budget
+# ran out) rather than ended by the environment
+EPISODE_STATS = ("env_reward", "turns", "tool_calls", "tool_errors", "cut")
+
+
 class _Rows:
     """Row selection over every per-row field (tensors with a leading B dimension and per-row lists)."""
 
@@ -57,6 +63,18 @@ class RolloutBatch(_Rows):
     # recorded (padding, a response's last token, which no forward reads; prompt tokens a prefix cache served)
     prompt_expert_ids: Tensor | None = None    # [B, P, MoE layers, k] int16, left-padded like prompt_ids
     response_expert_ids: Tensor | None = None  # [B, T, MoE layers, k] int16
+    # Multi-turn episodes (rollout.env): the response is every turn after the prompt, the model's sampled tokens
+    # (response_mask: what every loss, advantage and statistic counts) and between them the environment's tokens
+    # (context_mask: read, never trained on). None for single-turn rollouts.
+    context_mask: Tensor | None = None    # [B, T] float32, 1 on environment tokens inside the response
+    episode_stats: Tensor | None = None   # [B, len(EPISODE_STATS)] float32, per episode (see EPISODE_STATS)
+
+    @property
+    def present_mask(self) -> Tensor:
+        """[B, T] every response token the model reads: sampled and environment tokens (attention, packing)."""
+        if self.context_mask is None:
+            return self.response_mask
+        return (self.response_mask + self.context_mask).clamp(max=1)
 
 
 @dataclass

@@ -187,3 +187,22 @@ def test_ray_section_is_validated():
 def test_algorithm_combinations_that_cannot_work_are_refused(tmp_path, text, words):
     msg = _error(tmp_path, text)
     assert all(w in msg for w in words), msg
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["rollout.env.type=python"], ["rollout.env.function", "package.module:function"]),
+    (["rollout.env.type=tools", "rollout.env.tools=[]"], ["rollout.env.tools", "calculator, python"]),
+    (["rollout.env.type=tools", "rollout.env.tools=[shell]"], ["rollout.env.tools", "calculator", "python"]),
+    (["rollout.env.type=tools", "algorithm.routing_replay=true"], ["algorithm.routing_replay", "rollout.env"]),
+    (["rollout.env.type=tools", "rollout.env.max_turns=0"], ["rollout.env.max_turns", ">= 1"]),
+])
+def test_environment_settings_are_checked(tmp_path, overrides, words):
+    message = _error(tmp_path, "stages: [grpo]\nrewards: [{type: exact_answer}]\n", overrides)
+    assert all(w in message for w in words), message
+
+
+def test_an_environment_of_its_own_may_be_the_only_reward(tmp_path):
+    path = tmp_path / "env.yaml"
+    path.write_text("stages: [grpo]\nrewards: []\nrollout: {env: {type: python, function: 'my_env.py:make'}}\n")
+    assert load_config(path).rollout.env.function == "my_env.py:make"
+    assert "rewards is empty" in _error(tmp_path, "stages: [grpo]\nrewards: []\n")

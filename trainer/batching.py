@@ -32,7 +32,7 @@ class Update:
 def row_tokens(batch: Any) -> list[int]:
     """Valid tokens per row (prompt + response for rollouts; attention mask for SFT batches)."""
     if hasattr(batch, "response_mask"):
-        return (batch.prompt_mask.sum(1) + batch.response_mask.sum(1)).long().tolist()
+        return (batch.prompt_mask.sum(1) + batch.present_mask.sum(1)).long().tolist()
     return batch.attention_mask.sum(1).long().tolist()
 
 

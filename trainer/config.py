@@ -305,6 +305,34 @@ class VLLMEngineConfig:
 
 
 @dataclass
+class EnvConfig:
+    """Multi-turn episodes: the model writes a turn, an environment answers (tool results, feedback), and so on until
+    the environment is done, max_turns turns were written or max_tokens are used. The environment's tokens are appended
+    to the sampled ones as ids and never trained on (docs/environments.md)."""
+
+    type: Literal["none", "tools", "python"] = opt(
+        "none", "'none': single-turn rollouts; 'tools': the model may call `tools` (Hermes <tool_call> JSON) and its "
+                "first turn without a call is the answer the rewards score; 'python': an environment of your own "
+                "(`function`).")
+    tools: list[str] = opt(factory=lambda: ["calculator"], choices=("calculator", "python"),
+                           doc="type tools: the tools offered ('calculator': + - * / // % ** on numbers; 'python': "
+                               "runs the code in the sandbox, answers with what it printed).")
+    function: str = opt("", "type python: 'package.module:function' or 'path/to/file.py:function' that takes the data "
+                            "row and returns an rl.environments.Environment (one per episode).")
+    max_turns: int = opt(4, "Assistant turns per episode at most (an episode still going after them is cut).", ge=1)
+    max_tokens: int = opt(256, "Response tokens per episode at most, sampled and environment tokens together "
+                               "(rollout.max_new_tokens bounds each turn).", ge=1)
+    python_timeout_s: float = opt(5.0, "tool python: wall-clock limit of one call.", gt=0)
+
+    def __post_init__(self) -> None:
+        if self.type == "python" and ":" not in self.function:
+            raise ConfigError("rollout.env.function: type python needs 'package.module:function' or "
+                              "'path/to/file.py:function' (a factory: data row -> Environment)")
+        if self.type == "tools" and not self.tools:
+            raise ConfigError("rollout.env.tools: type tools needs at least one of calculator, python")
+
+
+@dataclass
 class RolloutConfig:
     engine: Literal["hf", "vllm"] = opt(
         "hf", "Rollout backend: 'hf' (transformers generate, CPU or GPU) or 'vllm' (vLLM engine; install the extra "
@@ -323,6 +351,8 @@ class RolloutConfig:
                                             "them; the text loses the stop string, later tokens are never trained on.")
     dump_dir: str | None = opt(None, "Write every GRPO step's training rollouts here (safetensors + jsonl, "
                                      "trainer/dump.py); a relative path is inside the run folder; null = off.")
+    env: EnvConfig = opt(factory=EnvConfig, doc="Multi-turn episodes with an environment (type: none = single "
+                                                "turn).")
 
 
 # ------------------------------------------------------------------------------------------------------ algorithm
@@ -720,15 +750,19 @@ class RunConfig:
             raise ConfigError("stages must list at least one of 'sft', 'grpo'")
         if len(set(self.stages)) != len(self.stages) or self.stages not in (["sft"], ["grpo"], ["sft", "grpo"]):
             raise ConfigError(f"stages must be [sft], [grpo] or [sft, grpo], got {self.stages}")
-        if "grpo" in self.stages and not self.rewards:
+        if "grpo" in self.stages and not self.rewards and self.rollout.env.type != "python":
             raise ConfigError("rewards is empty, but the grpo stage needs at least one reward, e.g. "
-                              "rewards: [{type: exact_answer}]")
+                              "rewards: [{type: exact_answer}] (or an environment of its own that rewards: "
+                              "rollout.env.type python)")
         if self.trainer.replay is not None and self.trainer.mode != "local":
             raise ConfigError("trainer.replay runs in debug mode: set trainer.mode to 'local'")
         if self.model.lora.r and self.trainer.mode == "ray" and self.trainer.ray.zero_stage == 3:
             raise ConfigError("model.lora with trainer.ray.zero_stage 3 is not supported (merging adapters needs whole "
                               "weights on each learner): use zero_stage 1 or 2, whose frozen base weights are not "
                               "sharded anyway")
+        if self.algorithm.routing_replay and self.rollout.env.type != "none":
+            raise ConfigError("algorithm.routing_replay with rollout.env (multi-turn episodes) is not supported yet: "
+                              "the engines record routing per generate call, not per episode; set one of them off")
         if self.algorithm.overlong.buffer >= self.rollout.max_new_tokens:
             raise ConfigError(f"algorithm.overlong.buffer ({self.algorithm.overlong.buffer}) must be smaller than "
                               f"rollout.max_new_tokens ({self.rollout.max_new_tokens})")

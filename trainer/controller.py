@@ -16,9 +16,10 @@ from tokenwise.rl.data import PromptStream
 from tokenwise.rl.errors import NonFiniteError
 from tokenwise.rl.rewards import compute_rewards
 from tokenwise.rl.stats import quantile
-from tokenwise.rl.types import RolloutBatch
+from tokenwise.rl.types import EPISODE_STATS, RolloutBatch
 from tokenwise.trainer.dump import check_replay, dump_rollouts, load_rollouts
 from tokenwise.trainer.rollout.hf import concat_rollouts
+from tokenwise.trainer.rollout.multiturn import episode_metrics
 from tokenwise.trainer.evaluate import EVAL_PANEL, run_heldout_eval
 from tokenwise.trainer.logging import console
 from tokenwise.trainer.stage import StageEnv, StageResult, StageState, run_stage
@@ -158,6 +159,9 @@ def sample(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *,
         seconds += time.perf_counter() - t0
         rewards, stats = compute_rewards(env.rewards, prompts=rollouts.prompts, responses=rollouts.responses,
                                          answers=rollouts.answers, truncated=rollouts.truncated.tolist())
+        if rollouts.episode_stats is not None:  # multi-turn: the environment's return adds to the recipe's rewards
+            rewards = rewards + rollouts.episode_stats[:, EPISODE_STATS.index("env_reward")]
+            stats.update(episode_metrics(rollouts, rewards))
         reward_stats.append(stats)
         drawn.append(rewards)
         generated += float(rollouts.response_mask.sum())

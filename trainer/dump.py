@@ -3,7 +3,8 @@
 `rollout.dump_dir` writes each GRPO step's training rollouts (after dynamic sampling) as two files:
 
     step_000012.safetensors   prompt_ids, prompt_mask, response_ids, response_mask, rollout_logprobs, truncated (uint8),
-                              rewards, [temperatures], [prompt_expert_ids, response_expert_ids (MoE routing, int16)];
+                              rewards, [temperatures], [prompt_expert_ids, response_expert_ids (MoE routing, int16)],
+                              [context_mask, episode_stats (multi-turn episodes)];
                               metadata: group_size, policy_version, the step's reward stats
     step_000012.jsonl         one line per response: prompt, answer, response, reward, truncated
 
@@ -26,7 +27,7 @@ from tokenwise.rl.errors import ConfigError
 from tokenwise.rl.types import RolloutBatch
 
 _TENSORS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "rollout_logprobs", "truncated")
-_OPTIONAL = ("temperatures", "prompt_expert_ids", "response_expert_ids")
+_OPTIONAL = ("temperatures", "prompt_expert_ids", "response_expert_ids", "context_mask", "episode_stats")
 
 
 def _name(step: int) -> str:

@@ -49,7 +49,8 @@ PER_ROW = {"group_vocab"}  # [B, V] fields that are not per token (never trimmed
 def trim(batch: RolloutBatch) -> RolloutBatch:
     """Drop prompt columns that are padding in every row and response columns past the longest response."""
     p0 = int(batch.prompt_mask.any(0).long().argmax())
-    t1 = max(1, int(batch.response_mask.any(0).nonzero().max()) + 1) if batch.response_mask.any() else 1
+    present = batch.present_mask
+    t1 = max(1, int(present.any(0).nonzero().max()) + 1) if present.any() else 1
     T = batch.response_ids.shape[1]
     out = {}
     for f in dataclasses.fields(batch):
@@ -253,7 +254,7 @@ class Learner:
             return (*self._forward_packed(model, batch, policy), None)
         T = batch.response_ids.shape[1]
         ids = torch.cat([batch.prompt_ids, batch.response_ids], dim=1).to(self.device)
-        attn = torch.cat([batch.prompt_mask, batch.response_mask.long()], dim=1).to(self.device)
+        attn = torch.cat([batch.prompt_mask, batch.present_mask.long()], dim=1).to(self.device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         fused = self.fused and not features
         # fused: the model computes logits for one position only; log-probs come from its last hidden states
@@ -319,7 +320,7 @@ class Learner:
     def _forward_packed(self, model: torch.nn.Module, batch: RolloutBatch,
                         policy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """`_forward` over a padding-free packing of the rows (trainer/packing.py): the same values [B, T]."""
-        packed = pack(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, mode=self.packing,
+        packed = pack(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.present_mask, mode=self.packing,
                       pad_id=self.tokenizer.pad_token_id or 0, varlen=self._varlen).to(self.device)
         mask = packed.mask
         if self._additive_mask:  # eager attention adds its mask to the scores

@@ -100,3 +100,36 @@ class PromptFormatter:
     def row(self, row: dict) -> str:
         """The model input for a data row: its prompt, with its own system prompt and prefix if it has them."""
         return self(row["prompt"], system=row.get("system"), prefix=row.get("prefix"))
+
+    # ------------------------------------------------------------------------------------ multi-turn episodes
+    def episode(self, messages: list[dict], *, row: dict, tools: list[dict] | None = None) -> str:
+        """The model input for an episode's first messages (an Environment's reset): the row's (else the
+        formatter's) system prompt first when the messages bring none, the chat template with the tools' schemas,
+        then the row's (else the formatter's) assistant prefix."""
+        if not self.chat:
+            raise ValueError("rollout.env: multi-turn episodes need a chat template (data.use_chat_template true and a "
+                             "tokenizer with chat_template)")
+        system = self.system_prompt if row.get("system") is None else row["system"]
+        prefix = self.assistant_prefix if row.get("prefix") is None else row["prefix"]
+        if system and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": system}, *messages]
+        kwargs = {"tools": tools} if tools else {}
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                  **kwargs) + prefix
+
+    def continuation(self, messages: list[dict], *, eos_texts: list[str], tools: list[dict] | None = None) -> str:
+        """The text that follows an assistant turn's end-of-turn token up to the next assistant turn: `messages` (the
+        environment's) and the generation prompt, as the chat template renders them after an assistant turn. Taken
+        as the difference of two renderings of a stand-in conversation, so earlier turns are never rendered (or
+        tokenized) again."""
+        kwargs = {"tools": tools} if tools else {}
+        base = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+        before = self.tokenizer.apply_chat_template(base, tokenize=False, **kwargs)
+        after = self.tokenizer.apply_chat_template(base + list(messages), add_generation_prompt=True, tokenize=False,
+                                                   **kwargs)
+        ends = [before.rfind(e) + len(e) for e in eos_texts if e and before.rfind(e) >= 0]
+        cut = max(ends) if ends else len(before)
+        if not after.startswith(before[:cut]):
+            raise ValueError("rollout.env: this chat template renders an assistant turn differently once more messages "
+                             "follow it, so an episode cannot be continued from the sampled tokens")
+        return after[cut:]

@@ -19,7 +19,19 @@ from tokenwise.trainer.rollout.hf import HFRollout
 def build_rollout(cfg: Any, *, model_dir: str | Path, tokenizer: Any, formatter: PromptFormatter, dtype: torch.dtype,
                   device: torch.device, seed: int = 0, model: PreTrainedModel | None = None) -> Any:
     """cfg is trainer.config.RolloutConfig. The engine loads its own copy of the policy from `model_dir`; the hf
-    engine may instead be handed `model` (debug mode shares the learner's model object)."""
+    engine may instead be handed `model` (debug mode shares the learner's model object). With `rollout.env` the
+    engine runs multi-turn episodes (trainer/rollout/multiturn.py)."""
+    engine = _engine(cfg, model_dir=model_dir, tokenizer=tokenizer, formatter=formatter, dtype=dtype, device=device,
+                     seed=seed, model=model)
+    env = getattr(cfg, "env", None)
+    if env is None or env.type == "none":
+        return engine
+    from tokenwise.trainer.rollout.multiturn import MultiTurnRollout
+    return MultiTurnRollout(engine, tokenizer=tokenizer, formatter=formatter, cfg=env)
+
+
+def _engine(cfg: Any, *, model_dir: str | Path, tokenizer: Any, formatter: PromptFormatter, dtype: torch.dtype,
+            device: torch.device, seed: int, model: PreTrainedModel | None) -> Any:
     if cfg.engine == "vllm" and model is None:
         from tokenwise.trainer.rollout.vllm import VLLMRollout, unsupported_reason
         reason = unsupported_reason(model_dir)

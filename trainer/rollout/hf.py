@@ -40,6 +40,9 @@ def concat_rollouts(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
         response_expert_ids=None if parts[0].response_expert_ids is None else torch.cat(
             [F.pad(p.response_expert_ids, (0, 0, 0, 0, 0, T - p.response_expert_ids.shape[1]), value=-1)
              for p in parts]),
+        context_mask=None if parts[0].context_mask is None else torch.cat(
+            [F.pad(p.context_mask, (0, T - p.context_mask.shape[1])) for p in parts]),
+        episode_stats=None if parts[0].episode_stats is None else torch.cat([p.episode_stats for p in parts]),
     )
 
 
@@ -152,38 +155,44 @@ class HFRollout(BucketedSync):
 
     @torch.no_grad()
     def generate(self, rows: list[dict], *, n: int, greedy: bool = False, seed: int | None = None,
-                 adaptive: dict | None = None, temperature: float | None = None) -> RolloutBatch:
+                 adaptive: dict | None = None, temperature: float | None = None,
+                 prompt_ids: list[list[int]] | None = None, max_new_tokens: int | None = None) -> RolloutBatch:
         """n responses per row (groups contiguous). With `seed`, sampling draws from a generator seeded with it
         (the same rows, weights and seed give the same responses in any process); else from the global RNG.
         `adaptive` = {tau, stats}: HAPO adaptive temperature (ignored when greedy); the batch then records each
-        token's temperature. `temperature` overrides the engine's sampling temperature for this call."""
+        token's temperature. `temperature` overrides the engine's sampling temperature for this call. `prompt_ids`
+        (one list per row) are the model's input as token ids instead of the rows' formatted prompts (multi-turn
+        rollouts continue a trajectory this way, never re-tokenizing it); `max_new_tokens` overrides the engine's."""
         temperature = self.temperature if temperature is None else temperature
+        limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if prompt_ids is None:
+            prompt_ids = [self.tokenizer(self.format.row(r), add_special_tokens=False)["input_ids"] for r in rows]
         if seed is None:
-            return self._generate_all(rows, n, greedy, adaptive, temperature)
+            return self._generate_all(rows, prompt_ids, n, greedy, adaptive, temperature, limit)
         devices = [self._home] if self._home.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            return self._generate_all(rows, n, greedy, adaptive, temperature)
+            return self._generate_all(rows, prompt_ids, n, greedy, adaptive, temperature, limit)
 
-    def _generate_all(self, rows: list[dict], n: int, greedy: bool, adaptive: dict | None,
-                      temperature: float) -> RolloutBatch:
+    def _generate_all(self, rows: list[dict], prompt_ids: list[list[int]], n: int, greedy: bool,
+                      adaptive: dict | None, temperature: float, limit: int) -> RolloutBatch:
         self.model.eval()
         per_call = max(1, self.batch_size // n)
-        batch = concat_rollouts([self._generate(rows[i:i + per_call], n, greedy, None if greedy else adaptive,
-                                                temperature) for i in range(0, len(rows), per_call)], self.pad_id)
+        batch = concat_rollouts([self._generate(rows[i:i + per_call], prompt_ids[i:i + per_call], n, greedy,
+                                                None if greedy else adaptive, temperature, limit)
+                                 for i in range(0, len(rows), per_call)], self.pad_id)
         return apply_stop_strings(batch, self.stop, self.tokenizer)
 
-    def _generate(self, rows: list[dict], n: int, greedy: bool, adaptive: dict | None,
-                  temperature: float) -> RolloutBatch:
-        texts = [self.format.row(r) for r in rows]
+    def _generate(self, rows: list[dict], prompt_ids: list[list[int]], n: int, greedy: bool, adaptive: dict | None,
+                  temperature: float, limit: int) -> RolloutBatch:
         device = self.model.device
-        enc = self.tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
-        ids = enc["input_ids"].repeat_interleave(n, dim=0)
-        mask = enc["attention_mask"].repeat_interleave(n, dim=0)
+        P = max(len(p) for p in prompt_ids)
+        ids = torch.tensor([[self.pad_id] * (P - len(p)) + list(p) for p in prompt_ids]).repeat_interleave(n, dim=0)
+        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompt_ids]).repeat_interleave(n, dim=0)
         # Sampling: our own processor list — temperature (or HAPO's per-token one), top-k, top-p, then the recorder
         # of the sampled tokens' log-probs — with generate's own warpers neutral, so the recorder sees exactly the
         # distribution the sampler draws from. No output_scores: those are [B, T, V] (GBs at a 150k vocabulary).
-        gen = GenerationConfig(do_sample=not greedy, max_new_tokens=self.max_new_tokens, return_dict_in_generate=True,
+        gen = GenerationConfig(do_sample=not greedy, max_new_tokens=limit, return_dict_in_generate=True,
                                pad_token_id=self.pad_id, eos_token_id=self.eos_ids)
         processors = LogitsProcessorList()
         if not greedy:

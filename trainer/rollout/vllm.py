@@ -193,14 +193,19 @@ class VLLMRollout(BucketedSync):
 
     # --------------------------------------------------------------------------------------------------- generate
     def generate(self, rows: list[dict], *, n: int, greedy: bool = False, seed: int | None = None,
-                 adaptive: dict | None = None, temperature: float | None = None) -> RolloutBatch:
+                 adaptive: dict | None = None, temperature: float | None = None,
+                 prompt_ids: list[list[int]] | None = None, max_new_tokens: int | None = None) -> RolloutBatch:
         """n responses per row (groups contiguous). Each sample is its own request (prefix caching shares the
         prompt); with `seed`, sample j of row i draws from its own generator seeded from (seed, i, j). `temperature`
-        overrides the engine's sampling temperature for this call."""
+        overrides the engine's sampling temperature for this call. `prompt_ids` (one list per row) are the model's
+        input as token ids instead of the rows' formatted prompts (multi-turn rollouts); `max_new_tokens` overrides
+        the engine's."""
         from vllm.inputs import TokensPrompt
         from tokenwise.trainer.rollout.vllm_ext import EXTRA_KEY, ROUTING_KEY
-        texts = [self.format.row(r) for r in rows]
-        prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        if prompt_ids is None:
+            prompt_ids = [self.tokenizer(self.format.row(r), add_special_tokens=False)["input_ids"] for r in rows]
+        prompt_ids = [list(p) for p in prompt_ids]
+        limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         adaptive = None if greedy else adaptive
         temperature = self.temperature if temperature is None else temperature
         self._calls += 1
@@ -218,7 +223,7 @@ class VLLMRollout(BucketedSync):
                 params.append(self._vllm.SamplingParams(
                     n=1, temperature=0.0 if greedy else (1.0 if adaptive is not None else temperature),
                     top_p=1.0 if greedy else self.top_p, top_k=0 if greedy else self.top_k,
-                    max_tokens=self.max_new_tokens, stop_token_ids=self.eos_ids, logprobs=None if greedy else 0,
+                    max_tokens=limit, stop_token_ids=self.eos_ids, logprobs=None if greedy else 0,
                     detokenize=False, seed=None if seed is None or greedy else (seed * 1_000_003 + i * 4_099 + j) % (1 << 62),
                     extra_args=extra or None))
                 keys.append(key)
