@@ -26,11 +26,26 @@ def _operand(rng: random.Random, min_digits: int, max_digits: int) -> int:
 
 def _arithmetic_problem(rng: random.Random, min_digits: int, max_digits: int,
                         ops: Sequence[str]) -> tuple[str, str, str]:
-    """(prompt, answer, answer): this task has no sloppy teacher."""
+    """(prompt, answer, the sloppy teacher's answer: the last digit off by one, a guess made without working it
+    out; derived from the answer, so the problems do not depend on the teacher)."""
     a, b = _operand(rng, min_digits, max_digits), _operand(rng, min_digits, max_digits)
     op = rng.choice(list(ops))
     value = str({"+": a + b, "-": a - b, "*": a * b}[op])
-    return f"{a}{op}{b}=", value, value
+    return f"{a}{op}{b}=", value, value[:-1] + str((int(value[-1]) + 1) % 10)
+
+
+def calculator_call(expression: str) -> str:
+    """The assistant turn that asks the calculator tool (Hermes / Qwen <tool_call> JSON, rl/environments.py)."""
+    return '<tool_call>{"name": "calculator", "arguments": {"expression": "' + expression + '"}}</tool_call>'
+
+
+def tool_demonstration(prompt: str, answer: str, demo_answer: str) -> list[dict]:
+    """The SFT demonstration after the user's prompt 'a*b=': call the calculator, read its result, answer with it;
+    a sloppy demonstration (demo_answer differs) answers directly, without the tool, with its guess."""
+    if demo_answer != answer:
+        return [{"role": "assistant", "content": demo_answer}]
+    return [{"role": "assistant", "content": calculator_call(prompt.rstrip("="))},
+            {"role": "tool", "content": answer}, {"role": "assistant", "content": answer}]
 
 
 def _sort_problem(rng: random.Random, min_length: int, max_length: int) -> tuple[str, str, str]:
@@ -75,10 +90,19 @@ def _split_task(make, *, num_train: int, num_heldout: int, seed: int, what: str,
 
 
 def arithmetic_task(*, num_train: int, num_heldout: int, min_digits: int, max_digits: int, ops: Sequence[str],
-                    seed: int) -> dict[str, Dataset]:
-    """'a<op>b=' → the integer result; operands have min_digits..max_digits digits (digit count drawn uniformly)."""
-    return _split_task(lambda rng: _arithmetic_problem(rng, min_digits, max_digits, ops), num_train=num_train,
-                       num_heldout=num_heldout, seed=seed, what="arithmetic")
+                    seed: int, teacher_error: float = 0.0, tool_demos: bool = False) -> dict[str, Dataset]:
+    """'a<op>b=' → the integer result; operands have min_digits..max_digits digits (digit count drawn uniformly).
+    With `tool_demos` each training row carries `sft_messages`, a demonstration that calls the calculator tool (or,
+    with probability teacher_error, guesses without it); without, teacher_error makes `sft_answer` that guess."""
+    task = _split_task(lambda rng: _arithmetic_problem(rng, min_digits, max_digits, ops), num_train=num_train,
+                       num_heldout=num_heldout, seed=seed, what="arithmetic", teacher_error=teacher_error)
+    if tool_demos:
+        train = task["train"]
+        demos = train["sft_answer"] if "sft_answer" in train.column_names else train["answer"]
+        messages = [tool_demonstration(p, a, d) for p, a, d in zip(train["prompt"], train["answer"], demos)]
+        task["train"] = Dataset.from_dict({"prompt": train["prompt"], "answer": train["answer"],
+                                           "sft_messages": messages})
+    return task
 
 
 def sort_task(*, num_train: int, num_heldout: int, min_length: int, max_length: int, seed: int,
@@ -129,14 +153,16 @@ def load_local(files: Sequence[str], *, prompt_key: str, answer_key: str, what: 
         if key not in ds.column_names:
             raise DataError(f"{what} {[str(p) for p in paths]}: column '{key}' not found (columns: "
                             f"{', '.join(ds.column_names)}); set {role} to the right column")
-    ds = ds.select_columns([prompt_key, answer_key])
+    demos = "sft_messages" in ds.column_names  # multi-turn SFT demonstrations (docs/environments.md)
+    ds = ds.select_columns([prompt_key, answer_key] + (["sft_messages"] if demos else []))
     for key, role in ((prompt_key, "data.prompt_key"), (answer_key, "data.answer_key")):
         missing = [i for i, v in enumerate(ds[key]) if v is None or (isinstance(v, str) and not v.strip())]
         if missing:
             raise DataError(f"{what} {[str(p) for p in paths]}: column '{key}' ({role}) is empty or null in "
                             f"{len(missing)} row(s), first at row {missing[0]}; fill or drop those rows")
     return Dataset.from_dict({"prompt": [str(p) for p in ds[prompt_key]],
-                              "answer": [gsm8k_answer(a) for a in ds[answer_key]]})
+                              "answer": [gsm8k_answer(a) for a in ds[answer_key]],
+                              **({"sft_messages": ds["sft_messages"]} if demos else {})})
 
 
 def local_task(*, train_files: Sequence[str], heldout_files: Sequence[str], heldout_size: int, prompt_key: str,

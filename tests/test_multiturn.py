@@ -254,7 +254,7 @@ def _check_dumped_episodes(run: Path, env_file: Path, tok) -> int:
     return full
 
 
-def test_grpo_with_episodes_in_debug_mode(sft_model, env_file, tmp_path):
+def test_grpo_with_episodes_in_debug_mode(sft_model, env_file, tmp_path, capsys):
     from tokenwise.trainer.cli import main
     from tokenwise.trainer.loading import load_tokenizer
     run = tmp_path / "run"
@@ -267,6 +267,11 @@ def test_grpo_with_episodes_in_debug_mode(sft_model, env_file, tmp_path):
         assert 0.3 < r["env/tool_error_frac"] < 0.7  # Echo counts its second call as an error
         assert r["env/context_tokens_mean"] > 10
         assert r["reward/mean"] == pytest.approx(r["env/reward_mean"])  # the only reward (format weighs 0)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--num-prompts", "4"]) == 0
+    assert "eval/turns_mean" in capsys.readouterr().out  # evaluation runs episodes too ...
+    assert main(["eval", str(run), "--num-prompts", "4", "--no-env"]) == 0
+    assert "eval/turns_mean" not in capsys.readouterr().out  # ... unless told to answer in one turn
 
 
 @pytest.mark.distributed
@@ -306,3 +311,62 @@ def test_the_continuation_starts_right_after_the_sampled_end_of_turn_token():
                          "{% endif %}<|im_end|>{% endfor %}")
     with pytest.raises(ValueError, match="cannot be continued"):
         fmt.continuation([{"role": "tool", "content": "42"}], eos_texts=["<|im_end|>"])
+
+
+class _Scripted:
+    """An engine that 'samples' fixed assistant turns (by row prompt), with the engine interface episodes use."""
+
+    def __init__(self, tok, script: dict[str, list[str]]) -> None:
+        self.tok, self.script = tok, script
+        self.turn_start = tok.convert_tokens_to_ids("<|assistant|>")  # one per assistant turn begun
+        self.eos_ids, self.pad_id, self.version, self.max_new_tokens = [tok.eos_token_id], tok.pad_token_id, 0, 200
+
+    def generate(self, rows, *, n, greedy=False, seed=None, adaptive=None, temperature=None, prompt_ids=None,
+                 max_new_tokens=None):
+        eos = self.tok.eos_token_id
+        turns = [self.tok(self.script[r["prompt"]][p.count(self.turn_start) - 1], add_special_tokens=False)[
+            "input_ids"] + [eos] for r, p in zip(rows, prompt_ids)]
+        T = max(map(len, turns))
+        ids = torch.tensor([t + [self.pad_id] * (T - len(t)) for t in turns])
+        mask = torch.tensor([[1.0] * len(t) + [0.0] * (T - len(t)) for t in turns])
+        B = len(rows)
+        return RolloutBatch(torch.zeros(B, 1, dtype=torch.long), torch.ones(B, 1, dtype=torch.long), ids, mask,
+                            -mask, torch.zeros(B, dtype=torch.bool), [r["prompt"] for r in rows],
+                            [r["answer"] for r in rows], [self.tok.decode(t[:-1]) for t in turns], 1, 0)
+
+
+def test_tool_demonstrations_are_laid_out_like_the_episodes_they_teach():
+    """The calculator task: an SFT demonstration (call, result, answer) is token for token the episode the calculator
+    environment makes when the model writes the demonstration's turns, its loss mask the episode's sampled tokens;
+    the calculator's answer is the demonstration's tool message, and the episode's reward input is the answer."""
+    from tokenwise.models.builtin import build_tokenizer
+    from tokenwise.rl.data import arithmetic_task
+    from tokenwise.trainer.config import EnvConfig
+    from tokenwise.trainer.loading import PromptFormatter
+    from tokenwise.trainer.rollout.multiturn import MultiTurnRollout
+    from tokenwise.trainer.sft import sft_batch
+    tok = build_tokenizer()
+    fmt = PromptFormatter(tok, system_prompt=None, use_chat_template=True)
+    rows = arithmetic_task(num_train=40, num_heldout=4, min_digits=3, max_digits=4, ops=["*"], seed=3,
+                           teacher_error=0.5, tool_demos=True)["train"].to_list()
+    direct = [r for r in rows if len(r["sft_messages"]) == 1]
+    tooled = [r for r in rows if len(r["sft_messages"]) == 3]
+    assert direct and tooled and all(r["sft_messages"][0]["content"] != r["answer"] for r in direct)
+    script = {r["prompt"]: [m["content"] for m in r["sft_messages"] if m["role"] == "assistant"] for r in rows}
+    episodes = MultiTurnRollout(_Scripted(tok, script), tokenizer=tok, formatter=fmt,
+                                cfg=EnvConfig(type="tools", tools=["calculator"], max_turns=3, max_tokens=400))
+    batch = episodes.generate(rows, n=1)
+    sft = sft_batch(rows, tok, fmt, tools=lambda row: None)
+    for k, row in enumerate(rows):
+        P, n = int(batch.prompt_mask[k].sum()), int(batch.present_mask[k].sum())
+        ids = batch.prompt_ids[k, -P:].tolist() + batch.response_ids[k, :n].tolist()
+        L = int(sft.attention_mask[k].sum())
+        assert sft.input_ids[k, :L].tolist() == ids
+        assert sft.loss_mask[k, :L].tolist() == [0.0] * P + batch.response_mask[k, :n].tolist()
+        assert batch.responses[k] == script[row["prompt"]][-1]
+        tools = batch.episode_stats[k, EPISODE_STATS.index("tool_calls")]
+        assert tools == (1.0 if row in tooled else 0.0)
+        if row in tooled:  # the calculator answered with the product: the environment tokens end with it
+            context = batch.response_ids[k, :n][batch.context_mask[k, :n] > 0].tolist()
+            assert tok.decode(context).endswith(f"{row['answer']}<|end|><|assistant|>")
+    assert batch.episode_stats[:, EPISODE_STATS.index("tool_errors")].sum() == 0

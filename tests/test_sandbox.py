@@ -180,3 +180,20 @@ def test_a_program_that_never_reads_a_large_input_still_times_out():
     its wall-clock timeout."""
     result = run_python("import time\ntime.sleep(60)", stdin="x" * (1 << 20), limits=SandboxLimits(timeout_s=2.0))
     assert result.status == "timeout" and result.seconds < 2.0 + 2.5
+
+
+def test_the_code_recipes_problems_are_solved_by_their_reference_solutions():
+    """recipes/data/code_tasks.jsonl (recipes/code_tests.yaml): every problem's reference solution, written as a
+    model would answer, passes all its cases through the code_tests reward; a program that prints its input back
+    passes almost none."""
+    from tokenwise.rl.data import local_task
+    rows = [json.loads(line) for line in (ROOT / "recipes" / "data" / "code_tasks.jsonl").read_text().splitlines()]
+    task = local_task(train_files=[str(ROOT / "recipes" / "data" / "code_tasks.jsonl")], heldout_files=[],
+                      heldout_size=4, prompt_key="prompt", answer_key="answer", seed=0)
+    assert len(task["train"]) + len(task["heldout"]) == len(rows) >= 20
+    reward = CodeTests(SandboxLimits(timeout_s=5.0), workers=2)
+    answer = lambda code: f"Here it is:\n```python\n{code}\n```"  # noqa: E731
+    items = [dict(prompt=r["prompt"], response=answer(r["solution"]), answer=r["answer"], truncated=False) for r in rows]
+    assert reward.batch(items) == [1.0] * len(rows)
+    echo = [dict(item, response=answer("print(input())")) for item in items]
+    assert sum(reward.batch(echo)) < 0.2 * len(rows)

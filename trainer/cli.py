@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="eval safety: folder for safety_eval.json and safety_modes.png (default: RUN_DIR)")
     e.add_argument("--model", help="model directory to evaluate instead of the run's last finished stage")
     e.add_argument("--num-prompts", type=int)
+    e.add_argument("--no-env", action="store_true", help="single-turn, without the run's rollout.env (e.g. the accuracy "
+                                                         "of a tool-using model without its tools)")
     pg = sub.add_parser("ping", help="PING: search an assistant prefix that keeps benign requests answered and "
                                      "harmful ones refused; saves it in the model's serving.json")
     pg.add_argument("run_dir", help="a run with data.type: safety (its held-out benign / harmful requests)")
@@ -191,6 +193,10 @@ def _eval(args: argparse.Namespace) -> int:
     model_dir = _final_model(run_dir, cfg, args.model)
     if len(args.target) == 2:
         return _eval_safety(cfg, model_dir, args, run_dir)
+    if args.no_env:
+        import dataclasses
+        from tokenwise.trainer.config import EnvConfig
+        cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, env=EnvConfig()))
     engine = engine_for(model_dir, cfg=cfg, kind=cfg.rollout.engine, what="--model")
     metrics = run_heldout_eval(engine, cfg, load_task(cfg.data)["heldout"], num_prompts=args.num_prompts)
     console.print(f"model: {model_dir}")

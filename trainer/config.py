@@ -140,6 +140,10 @@ class ArithmeticData(DataCommon):
     max_digits: int = opt(2, "Most digits of an operand.", ge=1, le=9)
     ops: list[str] = opt(factory=lambda: ["+"], doc="Operators to draw from.", choices=("+", "-", "*"))
     seed: int = opt(1234, "Seed of the generator (kept apart from run.seed so the task stays fixed).", ge=0)
+    tool_demos: bool = opt(False, "SFT demonstrations call the calculator tool (a multi-turn conversation: call, "
+                                  "result, answer); GRPO and evaluation then need rollout.env type tools.")
+    teacher_error: float = opt(0.0, "Share of SFT demonstrations that guess instead (the answer's last digit off by "
+                                    "one; with tool_demos, answered directly without the tool).", ge=0, le=1)
 
     def __post_init__(self) -> None:
         if self.min_digits > self.max_digits:

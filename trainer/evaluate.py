@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from datasets import Dataset
 
 from tokenwise.rl.rewards import exact_answer, extract_answer, format_reward
@@ -104,6 +105,12 @@ def heldout_metrics(engine: Any, dataset: Dataset, *, num_prompts: int, refused:
                     for p, r, a, t in zip(out.prompts, out.responses, out.answers, out.truncated))
     metrics = {"eval/accuracy": correct / n, "eval/format": formatted / n,
                "eval/response_len_mean": float(out.response_mask.sum()) / n, **engine.attention_sink(rows)}
+    if out.episode_stats is not None:  # multi-turn episodes: turns, tool use and tool errors of the greedy episodes
+        from tokenwise.trainer.rollout.multiturn import episode_metrics
+        episodes = episode_metrics(out, torch.tensor(_correct(out)))
+        metrics.update({"eval/" + k.removeprefix("env/"): v for k, v in episodes.items()
+                        if k in ("env/turns_mean", "env/tool_use_frac", "env/tool_calls_mean", "env/tool_error_frac",
+                                 "env/cut_frac")})
     if k:
         metrics.update(sampled_metrics(engine, rows, k=k, temperature=temperature, seed=seed))
     if refused is not None:

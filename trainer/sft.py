@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -18,12 +18,20 @@ from tokenwise.trainer.workers import build_workers
 PANELS = [("sft/loss", "SFT loss"), (EVAL_PANEL, "held-out accuracy"), ("sft/lr", "learning rate")]
 
 
-def sft_batch(rows: list[dict], tokenizer: Any, formatter: Any) -> SFTBatch:
+def sft_batch(rows: list[dict], tokenizer: Any, formatter: Any,
+              tools: Callable[[dict], list[dict] | None] | None = None) -> SFTBatch:
     """[formatted prompt | answer <eos>], right-padded; the loss covers the answer and the end-of-turn token. The
     answer is the row's demonstration `sft_answer` where the data has one (a built-in task's sloppy teacher), else
-    `answer`."""
+    `answer`. A row with `sft_messages` (a multi-turn demonstration after its prompt: assistant turns, tool results)
+    is laid out token for token as a multi-turn rollout lays out an episode (trainer/rollout/multiturn.py), the
+    loss on the assistant turns only; `tools(row)` gives the tool schemas its prompt offers."""
     seqs, masks = [], []
     for row in rows:
+        if row.get("sft_messages"):
+            seq, mask = _conversation(row, tokenizer, formatter, tools(row) if tools else None)
+            seqs.append(seq)
+            masks.append(mask)
+            continue
         prompt = tokenizer(formatter.row(row), add_special_tokens=False)["input_ids"]
         target = row.get("sft_answer", row["answer"])
         answer = tokenizer(str(target), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -40,9 +48,39 @@ def sft_batch(rows: list[dict], tokenizer: Any, formatter: Any) -> SFTBatch:
     return SFTBatch(input_ids, attention, loss_mask)
 
 
+def _conversation(row: dict, tokenizer: Any, formatter: Any, tools: list[dict] | None) -> tuple[list[int], list[float]]:
+    """A multi-turn demonstration as ids and loss mask: the episode prompt, then each assistant turn's text and the
+    end-of-turn token (trained on), each run of other messages as the chat template continues after an assistant turn
+    (not trained on)."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(formatter.episode([{"role": "user", "content": row["prompt"]}], row=row, tools=tools),
+                    add_special_tokens=False)["input_ids"]
+    mask = [0.0] * len(ids)
+    pending: list[dict] = []
+    for message in row["sft_messages"]:
+        if message["role"] != "assistant":
+            pending.append({"role": message["role"], "content": message["content"]})
+            continue
+        if pending:
+            context = tokenizer(formatter.continuation(pending, eos_texts=[tokenizer.decode([eos])], tools=tools),
+                                add_special_tokens=False)["input_ids"]
+            ids += context
+            mask += [0.0] * len(context)
+            pending = []
+        turn = tokenizer(message["content"], add_special_tokens=False)["input_ids"] + [eos]
+        ids += turn
+        mask += [1.0] * len(turn)
+    return ids, mask
+
+
 def run_sft(env: StageEnv) -> StageResult:
     cfg, s = env.cfg, env.cfg.sft
     stream = PromptStream(env.data["train"], seed=cfg.seed)
+    tools = None
+    if cfg.rollout.env.type != "none":  # multi-turn demonstrations offer the tools the episodes will offer
+        from tokenwise.trainer.rollout.multiturn import environment_factory
+        make_env = environment_factory(cfg.rollout.env)
+        tools = lambda row: [t.schema() for t in getattr(make_env(row), "tools", ())] or None  # noqa: E731
 
     def make_state(workers) -> StageState:
         def evaluate() -> dict:
@@ -53,7 +91,7 @@ def run_sft(env: StageEnv) -> StageResult:
 
     def step(workers, n: int) -> tuple[dict, str]:
         t0 = time.perf_counter()
-        batch = sft_batch(stream.next_batch(s.batch_size), env.tokenizer, env.formatter)
+        batch = sft_batch(stream.next_batch(s.batch_size), env.tokenizer, env.formatter, tools=tools)
         metrics = workers.pool.sft_step(batch)
         if metrics["nonfinite/skipped_updates"]:
             reason = (f"the gradient norm was {metrics['sft/grad_norm']} (loss {metrics['sft/loss']:.4g}); the "

@@ -179,13 +179,15 @@ class MultiTurnRollout:
 
 
 def episode_metrics(batch: RolloutBatch, rewards: torch.Tensor) -> dict[str, float]:
-    """Per-step episode statistics (multi-turn rollouts): turns, tool calls and the share that failed, cut episodes,
-    the environment's return, the whole reward per turn, and environment tokens per episode."""
+    """Per-step episode statistics (multi-turn rollouts): turns, tool calls, the share of episodes that called a tool
+    and the share of calls that failed, cut episodes, the environment's return, the whole reward per turn, and
+    environment tokens per episode."""
     if batch.episode_stats is None:
         return {}
     s = {name: batch.episode_stats[:, i].double() for i, name in enumerate(EPISODE_STATS)}
     calls = float(s["tool_calls"].sum())
     return {"env/turns_mean": s["turns"].mean().item(), "env/tool_calls_mean": s["tool_calls"].mean().item(),
+            "env/tool_use_frac": (s["tool_calls"] > 0).double().mean().item(),
             "env/tool_error_frac": float(s["tool_errors"].sum()) / calls if calls else 0.0,
             "env/cut_frac": s["cut"].mean().item(), "env/reward_mean": s["env_reward"].mean().item(),
             "env/reward_per_turn": (rewards.double() / s["turns"].clamp(min=1)).mean().item(),
