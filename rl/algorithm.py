@@ -29,7 +29,8 @@ class Algorithm:
     `cfg` is trainer.config.AlgorithmConfig (duck-typed here, so rl/ does not import the trainer)."""
 
     def __init__(self, cfg: Any, *, max_response_len: int | None = None) -> None:
-        """max_response_len: the rollout's max_new_tokens (the constant of seq-mean-token-sum-norm)."""
+        """max_response_len: the rollout's max_new_tokens, or an episode's token budget (the constant of
+        seq-mean-token-sum-norm and the overlong shaping's limit)."""
         self.advantage = _piece(ADVANTAGES, cfg.advantage)
         self.policy_loss = _piece(POLICY_LOSSES, cfg.policy_loss)
         self.aggregate = AGGREGATIONS.get(cfg.aggregation)

@@ -370,3 +370,19 @@ def test_tool_demonstrations_are_laid_out_like_the_episodes_they_teach():
             context = batch.response_ids[k, :n][batch.context_mask[k, :n] > 0].tolist()
             assert tok.decode(context).endswith(f"{row['answer']}<|end|><|assistant|>")
     assert batch.episode_stats[:, EPISODE_STATS.index("tool_errors")].sum() == 0
+
+
+def test_trimming_keeps_per_episode_fields_whole():
+    """trim() drops response columns past the longest trajectory (environment tokens count as present) but never
+    the per-episode statistics, even when the response width equals their number of columns."""
+    from tokenwise.trainer.learner import trim
+    T = len(EPISODE_STATS)
+    batch = _multiturn_batch(1, T=T)
+    batch.response_mask[:, 3:] = 0
+    batch.context_mask[:, 3:] = 0
+    batch.context_mask[0, 2] = 1.0  # a row whose last present token is the environment's: still inside the width
+    batch.response_mask[0, 2] = 0.0
+    batch.episode_stats = torch.arange(len(batch) * T, dtype=torch.float32).view(len(batch), T)
+    out = trim(batch)
+    assert out.response_ids.shape[1] == 3 and out.context_mask.shape[1] == 3
+    assert torch.equal(out.episode_stats, batch.episode_stats)

@@ -31,7 +31,9 @@ PANELS = [("reward/mean", "reward"), ("rollout/response_len_mean", "response len
 
 def run_grpo(env: StageEnv) -> StageResult:
     cfg, g = env.cfg, env.cfg.grpo
-    algo = Algorithm(cfg.algorithm, max_response_len=cfg.rollout.max_new_tokens)
+    # the longest response: one turn, or an episode's token budget (its sampled tokens are at most that)
+    longest = cfg.rollout.env.max_tokens if cfg.rollout.env.type != "none" else cfg.rollout.max_new_tokens
+    algo = Algorithm(cfg.algorithm, max_response_len=longest)
     data = PromptStream(env.data["train"], seed=cfg.seed)
     if cfg.trainer.replay is not None:
         check_replay(cfg.trainer.replay, g.steps, routing=cfg.algorithm.routing_replay)

@@ -43,7 +43,7 @@ def token_logprobs_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) ->
     return logp_BT, entropy_BT
 
 
-PER_ROW = {"group_vocab"}  # [B, V] fields that are not per token (never trimmed)
+PER_ROW = {"group_vocab", "episode_stats"}  # [B, V] and [B, K] fields that are not per token (never trimmed)
 
 
 def trim(batch: RolloutBatch) -> RolloutBatch:
