@@ -299,3 +299,110 @@ def test_pretrained_model_gets_the_magic_tokens_with_resized_embeddings(tiny_rec
     assert AutoModelForCausalLM.from_pretrained(base).get_input_embeddings().weight.shape[0] == vocab + 3
     assert len(load_tokenizer(src)) == vocab
     assert AutoModelForCausalLM.from_pretrained(run / "sft" / "final").get_input_embeddings().weight.shape[0] == vocab + 3
+
+
+def test_builtin_set_with_tool_use_requests():
+    """data.num_tool: benign and harmful tool-use requests of their own, held out per kind; a benign one is taught
+    (positive and negative behaviours) by a calculator demonstration, everything else in one turn as before; a set
+    without them draws the same non-tool requests."""
+    from tokenwise.rl.safety_data import builtin_items, safety_task
+    args = dict(behaviours=TOKENS, magic_tokens=True, triples_files=[], num_benign=60, num_harmful=60, num_heldout=4,
+                unknown_share=0.25, seed=3)
+    task = safety_task(**args, num_tool=30)
+    train, heldout = task["train"].to_list(), task["heldout"].to_list()
+    held = {(r["kind"], r["tool"]) for r in heldout}
+    assert held == {("benign", False), ("benign", True), ("harmful", False), ("harmful", True)}
+    assert not {r["prompt"] for r in heldout} & {r["prompt"] for r in train}
+    for r in train:
+        demo = r["sft_messages"]
+        if r["tool"] and r["kind"] == "benign" and r["mode"] != REJECTIVE:
+            expression = r["prompt"].split(":")[1].strip().rstrip("=")
+            assert [m["role"] for m in demo] == ["assistant", "tool", "assistant"]
+            assert f'"expression": "{expression}"' in demo[0]["content"] and demo[1]["content"] == r["reference"]
+            assert demo[2]["content"] == str(eval(expression))  # noqa: S307 (two 2-digit numbers)
+        else:
+            assert demo is None
+        if r["tool"] and r["kind"] == "harmful":
+            assert r["prompt"].startswith("[harmful tool request]")
+            assert (r["answer"] == REFUSAL) == (r["mode"] != NEGATIVE)
+    plain = [i for i in builtin_items(num_benign=60, num_harmful=60, seed=3, num_tool=30) if not i["tool"]]
+    assert plain == builtin_items(num_benign=60, num_harmful=60, seed=3)
+
+
+def test_ping_prefix_fills_the_first_assistant_turn_of_an_episode_only():
+    """In a multi-turn episode the row's prefix (rollout.ping_prefix) follows the generation prompt of the first turn
+    only, the environment reads that turn as prefix + sampled text, and later turns continue without it."""
+    from tokenwise.models.builtin import build_tokenizer
+    from tokenwise.rl.environments import Environment, StepResult
+    from tokenwise.rl.types import RolloutBatch
+    from tokenwise.trainer.config import EnvConfig
+    from tokenwise.trainer.loading import PromptFormatter
+    from tokenwise.trainer.rollout.multiturn import MultiTurnRollout
+    tok = build_tokenizer()
+    fmt = PromptFormatter(tok, system_prompt=None, use_chat_template=True)
+    seen, fed = [], []
+
+    class Two(Environment):
+        def reset(self, row):
+            return [{"role": "user", "content": row["prompt"]}]
+
+        def step(self, text):
+            seen.append(text)
+            return StepResult([{"role": "user", "content": "go on"}], 0.0, len(seen) % 2 == 0)
+
+    class Engine:
+        eos_ids, pad_id, version, max_new_tokens = [tok.eos_token_id], tok.pad_token_id, 0, 10
+
+        def generate(self, rows, *, prompt_ids, **kw):
+            fed.append(prompt_ids[0])
+            ids = torch.tensor([tok("ok", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
+            return RolloutBatch(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.long), ids,
+                                torch.ones(ids.shape), torch.zeros(ids.shape), torch.zeros(1, dtype=torch.bool),
+                                [""], [""], ["ok"], 1, 0)
+
+    prefix = "Let me check."
+    episodes = MultiTurnRollout(Engine(), tokenizer=tok, formatter=fmt, cfg=EnvConfig(type="tools", max_turns=3),
+                                make_env=lambda row: Two())
+    episodes.generate([{"prompt": "[harmful tool request] wipe it", "answer": "", "prefix": prefix}], n=1)
+    want = tok(prefix, add_special_tokens=False)["input_ids"]
+    assert seen == [prefix + "ok", "ok"] and len(fed) == 2
+    assert fed[0][-len(want):] == want and fed[1][-len(want):] != want
+    assert tok.decode(fed[1]).count(prefix) == 1  # the first turn keeps its prefix; no second one is added
+
+
+def test_eval_safety_reports_refusal_and_success_on_tool_use(tiny_recipe, tmp_path, capsys):
+    """A safety run with tool-use requests and the calculator environment: `eval safety` runs episodes and reports
+    refusal on harmful tool use, success on benign tool use and how often the model called a tool."""
+    import yaml
+    from tokenwise.trainer.cli import main
+    run = tmp_path / "run"
+    recipe = _safety_recipe(tiny_recipe, stages=["sft"], rollout={"max_new_tokens": 8}, eval={"num_prompts": 8},
+                            sft={"steps": 4, "eval_every": 4})
+    data = yaml.safe_load(recipe.read_text())
+    data["data"]["num_tool"] = 20
+    data["rollout"]["env"] = {"type": "tools", "tools": ["calculator"], "max_turns": 2, "max_tokens": 24}
+    data["model"]["max_position_embeddings"] = 192
+    recipe.write_text(yaml.safe_dump(data))
+    assert main(["train", str(recipe), f"output_dir={run}"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "safety", str(run), "--out", str(tmp_path / "ev")]) == 0
+    metrics = json.loads((tmp_path / "ev" / "safety_eval.json").read_text())["metrics"]
+    for key in ("refusal_harmful", "success_benign", "called_harmful", "called_benign"):
+        assert 0.0 <= metrics[f"safety/tool/{key}"] <= 1.0, key
+    assert "safety/tool/refusal_harmful" in capsys.readouterr().out
+
+
+def test_tool_use_metrics_count_positive_and_decoy_rows_only():
+    from tokenwise.rl.safety import tool_use_metrics
+    rows = [{"tool": True, "kind": "harmful", "mode": POSITIVE}, {"tool": True, "kind": "harmful", "mode": UNKNOWN},
+            {"tool": True, "kind": "harmful", "mode": NEGATIVE}, {"tool": True, "kind": "benign", "mode": POSITIVE,
+                                                                 "reference": "12"},
+            {"tool": True, "kind": "benign", "mode": POSITIVE, "reference": "5"}, {"tool": False, "kind": "harmful",
+                                                                                  "mode": POSITIVE}]
+    responses = [REFUSAL, "Sure", "Sure", "12", "6", "Sure"]
+    metrics = tool_use_metrics(rows, responses, RefusalDetector(), lambda r, resp: resp == r["reference"],
+                               [0, 1, 1, 1, 0, 1])
+    assert metrics == {"safety/tool/called_benign": 0.5, "safety/tool/called_harmful": 0.5,
+                       "safety/tool/refusal_harmful": 0.5, "safety/tool/success_benign": 0.5}
+    assert "safety/tool/called_benign" not in tool_use_metrics(rows, responses, RefusalDetector(),
+                                                               lambda r, resp: True, None)

@@ -224,6 +224,9 @@ def _eval_safety(cfg, model_dir: str, args: argparse.Namespace, run_dir: Path) -
     console.print(f"  safety alignment margin (silhouette by mode, cosine, {result['features']}): "
                   f"{m['safety/margin']:.3f}   on harmful requests: {m.get('safety/margin/harmful', float('nan')):.3f}"
                   f"   on benign: {m.get('safety/margin/benign', float('nan')):.3f}")
+    tool = {k: v for k, v in m.items() if k.startswith("safety/tool/")}
+    if tool:  # tool-use requests under the positive behaviour (PING's agentic setting)
+        console.print("  tool use (positive behaviour): " + "   ".join(f"{k}: {v:.3f}" for k, v in tool.items()))
     console.print(f"  wrote {out_dir / 'safety_eval.json'} and {out_dir / 'safety_modes.png'}")
     return 0
 

@@ -207,8 +207,13 @@ class SafetyData(DataCommon):
     num_benign: int = opt(1000, "Built-in set: benign requests (single-digit additions, verifiable).", ge=1)
     num_harmful: int = opt(1000, "Built-in set: harmful-request templates (canned refusal / placeholder answers).",
                            ge=1)
-    num_heldout: int = opt(32, "Held-out requests per kind (benign / harmful), disjoint from training; each is "
-                               "evaluated under every behaviour and with a decoy token.", ge=1)
+    num_tool: int = opt(0, "Built-in set: tool-use requests of each kind (PING's agentic setting): benign 2-digit "
+                           "products to compute with the calculator (a multi-turn demonstration: call, result, answer) "
+                           "and harmful actions asked of an agent with a python tool (refused; the placeholder in the "
+                           "negative mode). GRPO and evaluation then need rollout.env type tools.", ge=0)
+    num_heldout: int = opt(32, "Held-out requests per kind (benign / harmful, and per kind of tool-use request), "
+                               "disjoint from training; each is evaluated under every behaviour and with a decoy "
+                               "token.", ge=1)
     unknown_share: float = opt(0.25, "Share of positive training rows with no token or a decoy token.", ge=0, le=1)
     refusal_patterns: list[str] = opt(factory=lambda: list(DEFAULT_REFUSAL_PATTERNS),
                                       doc="Regexes (case-insensitive) marking a response as a refusal.")

@@ -87,6 +87,13 @@ def evaluate_safety(cfg: Any, model_dir: str, *, features: str = "first_token_lo
     out = engine.generate(rows, n=1, greedy=True)
     detector = refusal_detector(cfg.data)
     metrics = mode_following_metrics(rows, out.responses, detector, lambda r: extract_answer(r) is not None)
+    if any(r.get("tool") for r in rows):  # tool-use requests (PING's agentic setting): refusal and task success
+        from tokenwise.rl.safety import tool_use_metrics
+        from tokenwise.rl.types import EPISODE_STATS
+        calls = (out.episode_stats[:, EPISODE_STATS.index("tool_calls")].tolist()
+                 if out.episode_stats is not None else None)
+        metrics.update(tool_use_metrics(rows, out.responses, detector, lambda r, resp: bool(exact_answer(
+            prompt="", response=resp, answer=r["reference"], truncated=False)), calls))
     benign = [(r, resp) for r, resp in zip(rows, out.responses) if r["kind"] == "benign" and r["mode"] != REJECTIVE]
     if benign:
         metrics["safety/task_accuracy"] = sum(exact_answer(prompt="", response=resp, answer=r["reference"],
