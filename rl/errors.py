@@ -46,3 +46,8 @@ class RewardCallFailed(Exception):
     def __init__(self, index: int, reason: str, detail: str = "") -> None:
         super().__init__(reason)
         self.index, self.reason, self.detail = index, reason, detail
+
+
+class EnvError(TokenwiseError):
+    """An environment (rollout.env) raised, or answered with something that is not a StepResult; the step fails with
+    the environment, the call and the prompt."""

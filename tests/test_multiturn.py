@@ -386,3 +386,21 @@ def test_trimming_keeps_per_episode_fields_whole():
     out = trim(batch)
     assert out.response_ids.shape[1] == 3 and out.context_mask.shape[1] == 3
     assert torch.equal(out.episode_stats, batch.episode_stats)
+
+
+@pytest.mark.parametrize("body, words", [
+    ("def make(row):\n    return Bad()\nclass Bad:\n    def reset(self, row):\n        return [{'role': 'user', 'content': "
+     "row['prompt']}]\n    def step(self, text):\n        raise ValueError('no such move')\n",
+     ["Bad.step raised ValueError: no such move", "on prompt 'sort"]),
+    ("def make(row):\n    return Bad()\nclass Bad:\n    def reset(self, row):\n        return 'hello'\n"
+     "    def step(self, text):\n        return None\n", ["Bad.reset returned str", "list of"]),
+    ("def make(row):\n    return object()\n", ["returned object, not an Environment"]),
+])
+def test_a_broken_environment_is_a_one_line_error(sft_model, tmp_path, capsys, body, words):
+    from tokenwise.trainer.cli import main
+    env = tmp_path / "bad_env.py"
+    env.write_text(body)
+    code = main(["train", str(_grpo_recipe(tmp_path, sft_model, env, "local")), f"output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert all(w in err for w in ["rollout.env", str(env), *words]), err

@@ -13,12 +13,13 @@ the episodes still going, with the whole trajectory so far as token ids; prefix 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
 
-from tokenwise.rl.environments import Environment, ToolEnvironment, calculator
-from tokenwise.rl.errors import ConfigError
+from tokenwise.rl.environments import Environment, StepResult, ToolEnvironment, calculator
+from tokenwise.rl.errors import ConfigError, EnvError, NonFiniteError
 from tokenwise.rl.types import EPISODE_STATS, RolloutBatch
 from tokenwise.trainer.loading import PromptFormatter
 
@@ -86,7 +87,7 @@ class MultiTurnRollout:
         for row, env in episodes:
             schemas = [t.schema() for t in getattr(env, "tools", ())] or None
             tools.append(schemas)
-            text = self.format.episode(env.reset(row), row=row, tools=schemas)
+            text = self.format.episode(self._call(env, "reset", row, row), row=row, tools=schemas)
             prompts.append(tok(text, add_special_tokens=False)["input_ids"])
             trajs.append([]), sampled.append([]), logps.append([]), temps.append([])
         last_text = [""] * len(episodes)
@@ -122,7 +123,7 @@ class MultiTurnRollout:
                 if not ended:  # the turn hit its token limit: the episode ends here, cut
                     stats[k, col["cut"]] = 1.0
                     continue
-                result = episodes[k][1].step(text)
+                result = self._call(episodes[k][1], "step", episodes[k][0], text)
                 stats[k, col["env_reward"]] += float(result.reward)
                 stats[k, col["tool_calls"]] += float(result.info.get("tool_calls", 0.0))
                 stats[k, col["tool_errors"]] += float(result.info.get("tool_errors", 0.0))
@@ -147,6 +148,26 @@ class MultiTurnRollout:
             active = going
         return self._batch(episodes, prompts, trajs, sampled, logps, temps if adaptive is not None and not greedy
                            else None, stats, last_text, n)
+
+    def _call(self, env: Environment, method: str, row: dict, arg: Any) -> Any:
+        """env.reset(row) / env.step(text), with what a user's environment may do wrong as one-line errors."""
+        where = f"rollout.env ({self.cfg.function or self.cfg.type}): {type(env).__name__}.{method}"
+        try:
+            out = getattr(env, method)(arg)
+        except Exception as e:
+            from tokenwise.rl.importing import first_line
+            raise EnvError(f"{where} raised {first_line(e)} on prompt {str(row.get('prompt'))[:200]!r}") from e
+        if method == "reset" and not (isinstance(out, list) and all(isinstance(m, dict) and "role" in m
+                                                                    and "content" in m for m in out)):
+            raise EnvError(f"{where} returned {type(out).__name__}; it must return the first messages, a list of "
+                           f"{{'role': ..., 'content': ...}} dicts")
+        if method == "step" and not isinstance(out, StepResult):
+            raise EnvError(f"{where} returned {type(out).__name__}; it must return a "
+                           f"StepResult(observation, reward, done, info)")
+        if method == "step" and not math.isfinite(float(out.reward)):
+            raise NonFiniteError(f"{where} returned reward {out.reward} on prompt {str(row.get('prompt'))[:200]!r}; "
+                                 f"rewards must be finite numbers")
+        return out
 
     def _batch(self, episodes: list, prompts: list[list[int]], trajs: list[list[int]], sampled: list[list[float]],
                logps: list[list[float]], temps: list[list[float]] | None, stats: torch.Tensor, texts: list[str],
