@@ -309,7 +309,8 @@ def test_the_continuation_starts_right_after_the_sampled_end_of_turn_token():
         "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     tok.chat_template = ("{% for m in messages %}{% if loop.last %}[{{ m['content'] }}]{% else %}{{ m['content'] }}"
                          "{% endif %}<|im_end|>{% endfor %}")
-    with pytest.raises(ValueError, match="cannot be continued"):
+    from tokenwise.rl.errors import ConfigError
+    with pytest.raises(ConfigError, match="cannot be continued"):
         fmt.continuation([{"role": "tool", "content": "42"}], eos_texts=["<|im_end|>"])
 
 

@@ -10,7 +10,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 import tokenwise.models.decoder  # noqa: F401  (registers model_type 'tokenwise' with the Auto classes)
-from tokenwise.rl.errors import ModelLoadError
+from tokenwise.rl.errors import ConfigError, ModelLoadError
 
 
 def resolve_device(name: str, *, cluster_gpus: float | None = None) -> torch.device:
@@ -107,8 +107,8 @@ class PromptFormatter:
         formatter's) system prompt first when the messages bring none, the chat template with the tools' schemas,
         then the row's (else the formatter's) assistant prefix."""
         if not self.chat:
-            raise ValueError("rollout.env: multi-turn episodes need a chat template (data.use_chat_template true and a "
-                             "tokenizer with chat_template)")
+            raise ConfigError("rollout.env: multi-turn episodes need a chat template (data.use_chat_template true and "
+                              "a tokenizer with chat_template)")
         system = self.system_prompt if row.get("system") is None else row["system"]
         prefix = self.assistant_prefix if row.get("prefix") is None else row["prefix"]
         if system and not any(m["role"] == "system" for m in messages):
@@ -130,6 +130,6 @@ class PromptFormatter:
         ends = [before.rfind(e) + len(e) for e in eos_texts if e and before.rfind(e) >= 0]
         cut = max(ends) if ends else len(before)
         if not after.startswith(before[:cut]):
-            raise ValueError("rollout.env: this chat template renders an assistant turn differently once more messages "
-                             "follow it, so an episode cannot be continued from the sampled tokens")
+            raise ConfigError("rollout.env: this chat template renders an assistant turn differently once more "
+                              "messages follow it, so an episode cannot be continued from the sampled tokens")
         return after[cut:]
