@@ -336,15 +336,25 @@ class _Scripted:
                             [r["answer"] for r in rows], [self.tok.decode(t[:-1]) for t in turns], 1, 0)
 
 
-def test_tool_demonstrations_are_laid_out_like_the_episodes_they_teach():
+SYSTEM_TOOL_ENV = """
+from tokenwise.rl.environments import ToolEnvironment, calculator
+
+def make(row):
+    return ToolEnvironment([calculator], score=lambda row, text: 0.0, system="Call tools when unsure.")
+"""
+
+
+@pytest.mark.parametrize("kind", ["tools", "python"])
+def test_tool_demonstrations_are_laid_out_like_the_episodes_they_teach(kind, tmp_path):
     """The calculator task: an SFT demonstration (call, result, answer) is token for token the episode the calculator
     environment makes when the model writes the demonstration's turns, its loss mask the episode's sampled tokens;
-    the calculator's answer is the demonstration's tool message, and the episode's reward input is the answer."""
+    the calculator's answer is the demonstration's tool message, and the episode's reward input is the answer. Also
+    for a user's environment (`type: python`) that opens with a system message of its own."""
     from tokenwise.models.builtin import build_tokenizer
     from tokenwise.rl.data import arithmetic_task
     from tokenwise.trainer.config import EnvConfig
     from tokenwise.trainer.loading import PromptFormatter
-    from tokenwise.trainer.rollout.multiturn import MultiTurnRollout
+    from tokenwise.trainer.rollout.multiturn import MultiTurnRollout, episode_opening
     from tokenwise.trainer.sft import sft_batch
     tok = build_tokenizer()
     fmt = PromptFormatter(tok, system_prompt=None, use_chat_template=True)
@@ -354,15 +364,19 @@ def test_tool_demonstrations_are_laid_out_like_the_episodes_they_teach():
     tooled = [r for r in rows if len(r["sft_messages"]) == 3]
     assert direct and tooled and all(r["sft_messages"][0]["content"] != r["answer"] for r in direct)
     script = {r["prompt"]: [m["content"] for m in r["sft_messages"] if m["role"] == "assistant"] for r in rows}
-    episodes = MultiTurnRollout(_Scripted(tok, script), tokenizer=tok, formatter=fmt,
-                                cfg=EnvConfig(type="tools", tools=["calculator"], max_turns=3, max_tokens=400))
+    cfg = EnvConfig(type="tools", tools=["calculator"], max_turns=3, max_tokens=400)
+    if kind == "python":
+        (tmp_path / "sys_env.py").write_text(SYSTEM_TOOL_ENV)
+        cfg = EnvConfig(type="python", function=f"{tmp_path / 'sys_env.py'}:make", max_turns=3, max_tokens=400)
+    episodes = MultiTurnRollout(_Scripted(tok, script), tokenizer=tok, formatter=fmt, cfg=cfg)
     batch = episodes.generate(rows, n=1)
-    sft = sft_batch(rows, tok, fmt, tools=lambda row: None)
+    sft = sft_batch(rows, tok, fmt, opening=episode_opening(cfg), eos_texts=episodes.eos_texts)
     for k, row in enumerate(rows):
         P, n = int(batch.prompt_mask[k].sum()), int(batch.present_mask[k].sum())
         ids = batch.prompt_ids[k, -P:].tolist() + batch.response_ids[k, :n].tolist()
         L = int(sft.attention_mask[k].sum())
         assert sft.input_ids[k, :L].tolist() == ids
+        assert ("Call tools when unsure." in tok.decode(ids[:P])) == (kind == "python")
         assert sft.loss_mask[k, :L].tolist() == [0.0] * P + batch.response_mask[k, :n].tolist()
         assert batch.responses[k] == script[row["prompt"]][-1]
         tools = batch.episode_stats[k, EPISODE_STATS.index("tool_calls")]

@@ -73,6 +73,16 @@ def eos_token_ids(tokenizer: Any, generation_config: Any) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def model_eos_ids(model_dir: str | Path, tokenizer: Any) -> list[int]:
+    """eos_token_ids with the generation_config saved in `model_dir` (none saved: the tokenizer's EOS only)."""
+    from transformers import GenerationConfig
+    try:
+        gen = GenerationConfig.from_pretrained(str(model_dir))
+    except OSError:
+        gen = GenerationConfig()
+    return eos_token_ids(tokenizer, gen)
+
+
 class PromptFormatter:
     """Data-set prompt → model input text: the chat template with an optional system turn, or the raw prompt.
 
@@ -133,3 +143,14 @@ class PromptFormatter:
             raise ConfigError("rollout.env: this chat template renders an assistant turn differently once more "
                               "messages follow it, so an episode cannot be continued from the sampled tokens")
         return after[cut:]
+
+    def episode_ids(self, messages: list[dict], *, row: dict, tools: list[dict] | None = None) -> list[int]:
+        """`episode` as token ids: an episode's prompt (rollouts and SFT demonstrations tokenize it here alone)."""
+        return self.tokenizer(self.episode(messages, row=row, tools=tools), add_special_tokens=False)["input_ids"]
+
+    def continuation_ids(self, messages: list[dict], *, eos_texts: list[str],
+                         tools: list[dict] | None = None) -> list[int]:
+        """`continuation` as token ids: the environment's tokens after an assistant turn (rollouts and SFT
+        demonstrations tokenize them here alone)."""
+        return self.tokenizer(self.continuation(messages, eos_texts=eos_texts, tools=tools),
+                              add_special_tokens=False)["input_ids"]

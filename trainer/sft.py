@@ -11,6 +11,7 @@ from tokenwise.rl.data import PromptStream
 from tokenwise.rl.errors import NonFiniteError
 from tokenwise.rl.types import SFTBatch
 from tokenwise.trainer.evaluate import EVAL_PANEL, run_heldout_eval
+from tokenwise.trainer.loading import model_eos_ids
 from tokenwise.trainer.logging import console
 from tokenwise.trainer.stage import StageEnv, StageResult, StageState, run_stage
 from tokenwise.trainer.workers import build_workers
@@ -19,16 +20,19 @@ PANELS = [("sft/loss", "SFT loss"), (EVAL_PANEL, "held-out accuracy"), ("sft/lr"
 
 
 def sft_batch(rows: list[dict], tokenizer: Any, formatter: Any,
-              tools: Callable[[dict], list[dict] | None] | None = None) -> SFTBatch:
+              opening: Callable[[dict], tuple[list[dict], list[dict] | None]] | None = None,
+              eos_texts: list[str] | None = None) -> SFTBatch:
     """[formatted prompt | answer <eos>], right-padded; the loss covers the answer and the end-of-turn token. The
     answer is the row's demonstration `sft_answer` where the data has one (a built-in task's sloppy teacher), else
     `answer`. A row with `sft_messages` (a multi-turn demonstration after its prompt: assistant turns, tool results)
     is laid out token for token as a multi-turn rollout lays out an episode (trainer/rollout/multiturn.py), the
-    loss on the assistant turns only; `tools(row)` gives the tool schemas its prompt offers."""
+    loss on the assistant turns only: `opening(row)` gives the episode's first messages and tool schemas
+    (multiturn.episode_opening; default: the row's prompt, no tools), `eos_texts` the engines' end-of-turn texts.
+    """
     seqs, masks = [], []
     for row in rows:
         if row.get("sft_messages"):
-            seq, mask = _conversation(row, tokenizer, formatter, tools(row) if tools else None)
+            seq, mask = _conversation(row, tokenizer, formatter, opening, eos_texts)
             seqs.append(seq)
             masks.append(mask)
             continue
@@ -48,13 +52,14 @@ def sft_batch(rows: list[dict], tokenizer: Any, formatter: Any,
     return SFTBatch(input_ids, attention, loss_mask)
 
 
-def _conversation(row: dict, tokenizer: Any, formatter: Any, tools: list[dict] | None) -> tuple[list[int], list[float]]:
+def _conversation(row: dict, tokenizer: Any, formatter: Any, opening: Callable | None,
+                  eos_texts: list[str] | None) -> tuple[list[int], list[float]]:
     """A multi-turn demonstration as ids and loss mask: the episode prompt, then each assistant turn's text and the
     end-of-turn token (trained on), each run of other messages as the chat template continues after an assistant turn
-    (not trained on)."""
+    (not trained on) — tokenized by the formatter's episode_ids / continuation_ids, as episodes are."""
     eos = tokenizer.eos_token_id
-    ids = tokenizer(formatter.episode([{"role": "user", "content": row["prompt"]}], row=row, tools=tools),
-                    add_special_tokens=False)["input_ids"]
+    first, tools = opening(row) if opening else ([{"role": "user", "content": row["prompt"]}], None)
+    ids = formatter.episode_ids(first, row=row, tools=tools)
     mask = [0.0] * len(ids)
     pending: list[dict] = []
     for message in row["sft_messages"]:
@@ -62,8 +67,8 @@ def _conversation(row: dict, tokenizer: Any, formatter: Any, tools: list[dict] |
             pending.append({"role": message["role"], "content": message["content"]})
             continue
         if pending:
-            context = tokenizer(formatter.continuation(pending, eos_texts=[tokenizer.decode([eos])], tools=tools),
-                                add_special_tokens=False)["input_ids"]
+            context = formatter.continuation_ids(pending, eos_texts=eos_texts or [tokenizer.decode([eos])],
+                                                 tools=tools)
             ids += context
             mask += [0.0] * len(context)
             pending = []
@@ -76,11 +81,11 @@ def _conversation(row: dict, tokenizer: Any, formatter: Any, tools: list[dict] |
 def run_sft(env: StageEnv) -> StageResult:
     cfg, s = env.cfg, env.cfg.sft
     stream = PromptStream(env.data["train"], seed=cfg.seed)
-    tools = None
-    if cfg.rollout.env.type != "none":  # multi-turn demonstrations offer the tools the episodes will offer
-        from tokenwise.trainer.rollout.multiturn import environment_factory
-        make_env = environment_factory(cfg.rollout.env)
-        tools = lambda row: [t.schema() for t in getattr(make_env(row), "tools", ())] or None  # noqa: E731
+    opening = eos_texts = None
+    if cfg.rollout.env.type != "none":  # multi-turn demonstrations open and continue as the episodes will
+        from tokenwise.trainer.rollout.multiturn import episode_opening
+        opening = episode_opening(cfg.rollout.env)
+        eos_texts = [env.tokenizer.decode([i]) for i in model_eos_ids(env.init_dir, env.tokenizer)]
 
     def make_state(workers) -> StageState:
         def evaluate() -> dict:
@@ -91,7 +96,8 @@ def run_sft(env: StageEnv) -> StageResult:
 
     def step(workers, n: int) -> tuple[dict, str]:
         t0 = time.perf_counter()
-        batch = sft_batch(stream.next_batch(s.batch_size), env.tokenizer, env.formatter, tools=tools)
+        batch = sft_batch(stream.next_batch(s.batch_size), env.tokenizer, env.formatter, opening=opening,
+                          eos_texts=eos_texts)
         metrics = workers.pool.sft_step(batch)
         if metrics["nonfinite/skipped_updates"]:
             reason = (f"the gradient norm was {metrics['sft/grad_norm']} (loss {metrics['sft/loss']:.4g}); the "

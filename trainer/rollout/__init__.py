@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from tokenwise.trainer.loading import PromptFormatter, eos_token_ids, load_causal_lm
+from tokenwise.trainer.loading import PromptFormatter, load_causal_lm, model_eos_ids
 from tokenwise.trainer.rollout.hf import HFRollout
 
 
@@ -36,12 +36,7 @@ def _engine(cfg: Any, *, model_dir: str | Path, tokenizer: Any, formatter: Promp
         from tokenwise.trainer.rollout.vllm import VLLMRollout, unsupported_reason
         reason = unsupported_reason(model_dir)
         if reason is None:
-            from transformers import GenerationConfig
-            try:
-                gen = GenerationConfig.from_pretrained(str(model_dir))
-            except OSError:
-                gen = GenerationConfig()
-            return VLLMRollout(model_dir, tokenizer, formatter, cfg=cfg, eos_ids=eos_token_ids(tokenizer, gen),
+            return VLLMRollout(model_dir, tokenizer, formatter, cfg=cfg, eos_ids=model_eos_ids(model_dir, tokenizer),
                                dtype=dtype, device=device, seed=seed)
         from tokenwise.trainer.logging import console
         console.print(f"[yellow]rollout.engine vllm: {reason}; this engine generates with the transformers backend "

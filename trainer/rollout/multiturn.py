@@ -50,6 +50,48 @@ def environment_factory(cfg: Any) -> Callable[[dict], Environment]:
     raise ConfigError(f"rollout.env.type {cfg.type!r}: no environment to build")
 
 
+def call_env(cfg: Any, env: Environment, method: str, row: dict, arg: Any) -> Any:
+    """env.reset(row) / env.step(text), with what a user's environment may do wrong as one-line errors."""
+    where = f"rollout.env ({cfg.function or cfg.type}): {type(env).__name__}.{method}"
+    try:
+        out = getattr(env, method)(arg)
+    except Exception as e:
+        from tokenwise.rl.importing import first_line
+        raise EnvError(f"{where} raised {first_line(e)} on prompt {str(row.get('prompt'))[:200]!r}") from e
+    if method == "reset" and not (isinstance(out, list) and all(isinstance(m, dict) and "role" in m
+                                                                and "content" in m for m in out)):
+        raise EnvError(f"{where} returned {type(out).__name__}; it must return the first messages, a list of "
+                       f"{{'role': ..., 'content': ...}} dicts")
+    if method == "step" and not isinstance(out, StepResult):
+        raise EnvError(f"{where} returned {type(out).__name__}; it must return a "
+                       f"StepResult(observation, reward, done, info)")
+    if method == "step" and not math.isfinite(float(out.reward)):
+        raise NonFiniteError(f"{where} returned reward {out.reward} on prompt {str(row.get('prompt'))[:200]!r}; "
+                             f"rewards must be finite numbers")
+    return out
+
+
+def tool_schemas(env: Environment) -> list[dict] | None:
+    """The schemas of the tools an environment offers (None: no tools)."""
+    return [t.schema() for t in getattr(env, "tools", ())] or None
+
+
+def episode_opening(cfg: Any) -> Callable[[dict], tuple[list[dict], list[dict] | None]]:
+    """row -> (an episode's first messages, the tool schemas its prompt offers), as `MultiTurnRollout` opens it, for
+    SFT demonstrations of the episodes. The built-in tools' environment is the same for every row, so it is built
+    once; a user's (`type: python`) is made per row, as episodes make it."""
+    make_env = environment_factory(cfg)
+    if cfg.type == "tools":
+        env = make_env({})
+        schemas = tool_schemas(env)
+        return lambda row: (call_env(cfg, env, "reset", row, row), schemas)
+
+    def opening(row: dict) -> tuple[list[dict], list[dict] | None]:
+        env = make_env(row)
+        return call_env(cfg, env, "reset", row, row), tool_schemas(env)
+    return opening
+
+
 class MultiTurnRollout:
     """An engine that runs episodes: generate(rows, n=G) returns one episode per (row, sample) as a RolloutBatch whose
     response is every turn after the prompt (see the module docstring). Everything else (weight sync, sleep) is the
@@ -85,10 +127,9 @@ class MultiTurnRollout:
         col = {name: i for i, name in enumerate(EPISODE_STATS)}
         tools: list[list[dict] | None] = []
         for row, env in episodes:
-            schemas = [t.schema() for t in getattr(env, "tools", ())] or None
+            schemas = tool_schemas(env)
             tools.append(schemas)
-            text = self.format.episode(self._call(env, "reset", row, row), row=row, tools=schemas)
-            prompts.append(tok(text, add_special_tokens=False)["input_ids"])
+            prompts.append(self.format.episode_ids(call_env(cfg, env, "reset", row, row), row=row, tools=schemas))
             trajs.append([]), sampled.append([]), logps.append([]), temps.append([])
         last_text = [""] * len(episodes)
         active = list(range(len(episodes)))
@@ -123,7 +164,7 @@ class MultiTurnRollout:
                 if not ended:  # the turn hit its token limit: the episode ends here, cut
                     stats[k, col["cut"]] = 1.0
                     continue
-                result = self._call(episodes[k][1], "step", episodes[k][0], text)
+                result = call_env(cfg, episodes[k][1], "step", episodes[k][0], text)
                 stats[k, col["env_reward"]] += float(result.reward)
                 stats[k, col["tool_calls"]] += float(result.info.get("tool_calls", 0.0))
                 stats[k, col["tool_errors"]] += float(result.info.get("tool_errors", 0.0))
@@ -135,8 +176,8 @@ class MultiTurnRollout:
                     stats[k, col["cut"]] = 1.0  # the environment expected another turn
                     continue
                 context = [] if ids and ids[-1] in self.engine.eos_ids else [self.engine.eos_ids[0]]  # a stop string
-                context += tok(self.format.continuation(result.observation, eos_texts=self.eos_texts, tools=tools[k]),
-                               add_special_tokens=False)["input_ids"]
+                context += self.format.continuation_ids(result.observation, eos_texts=self.eos_texts,
+                                                        tools=tools[k])
                 if len(trajs[k]) + len(context) >= cfg.max_tokens:  # no room left for another turn
                     stats[k, col["cut"]] = 1.0
                     continue
@@ -148,26 +189,6 @@ class MultiTurnRollout:
             active = going
         return self._batch(episodes, prompts, trajs, sampled, logps, temps if adaptive is not None and not greedy
                            else None, stats, last_text, n)
-
-    def _call(self, env: Environment, method: str, row: dict, arg: Any) -> Any:
-        """env.reset(row) / env.step(text), with what a user's environment may do wrong as one-line errors."""
-        where = f"rollout.env ({self.cfg.function or self.cfg.type}): {type(env).__name__}.{method}"
-        try:
-            out = getattr(env, method)(arg)
-        except Exception as e:
-            from tokenwise.rl.importing import first_line
-            raise EnvError(f"{where} raised {first_line(e)} on prompt {str(row.get('prompt'))[:200]!r}") from e
-        if method == "reset" and not (isinstance(out, list) and all(isinstance(m, dict) and "role" in m
-                                                                    and "content" in m for m in out)):
-            raise EnvError(f"{where} returned {type(out).__name__}; it must return the first messages, a list of "
-                           f"{{'role': ..., 'content': ...}} dicts")
-        if method == "step" and not isinstance(out, StepResult):
-            raise EnvError(f"{where} returned {type(out).__name__}; it must return a "
-                           f"StepResult(observation, reward, done, info)")
-        if method == "step" and not math.isfinite(float(out.reward)):
-            raise NonFiniteError(f"{where} returned reward {out.reward} on prompt {str(row.get('prompt'))[:200]!r}; "
-                                 f"rewards must be finite numbers")
-        return out
 
     def _batch(self, episodes: list, prompts: list[list[int]], trajs: list[list[int]], sampled: list[list[float]],
                logps: list[list[float]], temps: list[list[float]] | None, stats: torch.Tensor, texts: list[str],
