@@ -45,9 +45,10 @@ GUESS_LEAD = "No need for the calculator: "
 def tool_demonstration(prompt: str, answer: str, demo_answer: str) -> list[dict]:
     """The SFT demonstration after the user's prompt 'a*b=': call the calculator, read its result, answer with it;
     a sloppy demonstration (demo_answer differs) answers directly, without the tool, with its guess, always in the
-    same words (so with enough of them the habit is the greedy choice, as the quick start's teacher's is)."""
+    same words (so with enough of them the habit is the greedy choice, as the quick start's teacher's is). Both
+    restate the problem, so every demonstration teaches copying it (what a call needs)."""
     if demo_answer != answer:
-        return [{"role": "assistant", "content": GUESS_LEAD + demo_answer}]
+        return [{"role": "assistant", "content": f"{GUESS_LEAD}{prompt.rstrip('=')} = {demo_answer}"}]
     return [{"role": "assistant", "content": calculator_call(prompt.rstrip("="))},
             {"role": "tool", "content": answer}, {"role": "assistant", "content": answer}]
 
