@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -322,3 +323,103 @@ def test_an_error_raised_in_a_rollout_actor_is_reported_not_retried(local_ray):
     finally:
         group.kill()
         remove_placement_group(pg)
+
+
+def _sync_workers(recipe_for, tmp_path, name: str, zero_stage: int = 3, **ray_cfg):
+    """RayWorkers of a tiny model: 2 ZeRO-3 (or `zero_stage`) learners, 2 rollout actors, buckets far smaller than
+    the model, and learner weights moved away from the rollout actors' by 2 updates."""
+    from tokenwise.rl.algorithm import Algorithm
+    from tokenwise.trainer.cluster import RayWorkers
+    from tokenwise.trainer.distributed import DeepSpeedSpec
+    recipe = recipe_for(name, "ray", grpo={"optim": {"lr": 0.05}},
+                        trainer={"ray": {"zero_stage": zero_stage, "sync_bucket_mb": 0.002,
+                                         "num_rollout_workers": 2, **ray_cfg}})
+    env = stage_env(load_config(recipe), tmp_path / "run")
+    algo = Algorithm(env.cfg.algorithm)
+    workers = RayWorkers(env, micro_batch_size=4, learner_kwargs=dict(
+        model_dir=env.init_dir, optim=env.cfg.grpo.optim, device=env.device, dtype=env.dtype, total_updates=10,
+        temperature=1.0, algorithm=algo, reference_dir=env.init_dir, distributed=DeepSpeedSpec(zero_stage)))
+    out = workers.generate(env.data["train"].to_list()[:4], n=4, step=1)
+    batch = workers.pool.score(algo.make_batch(out, torch.arange(16, dtype=torch.float32) % 3))
+    for _ in range(2):
+        workers.pool.train_step(batch, ppo_epochs=1, mini_batches=1)
+    return workers, batch
+
+
+def _digests(workers) -> tuple[dict, list[dict]]:
+    """(the learners' full weights, each rollout actor's engine weights) as sha256 per weight."""
+    return workers.learners.call_all("weights_digest")[0], workers.rollouts.call_all("weights_digest")
+
+
+def test_collective_weight_sync_leaves_the_engines_bitwise_where_the_object_store_does(local_ray, recipe_for,
+                                                                                       tmp_path):
+    """weight_sync collective: both rollout actors join learner rank 0's gloo group and every bucket is a broadcast;
+    their weights are then bit for bit the learners' — as they are after the object store's sync of the next
+    update (same check, other path)."""
+    import dataclasses
+    workers, batch = _sync_workers(recipe_for, tmp_path, "collective", weight_sync="collective")
+    try:
+        learner, before = _digests(workers)
+        assert all(d.keys() == learner.keys() and d != learner for d in before)
+        workers.sync()
+        assert workers.group_ready and workers.last_sync_buckets > 3
+        learner, collective = _digests(workers)
+        assert collective == [learner, learner]
+        workers.pool.train_step(batch, ppo_epochs=1, mini_batches=1)
+        workers.cfg = dataclasses.replace(workers.cfg, weight_sync="object_store")
+        workers.sync()
+        learner2, store = _digests(workers)
+        assert learner2 != learner and store == [learner2, learner2]
+    finally:
+        workers.close()
+
+
+def test_a_member_that_misses_a_collective_bucket_breaks_the_group_within_the_deadline(local_ray, recipe_for,
+                                                                                       tmp_path):
+    """A group member that never takes part in a bucket's broadcast (rollout actor 1, left out of the push) makes
+    the broadcast fail within the bucket deadline; rollout actor 0, which took part, is not blamed, gets that bucket
+    and the rest through the object store, and ends with the learners' weights. The next sync builds a new group."""
+    workers, _ = _sync_workers(recipe_for, tmp_path, "broken", weight_sync="collective")
+    try:
+        workers.sync()  # builds the group (both actors members)
+        assert workers.group_ready
+        deadline = 3.0
+        t0 = time.monotonic()
+        refs = [a.push_weights.remote([workers.rollouts.actors[0]] if rank == 0 else [], workers.pool.version,
+                                      workers.bucket_bytes, deadline, True)
+                for rank, a in enumerate(workers.learners.actors)]
+        result = ray.get(refs, timeout=120)[0]
+        elapsed = time.monotonic() - t0
+        assert result["broken"] and result["failed"] == {}
+        assert elapsed < deadline + 5.0 + 0.5 * result["buckets"] + 10  # one broken bucket, the grace, the rest
+        learner, engines = _digests(workers)
+        assert engines[0] == learner
+        workers.group_ready = False  # what sync() does on a broken result
+        workers.sync()
+        assert workers.group_ready and _digests(workers)[1] == [learner, learner]
+    finally:
+        workers.close()
+
+
+def test_a_hung_rollout_actor_in_a_collective_sync_is_restarted_and_resynced(local_ray, recipe_for, tmp_path):
+    """A SIGSTOPped rollout actor: the collective sync names it hung within its deadlines instead of hanging; with
+    a restart allowed it is replaced, synced through the object store, and the next sync rebuilds the group.
+    ZeRO-2: under ZeRO-3 learner rank 1 waits in the weights' all-gather while rank 0 waits for the hung actor, and
+    the learners' own group has the same (short) call timeout."""
+    workers, _ = _sync_workers(recipe_for, tmp_path, "hung", zero_stage=2, weight_sync="collective",
+                               call_timeout_s=4, max_restarts=1)
+    try:
+        workers.sync()
+        pid = workers.rollouts.call_all("pid")[1]
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        workers.sync()
+        assert time.monotonic() - t0 < 90 and workers.restarts == 1 and not workers.group_ready
+        learner, engines = _digests(workers)
+        assert engines == [learner, learner]
+        workers.sync()
+        assert workers.group_ready
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        workers.close()

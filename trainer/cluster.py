@@ -7,7 +7,8 @@
   thin actor shells around the same classes debug mode calls in-process.
 - `RayWorkers` is what a stage loop holds: a `LearnerPool` whose fan-out goes to the learner group, a rollout
   front (`generate` split over the rollout actors, per-shard seeds), weight sync learner rank 0 → every rollout
-  actor in size-bounded buckets through the object store, and rollout-actor restarts (`max_restarts`).
+  actor in size-bounded buckets through the object store or a broadcast in a group of their own
+  (`weight_sync: collective`, trainer/weight_sync.py), and rollout-actor restarts (`max_restarts`).
 """
 
 from __future__ import annotations
@@ -177,6 +178,32 @@ class RolloutWorker:
     def finish_sync(self, version: int) -> None:
         self.engine.finish_sync(version)
 
+    def join_sync_group(self, host: str, port: int, rank: int, size: int, timeout_s: float) -> None:
+        """Join the weight-sync group (trainer/weight_sync.py) as member `rank`, leaving any earlier one."""
+        from tokenwise.trainer.weight_sync import SyncGroup
+        if getattr(self, "sync_group", None) is not None:
+            self.sync_group.close()
+        self.sync_group = SyncGroup(host, port, rank, size, timeout_s)
+
+    def receive_bucket(self, meta: list, timeout_s: float) -> bool:
+        """One bucket by the weight-sync group's broadcast, then loaded; False (and the group left) when the
+        broadcast broke off — the sender then sends the bucket through the object store."""
+        from tokenwise.trainer.weight_sync import buffer_size, unpack
+        buffer = torch.empty(buffer_size(meta), dtype=torch.uint8)
+        try:
+            self.sync_group.broadcast(buffer, timeout_s)
+        except Exception:  # noqa: BLE001 — a member missed the deadline: this one reports it without raising
+            self.sync_group.close()
+            self.sync_group = None
+            return False
+        self.engine.load_bucket(unpack(meta, buffer))
+        return True
+
+    def weights_digest(self) -> dict[str, str]:
+        """sha256 of each weight's bytes as the engine holds them (tests compare sync paths bit for bit)."""
+        from tokenwise.trainer.weight_sync import digest
+        return digest(self.engine.model.state_dict().items())  # the transformers engine (vLLM keeps its own layout)
+
     def sleep(self) -> None:
         self.engine.sleep()
 
@@ -232,26 +259,71 @@ class LearnerWorker:
     def save_model(self, path: Path) -> None:
         self.learner.save_model(path)
 
-    def push_weights(self, rollouts: list[Any], version: int, bucket_bytes: int, timeout_s: float) -> dict:
+    def join_sync_group(self, host: str, port: int, size: int, timeout_s: float) -> None:
+        """Rank 0: host and join the weight-sync group as its sender (member 0), leaving any earlier one."""
+        from tokenwise.trainer.weight_sync import SyncGroup
+        if getattr(self, "sync_group", None) is not None:
+            self.sync_group.close()
+        self.sync_group = SyncGroup(host, port, 0, size, timeout_s)
+
+    def weights_digest(self) -> dict[str, str]:
+        """sha256 of each full weight's bytes (every rank must call it: ZeRO-3 gathers are collective)."""
+        from tokenwise.trainer.weight_sync import digest
+        return digest(self.learner.full_parameters())
+
+    def push_weights(self, rollouts: list[Any], version: int, bucket_bytes: int, timeout_s: float,
+                     collective: bool = False) -> dict:
         """Stream the full weights to the rollout actors in buckets (every rank iterates: ZeRO-3 gathers are
         collective; rank 0 sends). Each bucket (and the begin / finish calls) has its own deadline of `timeout_s`;
-        rollout actors that fail or miss it are skipped and reported, so the ranks stay in step. Returns the
-        failures, the bucket count and the slowest bucket's seconds (the controller's adaptive timeout)."""
+        rollout actors that fail or miss it are skipped and reported, so the ranks stay in step. A bucket goes by
+        the object store, or with `collective` by the weight-sync group's broadcast; when that breaks off (a member
+        missed the deadline) the bucket and the rest go by the object store to the actors still answering, and the
+        group is reported broken. Returns the failures, the bucket count, the slowest bucket's seconds (the
+        controller's adaptive timeout) and whether the group broke."""
         failed: dict[int, tuple[str, str, str]] = {}
         alive = dict(enumerate(rollouts)) if self.rank == 0 else {}
         slowest = 0.0
+        broken = False
 
-        def call_all(method: str, *args: Any) -> None:
+        def call_all(method: str, *args: Any, send: torch.Tensor | None = None) -> dict[int, Any]:
+            """`method` on every rollout actor still answering, each within the deadline; with `send`, rank 0
+            broadcasts that buffer meanwhile (receive_bucket), and once the broadcast broke off the receivers get
+            DEATH_GRACE_S more to say so (they time out when the sender does) before a silent one counts as hung."""
             nonlocal slowest
             t0 = time.monotonic()
             deadline = t0 + timeout_s
             refs = {i: getattr(a, method).remote(*args) for i, a in alive.items() if i not in failed}
+            out: dict[int, Any] = {}
+            if send is not None:
+                try:
+                    self.sync_group.broadcast(send, timeout_s)
+                except Exception:  # noqa: BLE001 — a member missed the deadline; found below
+                    out[-1] = False
+                    deadline = max(deadline, time.monotonic() + DEATH_GRACE_S)
             for i, ref in refs.items():
                 try:
-                    ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+                    out[i] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
                 except Exception as e:  # noqa: BLE001 — any failure of that actor is reported to the controller
                     failed[i] = _describe(e)
+                    out[i] = False
             slowest = max(slowest, time.monotonic() - t0)
+            return out
+
+        def deliver(bucket: dict[str, torch.Tensor]) -> None:
+            nonlocal broken
+            if collective and not broken and not failed:  # a member already failed: the group cannot work
+                from tokenwise.trainer.weight_sync import pack
+                meta, buffer = pack(bucket)
+                if all(call_all("receive_bucket", meta, timeout_s, send=buffer).values()):
+                    return
+                broken = True  # the group is no more: this bucket and the rest by the object store
+                self.sync_group.close()
+                self.sync_group = None
+            elif collective and not broken:
+                broken = True
+                self.sync_group.close()
+                self.sync_group = None
+            call_all("load_bucket", ray.put(bucket))
 
         call_all("begin_sync")
         bucket: dict[str, torch.Tensor] = {}
@@ -265,15 +337,15 @@ class LearnerWorker:
             # as it arrives (it loads whole layers only) and never holds more than a bucket of weights
             previous, group = group, weight_group(name)
             if size >= bucket_bytes and group != previous:
-                call_all("load_bucket", ray.put(bucket))
+                deliver(bucket)
                 sent, bucket, size = sent + 1, {}, 0
             bucket[name] = tensor.detach().to("cpu", copy=True)
             size += tensor.numel() * tensor.element_size()
         if bucket:
-            call_all("load_bucket", ray.put(bucket))
+            deliver(bucket)
             sent += 1
         call_all("finish_sync", version)
-        return {"failed": failed, "buckets": sent, "slowest_s": slowest}
+        return {"failed": failed, "buckets": sent, "slowest_s": slowest, "broken": broken}
 
 
 FIRST_CALL_TIMEOUT_S = 900.0  # adaptive timeouts: a method's first call (may load a model or compile)
@@ -426,6 +498,7 @@ class RayWorkers:
         self.sync_timer = CallTimer(r.call_timeout_s)
         self.sync_buckets = _expected_buckets(env.init_dir, int(r.sync_bucket_mb * 2 ** 20))
         self.bucket_bytes = int(r.sync_bucket_mb * 2 ** 20)
+        self.group_ready = False  # weight_sync collective: learner rank 0 and every rollout actor joined a group
         gpu_split = 2 if r.colocate else 1
         if r.colocate:
             bundles = [{"CPU": r.cpus_per_learner + r.cpus_per_rollout, "GPU": r.gpus_per_learner}
@@ -507,22 +580,48 @@ class RayWorkers:
         return self.rollouts.wait([self.rollouts.actors[0].attention_sink.remote(rows)], "attention_sink")[0]
 
     def sync(self, *, step: int | None = None) -> None:
-        """Learner weights → every rollout actor; a failed rollout actor is restarted (if allowed) and re-synced."""
+        """Learner weights → every rollout actor; a failed rollout actor is restarted (if allowed) and re-synced.
+        With `weight_sync: collective` a sync to every actor goes through the weight-sync group (built when missing:
+        at the first sync, after it broke or an actor was replaced); re-syncing restarted actors goes by the object
+        store."""
         targets = list(range(len(self.rollouts)))
         while targets:
+            collective = self.cfg.weight_sync == "collective" and len(targets) == len(self.rollouts)
+            if collective and not self.group_ready:
+                try:
+                    self._build_sync_group()
+                except ActorFailed as failure:
+                    self._recover(failure, step, resync=False)
+                    continue
             per_bucket = self.sync_timer.timeout("bucket")  # each bucket's deadline, inside the learner
             refs = [a.push_weights.remote([self.rollouts.actors[i] for i in targets] if rank == 0 else [],
-                                          self.pool.version, self.bucket_bytes, per_bucket)
+                                          self.pool.version, self.bucket_bytes, per_bucket, collective)
                     for rank, a in enumerate(self.learners.actors)]
-            # the learners' own wait: every bucket plus begin and finish may use its whole deadline
-            result = self.learners.wait(refs, "push_weights", per_bucket * (self.sync_buckets + 2) + 30)[0]
+            # the learners' own wait: every bucket plus begin and finish may use its whole deadline (a broken
+            # collective bucket twice, and the grace for its receivers)
+            budget = per_bucket * (self.sync_buckets + 2) + (per_bucket + DEATH_GRACE_S if collective else 0) + 30
+            result = self.learners.wait(refs, "push_weights", budget)[0]
             self.last_sync_buckets = self.sync_buckets = max(1, result["buckets"])
             self.sync_timer.record("bucket", result["slowest_s"])
+            if result["broken"]:
+                self.group_ready = False
             failed = {targets[i]: cause for i, cause in result["failed"].items()}
             for rank, (cause, kind, detail) in failed.items():
                 self._recover(ActorFailed("rollout", rank, "sync", cause, kind=kind, detail=detail), step,
                               resync=False)
             targets = sorted(failed)
+
+    def _build_sync_group(self) -> None:
+        """Learner rank 0 hosts a new weight-sync group (trainer/weight_sync.py); every rollout actor joins it."""
+        timeout = self.cfg.start_timeout_s
+        learner = self.learners.actors[0]
+        host, port = self.learners.wait([learner.address.remote()], "address", timeout)[0]
+        size = 1 + len(self.rollouts)
+        host_ref = learner.join_sync_group.remote(host, port, size, timeout)
+        refs = [a.join_sync_group.remote(host, port, k + 1, size, timeout) for k, a in enumerate(self.rollouts.actors)]
+        self.rollouts.wait(refs, "join_sync_group", timeout + 30)
+        self.learners.wait([host_ref], "join_sync_group", timeout + 30)
+        self.group_ready = True
 
     def _recover(self, failure: ActorFailed, step: int | None, *, resync: bool = True) -> None:
         """Replace a dead or hung rollout actor while the run's restart budget lasts; an error the actor raised
@@ -534,6 +633,7 @@ class RayWorkers:
         console.print(f"[yellow]rollout actor {failure.rank} failed at step {step} ({failure.cause}); restarting it "
                       f"({self.cfg.max_restarts - self.restarts} restart(s) left) and retrying[/yellow]")
         self.rollouts.restart(failure.rank)
+        self.group_ready = False  # the new actor is not a member of the weight-sync group
         self.rollouts.ready(failure.rank, self.cfg.start_timeout_s)
         if resync:
             self.sync(step=step)

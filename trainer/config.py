@@ -684,6 +684,12 @@ class RayConfig:
     offload_optimizer: bool = opt(False, "Keep optimizer states in CPU memory (ZeRO-Offload).")
     sync_bucket_mb: float = opt(64.0, "Weight sync sends parameters learner -> rollout in buckets of at most this "
                                       "many MiB (a larger tensor travels alone).", gt=0)
+    weight_sync: Literal["object_store", "collective"] = opt(
+        "object_store", "How learner weights reach the rollout actors each step, bucket by bucket: 'object_store' "
+                        "(Ray's object store) or 'collective' (learner rank 0 and every rollout actor join a "
+                        "torch.distributed gloo group of their own and each bucket is one broadcast of its bytes; "
+                        "a member that misses a bucket's deadline breaks the group: that bucket and the rest go by "
+                        "the object store, the silent actor counts as hung, and the group is built anew next sync).")
     max_restarts: int = opt(0, "Times over the run (counted across resumes) a dead or hung rollout actor is "
                                "replaced and its step retried; 0 = a dead actor ends the run with an error. An error "
                                "an actor raises is reported, never retried.", ge=0)
