@@ -51,10 +51,16 @@ def wall_minutes(run: Path) -> float:
     return (max(times) - min(times)) / 60
 
 
-def run_one(seed: int, work: Path, overrides: list[str]) -> dict:
+def train_one(seed: int, work: Path, overrides: list[str]) -> None:
     run = work / f"seed{seed}"
     if not (run / "summary.json").is_file():
         train_process([str(RECIPE), f"seed={seed}", f"output_dir={run}", *QUIET, *overrides], 1)
+
+
+def read_one(seed: int, work: Path) -> dict:
+    """One finished run's row (its evaluations without the tool run here, one model at a time: loading models
+    from several threads at once is not safe in transformers)."""
+    run = work / f"seed{seed}"
     stages = json.loads((run / "summary.json").read_text())["stages"]
     sft, grpo = stages["grpo"]["eval_before"], stages["grpo"]["eval_after"]
     row = {"seed": seed, "minutes": round(wall_minutes(run), 1),
@@ -100,7 +106,8 @@ def main() -> None:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            rows = list(pool.map(lambda s: run_one(s, work, args.set), args.seeds))
+            list(pool.map(lambda s: train_one(s, work, args.set), args.seeds))
+        rows = [read_one(s, work) for s in args.seeds]
     print(table(rows))
     write_json(args.json, rows, cpu=cpu_model(), recipe=str(RECIPE.relative_to(ROOT)), overrides=args.set,
                jobs=args.jobs, min_gain_points=min(r["gain_points"] for r in rows))
