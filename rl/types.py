@@ -68,6 +68,13 @@ class RolloutBatch(_Rows):
     # (context_mask: read, never trained on). None for single-turn rollouts.
     context_mask: Tensor | None = None    # [B, T] float32, 1 on environment tokens inside the response
     episode_stats: Tensor | None = None   # [B, len(EPISODE_STATS)] float32, per episode (see EPISODE_STATS)
+    # Asynchronous RL (grpo.max_staleness): the policy version that sampled each response token, -1 where nothing
+    # was sampled (padding, environment tokens); stamped from policy_version when an engine does not set it
+    token_versions: Tensor | None = None  # [B, T] int32
+
+    def __post_init__(self) -> None:
+        if self.token_versions is None and self.response_mask is not None:
+            self.token_versions = torch.where(self.response_mask > 0, self.policy_version, -1).to(torch.int32)
 
     @property
     def present_mask(self) -> Tensor:

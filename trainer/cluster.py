@@ -166,6 +166,26 @@ class RolloutWorker:
                  adaptive: dict | None = None, temperature: float | None = None) -> RolloutBatch:
         return self.engine.generate(rows, n=n, greedy=greedy, seed=seed, adaptive=adaptive, temperature=temperature)
 
+    def generate_timed(self, rows: list[dict], n: int, seed: int, adaptive: dict | None) -> tuple[RolloutBatch, float]:
+        """Asynchronous generation: (batch, seconds this actor sat idle since it last reported)."""
+        return self._clock().timed(lambda: self.engine.generate(rows, n=n, seed=seed, adaptive=adaptive), True)
+
+    def load_queued(self, buckets: list[Any], version: int) -> None:
+        """Asynchronous generation's weight load, queued behind the generations before it: every bucket (object
+        references the learner put), then the new version."""
+        def load() -> None:
+            self.engine.begin_sync()
+            for bucket in buckets:
+                self.engine.load_bucket(ray.get(bucket))
+            self.engine.finish_sync(version)
+        self._clock().timed(load, False)
+
+    def _clock(self) -> Any:
+        if getattr(self, "clock", None) is None:
+            from tokenwise.trainer.workers import EngineClock
+            self.clock = EngineClock()
+        return self.clock
+
     def attention_sink(self, rows: list[dict]) -> dict[str, float]:
         return self.engine.attention_sink(rows)
 
@@ -346,6 +366,23 @@ class LearnerWorker:
             sent += 1
         call_all("finish_sync", version)
         return {"failed": failed, "buckets": sent, "slowest_s": slowest, "broken": broken}
+
+    def put_weights(self, bucket_bytes: int) -> list[Any]:
+        """The full weights in the object store, in buckets ending on layer boundaries (every rank iterates: ZeRO-3
+        gathers are collective; rank 0 puts and returns the references, the others [])."""
+        refs, bucket, size, group = [], {}, 0, None
+        for name, tensor in self.learner.full_parameters():
+            if self.rank != 0:
+                continue
+            previous, group = group, weight_group(name)
+            if size >= bucket_bytes and group != previous:
+                refs.append(ray.put(bucket))
+                bucket, size = {}, 0
+            bucket[name] = tensor.detach().to("cpu", copy=True)
+            size += tensor.numel() * tensor.element_size()
+        if bucket:
+            refs.append(ray.put(bucket))
+        return refs
 
 
 FIRST_CALL_TIMEOUT_S = 900.0  # adaptive timeouts: a method's first call (may load a model or compile)
@@ -555,9 +592,24 @@ class RayWorkers:
         or with seed + k when an explicit `seed` is given (evaluation)."""
         while True:
             try:
+                self._check_queued_loads()
                 return self._generate(rows, n, greedy, step, round, adaptive, seed, temperature)
             except ActorFailed as failure:
                 self._recover(failure, step)
+
+    def _check_queued_loads(self) -> None:
+        """Asynchronous generation: weight loads queued since the last submitted generation must have succeeded
+        before anything else (an evaluation) reads the engines."""
+        loads, self.queued_loads = getattr(self, "queued_loads", []), []
+        self._wait_loads(loads)
+
+    def _wait_loads(self, loads: list[tuple[list, list]]) -> None:
+        """Wait for queued weight loads (buckets, [(actor, ref)]), skipping those of actors replaced since: the
+        new actor was synced when it started."""
+        for _buckets, targets in loads:
+            live = [(rank, ref) for rank, (actor, ref) in enumerate(targets) if self.rollouts.actors[rank] is actor]
+            if live:
+                self.rollouts.wait([ref for _, ref in live], "load_queued", ranks=[rank for rank, _ in live])
 
     def _generate(self, rows: list[dict], n: int, greedy: bool, step: int | None, round: int,
                   adaptive: dict | None, seed: int | None, temperature: float | None) -> RolloutBatch:
@@ -578,6 +630,44 @@ class RayWorkers:
 
     def attention_sink(self, rows: list[dict]) -> dict[str, float]:
         return self.rollouts.wait([self.rollouts.actors[0].attention_sink.remote(rows)], "attention_sink")[0]
+
+    # ------------------------------------------------------------------------------------ asynchronous generation
+    def submit_generate(self, rows: list[dict], *, n: int, step: int, adaptive: dict | None = None) -> dict:
+        """Shards queued on the actors (each runs its calls in order), not awaited; see collect."""
+        M = min(len(self.rollouts), len(rows))
+        shards = [rows[k * len(rows) // M:(k + 1) * len(rows) // M] for k in range(M)]
+        actors = list(self.rollouts.actors[:M])
+        refs = [a.generate_timed.remote(shards[k], n, step_seed(self.env.cfg.seed, step, k, 0), adaptive)
+                for k, a in enumerate(actors)]
+        loads = getattr(self, "queued_loads", [])
+        self.queued_loads = []
+        return {"rows": rows, "n": n, "step": step, "adaptive": adaptive, "refs": refs, "actors": actors,
+                "loads": loads, "work": max(len(sh) for sh in shards) * n}
+
+    def collect(self, handle: dict) -> tuple[RolloutBatch, float]:
+        """A queued generation's batch and the longest idle time of its actors before it. The weight loads queued
+        before it must have succeeded; when an actor failed, it is restarted (unless it already was: a new actor
+        is synced when it starts) and the step's prompts are generated again, now (with newer weights: the bound
+        still holds)."""
+        from tokenwise.trainer.rollout.hf import concat_rollouts
+        try:
+            self._wait_loads(handle["loads"])
+            parts = self.rollouts.wait(handle["refs"], "generate", work=handle["work"])
+        except ActorFailed as failure:
+            if handle["actors"][failure.rank] is self.rollouts.actors[failure.rank]:  # not replaced yet
+                self._recover(failure, handle["step"])
+            batch = self.generate(handle["rows"], n=handle["n"], step=handle["step"], adaptive=handle["adaptive"])
+            return batch, 0.0
+        return (concat_rollouts([b for b, _ in parts], self.env.tokenizer.pad_token_id),
+                max(idle for _, idle in parts))
+
+    def queue_sync(self, *, step: int | None = None) -> None:
+        """The learners' weights into the object store now; every actor loads them after its queued generations
+        (the object-store path whatever trainer.ray.weight_sync says: a collective would wait for the engines)."""
+        refs = [a.put_weights.remote(self.bucket_bytes) for a in self.learners.actors]
+        buckets = self.learners.wait(refs, "put_weights")[0]
+        loads = [(a, a.load_queued.remote(buckets, self.pool.version)) for a in self.rollouts.actors]
+        self.queued_loads = getattr(self, "queued_loads", []) + [(buckets, loads)]
 
     def sync(self, *, step: int | None = None) -> None:
         """Learner weights → every rollout actor; a failed rollout actor is restarted (if allowed) and re-synced.

@@ -630,6 +630,11 @@ class GRPOConfig:
     optim: OptimConfig = opt(factory=lambda: OptimConfig(lr=5e-4), doc="Optimizer and schedule.")
     eval_every: int = opt(0, "Held-out evaluation every N steps (0 = only before and after).", ge=0)
     save_every: int = opt(0, "Checkpoint every N steps (0 = only at the end).", ge=0)
+    max_staleness: int = opt(
+        0, "Asynchronous RL: the rollout engines generate up to this many steps ahead while the learners train, so "
+           "step s trains on responses sampled by the policy of step s-1-k (k = max_staleness; every token is "
+           "stamped with its policy version; the rollout correction weighs the lag). 0 = the synchronous loop.",
+        ge=0)
 
     def __post_init__(self) -> None:
         if self.prompts_per_step % self.mini_batches:
@@ -778,6 +783,16 @@ class RunConfig:
         if self.algorithm.routing_replay and self.rollout.env.type != "none":
             raise ConfigError("algorithm.routing_replay with rollout.env (multi-turn episodes) is not supported yet: "
                               "the engines record routing per generate call, not per episode; set one of them off")
+        if self.grpo.max_staleness:
+            clash = [why for on, why in (
+                (self.algorithm.dynamic_sampling.max_rounds > 0, "algorithm.dynamic_sampling.max_rounds > 0 (a "
+                 "round's prompts depend on the rewards of the round before)"),
+                (self.trainer.replay is not None, "trainer.replay (replayed rollouts are not generated)"),
+                (self.trainer.mode == "ray" and self.trainer.ray.colocate, "trainer.ray.colocate (engines that share "
+                 "the learners' devices sleep while they train)")) if on]
+            if clash:
+                raise ConfigError(f"grpo.max_staleness {self.grpo.max_staleness} (asynchronous generation) does not "
+                                  f"work with {'; '.join(clash)}: set grpo.max_staleness to 0 or turn that off")
         if self.algorithm.overlong.buffer >= self.rollout.max_new_tokens:
             raise ConfigError(f"algorithm.overlong.buffer ({self.algorithm.overlong.buffer}) must be smaller than "
                               f"rollout.max_new_tokens ({self.rollout.max_new_tokens})")

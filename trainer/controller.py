@@ -17,6 +17,7 @@ from tokenwise.rl.errors import NonFiniteError
 from tokenwise.rl.rewards import compute_rewards
 from tokenwise.rl.stats import quantile
 from tokenwise.rl.types import EPISODE_STATS, RolloutBatch
+from tokenwise.trainer.async_rollouts import AsyncRollouts, QueuedStream, check_bound
 from tokenwise.trainer.dump import check_replay, dump_rollouts, load_rollouts
 from tokenwise.trainer.rollout.hf import concat_rollouts
 from tokenwise.trainer.rollout.multiturn import episode_metrics
@@ -25,8 +26,10 @@ from tokenwise.trainer.logging import console
 from tokenwise.trainer.stage import StageEnv, StageResult, StageState, run_stage
 from tokenwise.trainer.workers import build_workers
 
+PIPELINE_FROM = 1  # the smallest grpo.max_staleness that queues generation (tests set 0: the queue, no lag)
 PANELS = [("reward/mean", "reward"), ("rollout/response_len_mean", "response length (tokens)"),
-          ("actor/entropy", "entropy"), ("actor/kl", "KL to reference"), (EVAL_PANEL, "held-out accuracy")]
+          ("actor/entropy", "entropy"), ("actor/kl", "KL to reference"), (EVAL_PANEL, "held-out accuracy"),
+          ("async/staleness_max", "staleness (policy versions)")]
 
 
 def run_grpo(env: StageEnv) -> StageResult:
@@ -35,8 +38,16 @@ def run_grpo(env: StageEnv) -> StageResult:
     longest = cfg.rollout.env.max_tokens if cfg.rollout.env.type != "none" else cfg.rollout.max_new_tokens
     algo = Algorithm(cfg.algorithm, max_response_len=longest)
     data = PromptStream(env.data["train"], seed=cfg.seed)
+    # asynchronous generation: its checkpointed cursor stays before the draws not trained on yet
+    queued = QueuedStream(data) if g.max_staleness >= PIPELINE_FROM else None
+    pipeline: list[AsyncRollouts] = []  # made with the workers (a new one when they are)
     if cfg.trainer.replay is not None:
         check_replay(cfg.trainer.replay, g.steps, routing=cfg.algorithm.routing_replay)
+
+    def step(workers, n: int) -> tuple[dict, str]:
+        if queued is not None and (not pipeline or pipeline[0].workers is not workers):
+            pipeline[:] = [AsyncRollouts(env, workers, algo, queued, bound=g.max_staleness, total_steps=g.steps)]
+        return grpo_step(env, workers, algo, data, step=n, pipeline=pipeline[0] if pipeline else None)
     return run_stage(
         env, panels=PANELS,
         make_workers=lambda: build_workers(
@@ -48,12 +59,13 @@ def run_grpo(env: StageEnv) -> StageResult:
                 logprobs=cfg.trainer.logprobs, lora=cfg.model.lora, seed=cfg.seed,
                 packing=cfg.trainer.packing, routing_replay=cfg.algorithm.routing_replay)),
         make_state=lambda workers: StageState(
-            env, learner=workers.pool, stream=data, algorithm=algo, total_steps=g.steps, eval_every=g.eval_every,
+            env, learner=workers.pool, stream=queued or data, algorithm=algo, total_steps=g.steps, eval_every=g.eval_every,
             save_every=g.save_every, evaluate=lambda: run_heldout_eval(workers, cfg, env.data["heldout"])),
-        step=lambda workers, step: grpo_step(env, workers, algo, data, step=step))
+        step=step)
 
 
-def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, step: int) -> tuple[dict, str]:
+def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, step: int,
+              pipeline: AsyncRollouts | None = None) -> tuple[dict, str]:
     g, learner = env.cfg.grpo, workers.pool
     t0 = time.perf_counter()
     try:
@@ -61,11 +73,20 @@ def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, st
             rollouts, rewards, metrics = load_rollouts(env.cfg.trainer.replay, step)
             if not torch.isfinite(rewards).all():
                 raise NonFiniteError(f"the replayed rewards of step {step} ({env.cfg.trainer.replay}) are not finite")
-            t_gen = 0.0
+            t_gen = rollout_idle = 0.0
+        elif pipeline is not None:  # asynchronous: generated while the learners trained on earlier steps
+            rollouts, t_gen, rollout_idle = pipeline.take(step)
+            metrics_depth = float(pipeline.depth)  # steps generated or generating ahead while this one trains
+            rewards, metrics = score_rollouts(env, rollouts)
+            metrics.update({"rollout/generated_tokens": float(rollouts.response_mask.sum()),
+                            "reward/mean": rewards.mean().item(),
+                            "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0})
         else:
             rollouts, rewards, metrics, t_gen = sample(env, workers, algo, data, step=step)
+            rollout_idle = None  # the engines waited for everything after generation: set below
     except NonFiniteError as e:
         return nonfinite_step(env, step, str(e))
+    metrics.update(check_bound(rollouts, learner.version, g.max_staleness, step))
     if env.cfg.rollout.dump_dir is not None:
         dump_rollouts(env.run_dir / env.cfg.rollout.dump_dir, step, rollouts, rewards, metrics)
     t_reward = time.perf_counter()
@@ -99,7 +120,11 @@ def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, st
     if metrics["nonfinite/skipped_updates"]:
         check_updates(env, step, metrics)
     t_train = time.perf_counter()
-    workers.sync(step=step)
+    if pipeline is not None:  # the new weights go behind the queued generations, then the next step's is queued
+        workers.queue_sync(step=step)
+        pipeline.fill(step + 1)
+    else:
+        workers.sync(step=step)
     t_sync = time.perf_counter()
     mask = batch.response_mask
     n_tokens = float(mask.sum() + batch.prompt_mask.sum())
@@ -119,6 +144,11 @@ def grpo_step(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *, st
         "timing/generate": t_gen, "timing/reward": t_reward - t0 - t_gen, "timing/logprob": t_score - t_reward,
         "timing/train": t_train - t_score, "timing/sync": t_sync - t_train, "timing/step": t_sync - t0,
         "perf/tokens_per_s": n_tokens / (t_sync - t0),
+        # the learners waited for generation; the engines waited for the learners (sync: all but generating)
+        "timing/learner_idle": t_gen,
+        "timing/rollout_idle": (t_sync - t0 - t_gen) if rollout_idle is None else rollout_idle,
+        "async/queue_depth": metrics_depth if pipeline is not None else 0.0,
+        "rollout/completions": float(len(rollouts)), "perf/completions_per_s": len(rollouts) / (t_sync - t0),
     })
     info = (f"reward {metrics['reward/mean']:.3f} | gen {t_gen:.1f} lp {t_score - t_reward:.1f} "
             f"train {t_train - t_score:.1f} sync {t_sync - t_train:.2f} s")
@@ -159,11 +189,7 @@ def sample(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *,
                     for r in rows]
         rollouts = workers.generate(rows, n=g.group_size, step=step, round=round, adaptive=algo.sampling())
         seconds += time.perf_counter() - t0
-        rewards, stats = compute_rewards(env.rewards, prompts=rollouts.prompts, responses=rollouts.responses,
-                                         answers=rollouts.answers, truncated=rollouts.truncated.tolist())
-        if rollouts.episode_stats is not None:  # multi-turn: the environment's return adds to the recipe's rewards
-            rewards = rewards + rollouts.episode_stats[:, EPISODE_STATS.index("env_reward")]
-            stats.update(episode_metrics(rollouts, rewards))
+        rewards, stats = score_rollouts(env, rollouts)
         reward_stats.append(stats)
         drawn.append(rewards)
         generated += float(rollouts.response_mask.sum())
@@ -191,6 +217,16 @@ def sample(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *,
         stats.update({"sampling/rounds": float(len(reward_stats)),
                       "sampling/informative_frac": informative * g.group_size / len(everything)})
     return batch, rewards, stats, seconds
+
+
+def score_rollouts(env: StageEnv, rollouts: RolloutBatch) -> tuple[Tensor, dict]:
+    """Rewards of a generation round and their statistics (per reward; per episode with an environment)."""
+    rewards, stats = compute_rewards(env.rewards, prompts=rollouts.prompts, responses=rollouts.responses,
+                                     answers=rollouts.answers, truncated=rollouts.truncated.tolist())
+    if rollouts.episode_stats is not None:  # multi-turn: the environment's return adds to the recipe's rewards
+        rewards = rewards + rollouts.episode_stats[:, EPISODE_STATS.index("env_reward")]
+        stats.update(episode_metrics(rollouts, rewards))
+    return rewards, stats
 
 
 def temperature_stats(batch: RolloutBatch) -> dict[str, float]:

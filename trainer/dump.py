@@ -27,7 +27,8 @@ from tokenwise.rl.errors import ConfigError
 from tokenwise.rl.types import RolloutBatch
 
 _TENSORS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "rollout_logprobs", "truncated")
-_OPTIONAL = ("temperatures", "prompt_expert_ids", "response_expert_ids", "context_mask", "episode_stats")
+_OPTIONAL = ("temperatures", "prompt_expert_ids", "response_expert_ids", "context_mask", "episode_stats",
+             "token_versions")
 
 
 def _name(step: int) -> str:

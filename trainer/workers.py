@@ -11,11 +11,21 @@
     workers.restarts                  rollout actors replaced so far (cluster mode)
     workers.close()
 
+Asynchronous generation (grpo.max_staleness >= 1, trainer/async_rollouts.py) queues work on the engines, which run
+it in order — a generation thread beside the learner here, the actors' own task queues in cluster mode:
+
+    workers.submit_generate(rows, n=, step=, adaptive=)  a handle; the engine generates once the work queued before
+                                      it is done, with the weights of the last weight load queued before it
+    workers.collect(handle)           (RolloutBatch, seconds the engine sat idle before it started)
+    workers.queue_sync(step=)         the learner's weights now (pool.version), loaded after the queued generations
+
 `LocalWorkers` is debug mode (one process); trainer/cluster.py's `RayWorkers` is cluster mode.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import time
 from typing import Any
 
 from tokenwise.rl.types import RolloutBatch
@@ -51,17 +61,53 @@ class LocalWorkers:
                  temperature: float | None = None) -> RolloutBatch:
         if seed is None and not greedy and step is not None:
             seed = step_seed(self.env.cfg.seed, step, 0, round)
-        return self.engine.generate(rows, n=n, greedy=greedy, seed=None if greedy else seed, adaptive=adaptive,
-                                    temperature=temperature)
+        return self._engine_call(lambda: self.engine.generate(
+            rows, n=n, greedy=greedy, seed=None if greedy else seed, adaptive=adaptive, temperature=temperature))
 
     def attention_sink(self, rows: list[dict]) -> dict[str, float]:
-        return self.engine.attention_sink(rows)
+        return self._engine_call(lambda: self.engine.attention_sink(rows))
+
+    def _engine_call(self, fn: Any) -> Any:
+        """Now, or with a generation thread (asynchronous generation) in its queue: after the generations and weight
+        loads queued before (an evaluation so sees the weights the learners have now)."""
+        if getattr(self, "thread", None) is None:
+            return fn()
+        out = self._queue(fn, False).result()
+        for load in self.loads:  # the weight loads queued before it: done, and must not have failed
+            load.result()
+        self.loads = []
+        return out
 
     def sync(self, *, step: int | None = None) -> None:
         if self.shared:
             self.engine.version = self.pool.version
         else:
             self.engine.load_weights(dict(self.learner.full_parameters()), version=self.pool.version)
+
+    # ------------------------------------------------------------------------- asynchronous generation (a thread)
+    def _queue(self, fn: Any, report: bool) -> concurrent.futures.Future:
+        if getattr(self, "thread", None) is None:
+            self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenwise-rollout")
+            self.clock, self.loads = EngineClock(), []
+        return self.thread.submit(self.clock.timed, fn, report)
+
+    def submit_generate(self, rows: list[dict], *, n: int, step: int, adaptive: dict | None = None) -> Any:
+        seed = step_seed(self.env.cfg.seed, step, 0, 0)
+        return self._queue(lambda: self.engine.generate(rows, n=n, greedy=False, seed=seed, adaptive=adaptive), True)
+
+    def collect(self, handle: Any) -> tuple[RolloutBatch, float]:
+        out = handle.result()
+        for load in [f for f in self.loads if f.done()]:  # weight loads queued before it: done, and must not fail
+            self.loads.remove(load)
+            load.result()
+        return out
+
+    def queue_sync(self, *, step: int | None = None) -> None:
+        if self.shared:
+            raise RuntimeError("asynchronous generation cannot share the learner's model")
+        snapshot = {k: v.detach().clone() for k, v in self.learner.full_parameters()}  # the learner trains on
+        version = self.pool.version
+        self.loads.append(self._queue(lambda: self.engine.load_weights(snapshot, version=version), False))
 
     def sleep_rollouts(self) -> None:
         pass
@@ -70,7 +116,32 @@ class LocalWorkers:
         pass
 
     def close(self) -> None:
-        pass
+        if getattr(self, "thread", None) is not None:
+            self.thread.shutdown(wait=True, cancel_futures=True)
+            self.thread = None
+
+
+class EngineClock:
+    """An engine's idle time: how long it waited for work before each queued call began (not before its first
+    call), summed until a generation reports it: `timed(fn, report)` returns (fn(), idle so far) and starts the sum
+    again when `report`, else fn()."""
+
+    def __init__(self) -> None:
+        self.last_end: float | None = None
+        self.idle = 0.0
+
+    def timed(self, fn: Any, report: bool) -> Any:
+        start = time.perf_counter()
+        if self.last_end is not None:
+            self.idle += start - self.last_end
+        try:
+            out = fn()
+        finally:
+            self.last_end = time.perf_counter()
+        if not report:
+            return out
+        idle, self.idle = self.idle, 0.0
+        return out, idle
 
 
 def build_workers(env: Any, *, learner_kwargs: dict, micro_batch_size: int, max_tokens: int = 0,

@@ -43,6 +43,8 @@ def concat_rollouts(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
         context_mask=None if parts[0].context_mask is None else torch.cat(
             [F.pad(p.context_mask, (0, T - p.context_mask.shape[1])) for p in parts]),
         episode_stats=None if parts[0].episode_stats is None else torch.cat([p.episode_stats for p in parts]),
+        token_versions=torch.cat([F.pad(p.token_versions, (0, T - p.token_versions.shape[1]), value=-1)
+                                  for p in parts]),
     )
 
 

@@ -1,0 +1,118 @@
+"""Asynchronous GRPO in cluster mode: synchronous vs grpo.max_staleness 1 and 2, measured side by side in one run.
+
+    python benchmarks/async_speedup.py [--seeds 0 1 2] [--staleness 0 1 2] [--steps 24] [--work DIR]
+                                       [--json benchmarks/results/async_speedup.json]
+
+Workload: the sort task with lists of 8-12 digits (responses of up to 16 tokens, twice the quick start's), one
+learner and one rollout actor with 1 CPU each on a local Ray, 32 prompts x 8 samples per step. All runs start from
+one SFT model (the recipe's SFT stage, run once, seed 0); each seed is a GRPO run per staleness bound. For every
+run: completions per second (responses trained on / GRPO wall time from the first step's start to the last's end,
+the step-0 evaluation excluded), the share of the synchronous step spent generating (timing/generate over
+timing/step), reward per generated sample (mean reward over all samples of the run and over its last quarter),
+held-out greedy accuracy at the end, and the version lag the stamps recorded. Prints a table per seed and bound
+and the speed-up over the synchronous run of the same seed, and writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(var, "1")
+from benchmarks.kernels._common import write_json  # noqa: E402
+from benchmarks.quickstart_seeds import cpu_model  # noqa: E402
+
+RECIPE = ROOT / "recipes" / "quickstart.yaml"
+TASK = ["data.min_length=8", "data.max_length=12", "rollout.max_new_tokens=16", "eval.num_prompts=64", "eval.k=0",
+        "logging.progress=false", "logging.tensorboard=false", "logging.plot=false"]
+CLUSTER = ["trainer.mode=ray", "trainer.ray.num_learners=1", "trainer.ray.num_rollout_workers=1",
+           "trainer.ray.cpus_per_learner=1", "trainer.ray.cpus_per_rollout=1"]
+
+
+def train(args: list[str]) -> None:
+    from tokenwise.trainer.cli import main
+    if main(["train", *args]) != 0:
+        raise SystemExit(f"run failed: tokenwise train {' '.join(args)}")
+
+
+def read(run: Path) -> dict:
+    rows = [json.loads(line) for line in (run / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "timing/step" in r]
+    evals = [r for r in rows if "eval/accuracy" in r]
+    wall = steps[-1]["time"] - (steps[0]["time"] - steps[0]["timing/step"])
+    completions = sum(r["rollout/completions"] for r in steps)
+    rewards = [r["reward/mean"] for r in steps]
+    quarter = max(1, len(rewards) // 4)
+    return {"steps": len(steps), "wall_s": round(wall, 1), "completions_per_s": completions / wall,
+            "generate_share": statistics.mean(r["timing/generate"] / r["timing/step"] for r in steps[1:]),
+            "learner_idle_s": statistics.mean(r["timing/learner_idle"] for r in steps[1:]),
+            "rollout_idle_s": statistics.mean(r["timing/rollout_idle"] for r in steps[1:]),
+            "reward_per_sample": statistics.mean(rewards), "reward_last_quarter": statistics.mean(rewards[-quarter:]),
+            "staleness_max": max(r["async/staleness_max"] for r in steps),
+            "accuracy_end": evals[-1]["eval/accuracy"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--sft-steps", type=int, default=300)
+    ap.add_argument("--work", default=None, help="keep the runs here")
+    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "async_speedup.json"))
+    args = ap.parse_args()
+    from tokenwise.trainer.cluster import start_local_ray
+    import ray
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work or tmp)
+        start = work / "sft"
+        if not (start / "sft" / "final").is_dir():
+            train([str(RECIPE), "stages=[sft]", f"sft.steps={args.sft_steps}", "sft.eval_every=0", *TASK,
+                   f"output_dir={start}"])
+        start_local_ray(num_cpus=2, object_store_mb=512)
+        rows = []
+        try:
+            for seed in args.seeds:
+                for k in args.staleness:
+                    run = work / f"seed{seed}-staleness{k}"
+                    if not (run / "grpo" / "final").is_dir():
+                        train([str(RECIPE), "stages=[grpo]", "model.type=pretrained",
+                               f"model.path={start / 'sft' / 'final'}", f"seed={seed}", f"grpo.steps={args.steps}",
+                               f"grpo.max_staleness={k}", "grpo.eval_every=0", *TASK, *CLUSTER, f"output_dir={run}"])
+                    row = {"seed": seed, "max_staleness": k, **read(run)}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+        finally:
+            ray.shutdown()
+    sync = {r["seed"]: r for r in rows if r["max_staleness"] == 0}
+    for r in rows:
+        base = sync.get(r["seed"])
+        r["speedup"] = r["completions_per_s"] / base["completions_per_s"] if base else None
+    head = (f"{'seed':>4} {'k':>2} {'compl/s':>8} {'speed-up':>8} {'gen share':>9} {'learner idle':>12} "
+            f"{'rollout idle':>12} {'reward/sample':>13} {'last 1/4':>8} {'lag max':>7} {'acc end':>7}")
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r['seed']:>4} {r['max_staleness']:>2} {r['completions_per_s']:>8.1f} "
+                     f"{r['speedup'] or 0:>8.2f} {r['generate_share']:>9.2f} {r['learner_idle_s']:>12.2f} "
+                     f"{r['rollout_idle_s']:>12.2f} {r['reward_per_sample']:>13.3f} {r['reward_last_quarter']:>8.3f} "
+                     f"{r['staleness_max']:>7.0f} {r['accuracy_end']:>7.3f}")
+    for k in args.staleness:
+        ks = [r for r in rows if r["max_staleness"] == k]
+        sp = [r["speedup"] for r in ks if r["speedup"]]
+        rw = [r["reward_per_sample"] for r in ks]
+        lines.append(f"k={k}: speed-up {min(sp):.2f}-{max(sp):.2f}, reward/sample {min(rw):.3f}-{max(rw):.3f}")
+    print("\n".join(lines))
+    write_json(args.json, rows, cpu=cpu_model(), steps=args.steps, sft_steps=args.sft_steps, task=TASK,
+               cluster=CLUSTER)
+
+
+if __name__ == "__main__":
+    main()
