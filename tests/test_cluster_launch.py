@@ -161,3 +161,47 @@ def test_ray_job_submit_with_working_dir(ray_head, tmp_path):
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "succeeded" in out.stdout
     _finished_two_steps(run)
+
+
+def test_sigkill_during_an_asynchronous_run_then_resume(ray_head, tmp_path):
+    """grpo.max_staleness 1 on the head: the driver is SIGKILLed after step 3 (with later generations queued on
+    the rollout actor); `tokenwise resume` attaches again and finishes. Every step is trained once, and the prompts
+    of the 6 steps are exactly the data stream's first 6 batches, in order: nothing lost, nothing trained twice
+    (the checkpoint's cursor is before the prompts whose rollouts were in flight; they are generated again)."""
+    from tokenwise.rl.data import PromptStream
+    from tokenwise.trainer.config import load_config
+    from tokenwise.trainer.run import load_task
+    recipe = _merge(RECIPE, {"grpo": {"steps": 6, "max_staleness": 1, "save_every": 1},
+                             "rollout": {"dump_dir": "dump"}, "eval": {"num_prompts": 4, "k": 0}})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run = tmp_path / "run"
+    log = open(tmp_path / "train.log", "w")
+    proc = subprocess.Popen([str(BIN / "tokenwise"), "train", str(path), f"output_dir={run}", "--ray-address",
+                             ray_head["address"]], env=_env(ray_head["home"]), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    metrics = run / "grpo" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 300
+        while not (metrics.is_file() and any(json.loads(line).get("step") == 3 and "actor/loss" in line
+                                             for line in metrics.read_text().splitlines() if line.strip())):
+            assert proc.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "train.log").read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver's own process group: only what this test started
+        proc.wait(timeout=30)
+        log.close()
+    assert not (run / "grpo" / "final").exists()
+    out = subprocess.run([str(BIN / "tokenwise"), "resume", str(run), "--ray-address", ray_head["address"]],
+                         env=_env(ray_head["home"]), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    assert [r["step"] for r in rows if "actor/loss" in r] == [1, 2, 3, 4, 5, 6]
+    cfg = load_config(run / "config.yaml")
+    stream = PromptStream(load_task(cfg.data)["train"], seed=cfg.seed)
+    G, n = cfg.grpo.group_size, cfg.grpo.prompts_per_step
+    for step in range(1, 7):
+        dumped = [json.loads(line)["prompt"] for line in
+                  (run / "dump" / f"step_{step:06d}.jsonl").read_text().splitlines()]
+        assert dumped[::G] == [r["prompt"] for r in stream.next_batch(n)], step
