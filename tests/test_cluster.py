@@ -149,24 +149,12 @@ def test_gated_moe_model_in_cluster_mode_matches_debug_mode(local_ray, recipe_fo
 def test_after_sync_rollout_generates_like_the_learners_weights(local_ray, recipe_for, tmp_path):
     """Bucketed sync (buckets far smaller than the model) under ZeRO-3: the rollout actor's greedy generations equal
     those of an HF model holding the learners' consolidated weights, and differ from the starting model's."""
-    from tokenwise.rl.algorithm import Algorithm
-    from tokenwise.trainer.cluster import RayWorkers
-    from tokenwise.trainer.distributed import DeepSpeedSpec
     from tokenwise.trainer.rollout import build_rollout
-    recipe = recipe_for("sync", "ray", grpo={"optim": {"lr": 0.05}},
-                        trainer={"ray": {"zero_stage": 3, "sync_bucket_mb": 0.002}})
-    env = stage_env(load_config(recipe), tmp_path / "run")
-    algo = Algorithm(env.cfg.algorithm)
-    workers = RayWorkers(env, micro_batch_size=4, learner_kwargs=dict(
-        model_dir=env.init_dir, optim=env.cfg.grpo.optim, device=env.device, dtype=env.dtype, total_updates=10,
-        temperature=1.0, algorithm=algo, reference_dir=env.init_dir, distributed=DeepSpeedSpec(3)))
+    env, algo, workers = _ray_workers(recipe_for, tmp_path, "sync", num_rollout_workers=1)
     try:
         rows = env.data["heldout"].to_list()[:8]
         before = workers.generate(rows, n=1, greedy=True)
-        out = workers.generate(env.data["train"].to_list()[:4], n=4, step=1)
-        batch = workers.pool.score(algo.make_batch(out, torch.arange(16, dtype=torch.float32) % 3))
-        for _ in range(3):
-            workers.pool.train_step(batch, ppo_epochs=1, mini_batches=1)
+        _train_away(workers, env, algo, updates=3)
         workers.sync()
         assert workers.last_sync_buckets > 3
         after = workers.generate(rows, n=1, greedy=True)
@@ -355,9 +343,9 @@ def test_an_error_raised_in_a_rollout_actor_is_reported_not_retried(local_ray):
         remove_placement_group(pg)
 
 
-def _sync_workers(recipe_for, tmp_path, name: str, zero_stage: int = 3, **ray_cfg):
-    """RayWorkers of a tiny model: 2 ZeRO-3 (or `zero_stage`) learners, 2 rollout actors, buckets far smaller than
-    the model, and learner weights moved away from the rollout actors' by 2 updates."""
+def _ray_workers(recipe_for, tmp_path, name: str, zero_stage: int = 3, **ray_cfg):
+    """(env, algorithm, RayWorkers) of a tiny model: 2 ZeRO-3 (or `zero_stage`) learners, 2 rollout actors (unless
+    ray_cfg says otherwise), weight-sync buckets far smaller than the model, lr 0.05."""
     from tokenwise.rl.algorithm import Algorithm
     from tokenwise.trainer.cluster import RayWorkers
     from tokenwise.trainer.distributed import DeepSpeedSpec
@@ -369,11 +357,22 @@ def _sync_workers(recipe_for, tmp_path, name: str, zero_stage: int = 3, **ray_cf
     workers = RayWorkers(env, micro_batch_size=4, learner_kwargs=dict(
         model_dir=env.init_dir, optim=env.cfg.grpo.optim, device=env.device, dtype=env.dtype, total_updates=10,
         temperature=1.0, algorithm=algo, reference_dir=env.init_dir, distributed=DeepSpeedSpec(zero_stage)))
+    return env, algo, workers
+
+
+def _train_away(workers, env, algo, updates: int):
+    """`updates` learner steps on one sampled batch: the learners' weights move away from the engines'."""
     out = workers.generate(env.data["train"].to_list()[:4], n=4, step=1)
     batch = workers.pool.score(algo.make_batch(out, torch.arange(16, dtype=torch.float32) % 3))
-    for _ in range(2):
+    for _ in range(updates):
         workers.pool.train_step(batch, ppo_epochs=1, mini_batches=1)
-    return workers, batch
+    return batch
+
+
+def _sync_workers(recipe_for, tmp_path, name: str, zero_stage: int = 3, **ray_cfg):
+    """RayWorkers as _ray_workers makes them, with the learners 2 updates away from the rollout actors."""
+    env, algo, workers = _ray_workers(recipe_for, tmp_path, name, zero_stage, **ray_cfg)
+    return workers, _train_away(workers, env, algo, updates=2)
 
 
 def _digests(workers) -> tuple[dict, list[dict]]:

@@ -200,10 +200,8 @@ class RolloutWorker:
 
     def join_sync_group(self, host: str, port: int, rank: int, size: int, timeout_s: float) -> None:
         """Join the weight-sync group (trainer/weight_sync.py) as member `rank`, leaving any earlier one."""
-        from tokenwise.trainer.weight_sync import SyncGroup
-        if getattr(self, "sync_group", None) is not None:
-            self.sync_group.close()
-        self.sync_group = SyncGroup(host, port, rank, size, timeout_s)
+        from tokenwise.trainer.weight_sync import rejoin
+        self.sync_group = rejoin(getattr(self, "sync_group", None), host, port, rank, size, timeout_s)
 
     def receive_bucket(self, meta: list, timeout_s: float) -> bool:
         """One bucket by the weight-sync group's broadcast, then loaded; False (and the group left) when the
@@ -281,10 +279,8 @@ class LearnerWorker:
 
     def join_sync_group(self, host: str, port: int, size: int, timeout_s: float) -> None:
         """Rank 0: host and join the weight-sync group as its sender (member 0), leaving any earlier one."""
-        from tokenwise.trainer.weight_sync import SyncGroup
-        if getattr(self, "sync_group", None) is not None:
-            self.sync_group.close()
-        self.sync_group = SyncGroup(host, port, 0, size, timeout_s)
+        from tokenwise.trainer.weight_sync import rejoin
+        self.sync_group = rejoin(getattr(self, "sync_group", None), host, port, 0, size, timeout_s)
 
     def weights_digest(self) -> dict[str, str]:
         """sha256 of each full weight's bytes (every rank must call it: ZeRO-3 gathers are collective)."""
@@ -331,16 +327,13 @@ class LearnerWorker:
 
         def deliver(bucket: dict[str, torch.Tensor]) -> None:
             nonlocal broken
-            if collective and not broken and not failed:  # a member already failed: the group cannot work
-                from tokenwise.trainer.weight_sync import pack
-                meta, buffer = pack(bucket)
-                if all(call_all("receive_bucket", meta, timeout_s, send=buffer).values()):
-                    return
+            if collective and not broken:
+                if not failed:  # a member that already failed leaves the group unable to work
+                    from tokenwise.trainer.weight_sync import pack
+                    meta, buffer = pack(bucket)
+                    if all(call_all("receive_bucket", meta, timeout_s, send=buffer).values()):
+                        return
                 broken = True  # the group is no more: this bucket and the rest by the object store
-                self.sync_group.close()
-                self.sync_group = None
-            elif collective and not broken:
-                broken = True
                 self.sync_group.close()
                 self.sync_group = None
             call_all("load_bucket", ray.put(bucket))

@@ -83,6 +83,11 @@ def model_eos_ids(model_dir: str | Path, tokenizer: Any) -> list[int]:
     return eos_token_ids(tokenizer, gen)
 
 
+def eos_texts(tokenizer: Any, ids: list[int]) -> list[str]:
+    """The end-of-turn tokens as text: where an environment's answer starts (PromptFormatter.continuation_ids)."""
+    return [tokenizer.decode([i]) for i in ids]
+
+
 class PromptFormatter:
     """Data-set prompt → model input text: the chat template with an optional system turn, or the raw prompt.
 

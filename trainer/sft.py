@@ -11,7 +11,7 @@ from tokenwise.rl.data import PromptStream
 from tokenwise.rl.errors import NonFiniteError
 from tokenwise.rl.types import SFTBatch
 from tokenwise.trainer.evaluate import EVAL_PANEL, run_heldout_eval
-from tokenwise.trainer.loading import model_eos_ids
+from tokenwise.trainer.loading import eos_texts as end_texts, model_eos_ids
 from tokenwise.trainer.logging import console
 from tokenwise.trainer.stage import StageEnv, StageResult, StageState, run_stage
 from tokenwise.trainer.workers import build_workers
@@ -85,7 +85,7 @@ def run_sft(env: StageEnv) -> StageResult:
     if cfg.rollout.env.type != "none":  # multi-turn demonstrations open and continue as the episodes will
         from tokenwise.trainer.rollout.multiturn import episode_opening
         opening = episode_opening(cfg.rollout.env)
-        eos_texts = [env.tokenizer.decode([i]) for i in model_eos_ids(env.init_dir, env.tokenizer)]
+        eos_texts = end_texts(env.tokenizer, model_eos_ids(env.init_dir, env.tokenizer))
 
     def make_state(workers) -> StageState:
         def evaluate() -> dict:

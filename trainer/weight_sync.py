@@ -74,6 +74,14 @@ class SyncGroup:
         self.group = self.store = None
 
 
+def rejoin(previous: "SyncGroup | None", host: str, port: int, rank: int, size: int,
+           timeout_s: float) -> SyncGroup:
+    """Leave `previous` (if any) and join a new group as member `rank` (learner rank 0 and rollout actors alike)."""
+    if previous is not None:
+        previous.close()
+    return SyncGroup(host, port, rank, size, timeout_s)
+
+
 def digest(named: Any) -> dict[str, str]:
     """sha256 of each (name, tensor)'s bytes: weights compared bit for bit across processes."""
     import hashlib

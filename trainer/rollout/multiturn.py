@@ -21,7 +21,7 @@ import torch
 from tokenwise.rl.environments import Environment, StepResult, ToolEnvironment, calculator
 from tokenwise.rl.errors import ConfigError, EnvError, NonFiniteError
 from tokenwise.rl.types import EPISODE_STATS, RolloutBatch
-from tokenwise.trainer.loading import PromptFormatter
+from tokenwise.trainer.loading import PromptFormatter, eos_texts
 
 
 def environment_factory(cfg: Any) -> Callable[[dict], Environment]:
@@ -102,7 +102,7 @@ class MultiTurnRollout:
         self.engine = engine
         self.tokenizer, self.format, self.cfg = tokenizer, formatter, cfg
         self.make_env = make_env or environment_factory(cfg)
-        self.eos_texts = [tokenizer.decode([i]) for i in engine.eos_ids]
+        self.eos_texts = eos_texts(tokenizer, engine.eos_ids)
         self.records_routing = False  # routing is recorded per engine call, not per episode (config refuses replay)
 
     def __getattr__(self, name: str) -> Any:  # the engine's own interface: sync, sleep, attention_sink, ...
