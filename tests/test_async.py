@@ -65,7 +65,7 @@ def test_no_update_uses_a_token_older_than_the_bound(tiny_recipe, tmp_path, monk
     behind the policy the update starts from (step s starts from version s-1): exactly min(2, s-1)."""
     from tokenwise.trainer.learner import LearnerPool
     from tokenwise.trainer.rollout.hf import HFRollout
-    delay = 0.4
+    delay = 0.6
     target, name = (LearnerPool, "train_step") if slow == "learner" else (HFRollout, "generate")
     original = getattr(target, name)
 
