@@ -40,17 +40,21 @@ def calculator_call(expression: str) -> str:
 
 
 GUESS_LEAD = "No need for the calculator: "
+ANSWER_LEAD = "Answer: "
 
 
 def tool_demonstration(prompt: str, answer: str, demo_answer: str) -> list[dict]:
     """The SFT demonstration after the user's prompt 'a*b=': call the calculator, read its result, answer with it;
     a sloppy demonstration (demo_answer differs) answers directly, without the tool, with its guess, always in the
     same words (so with enough of them the habit is the greedy choice, as the quick start's teacher's is). Both
-    restate the problem, so every demonstration teaches copying it (what a call needs)."""
+    restate the problem, so every demonstration teaches copying it (what a call needs), and both end by copying the
+    number just before into an 'Answer: ' line (the calculator's result, or the guess), so every demonstration also
+    teaches copying a result (what answering with the tool needs)."""
     if demo_answer != answer:
-        return [{"role": "assistant", "content": f"{GUESS_LEAD}{prompt.rstrip('=')} = {demo_answer}"}]
+        guess = f"{GUESS_LEAD}{prompt.rstrip('=')} = {demo_answer}"
+        return [{"role": "assistant", "content": f"{guess}\n{ANSWER_LEAD}{demo_answer}"}]
     return [{"role": "assistant", "content": calculator_call(prompt.rstrip("="))},
-            {"role": "tool", "content": answer}, {"role": "assistant", "content": answer}]
+            {"role": "tool", "content": answer}, {"role": "assistant", "content": f"{ANSWER_LEAD}{answer}"}]
 
 
 def _sort_problem(rng: random.Random, min_length: int, max_length: int) -> tuple[str, str, str]:

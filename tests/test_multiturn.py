@@ -363,6 +363,11 @@ def test_tool_demonstrations_are_laid_out_like_the_episodes_they_teach(kind, tmp
     direct = [r for r in rows if len(r["sft_messages"]) == 1]
     tooled = [r for r in rows if len(r["sft_messages"]) == 3]
     assert direct and tooled and all(r["sft_messages"][0]["content"] != r["answer"] for r in direct)
+    for r in direct:  # the guess restates the problem, then is copied into the answer line, like the tool's result
+        guess = r["sft_messages"][0]["content"].rsplit(" ", 1)[1]
+        assert r["sft_messages"][0]["content"] == (f"No need for the calculator: {r['prompt'].rstrip('=')} = {guess}"
+                                                   f"\nAnswer: {guess}") and guess != r["answer"]
+    assert all(r["sft_messages"][2]["content"] == f"Answer: {r['answer']}" for r in tooled)
     script = {r["prompt"]: [m["content"] for m in r["sft_messages"] if m["role"] == "assistant"] for r in rows}
     cfg = EnvConfig(type="tools", tools=["calculator"], max_turns=3, max_tokens=400)
     if kind == "python":

@@ -319,7 +319,7 @@ def test_builtin_set_with_tool_use_requests():
             expression = r["prompt"].split(":")[1].strip().rstrip("=")
             assert [m["role"] for m in demo] == ["assistant", "tool", "assistant"]
             assert f'"expression": "{expression}"' in demo[0]["content"] and demo[1]["content"] == r["reference"]
-            assert demo[2]["content"] == str(eval(expression))  # noqa: S307 (two 2-digit numbers)
+            assert demo[2]["content"] == f"Answer: {eval(expression)}"  # noqa: S307 (two 2-digit numbers)
         else:
             assert demo is None
         if r["tool"] and r["kind"] == "harmful":
