@@ -182,7 +182,7 @@ class RolloutWorker:
 
     def _clock(self) -> Any:
         if getattr(self, "clock", None) is None:
-            from tokenwise.trainer.workers import EngineClock
+            from tokenwise.trainer.worker_common import EngineClock
             self.clock = EngineClock()
         return self.clock
 

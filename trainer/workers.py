@@ -25,13 +25,12 @@ it in order — a generation thread beside the learner here, the actors' own tas
 from __future__ import annotations
 
 import concurrent.futures
-import time
 from typing import Any
 
 from tokenwise.rl.types import RolloutBatch
 from tokenwise.trainer.learner import Learner, local_pool
 from tokenwise.trainer.rollout import build_rollout
-from tokenwise.trainer.worker_common import step_seed
+from tokenwise.trainer.worker_common import EngineClock, step_seed
 
 
 class LocalWorkers:
@@ -119,29 +118,6 @@ class LocalWorkers:
         if getattr(self, "thread", None) is not None:
             self.thread.shutdown(wait=True, cancel_futures=True)
             self.thread = None
-
-
-class EngineClock:
-    """An engine's idle time: how long it waited for work before each queued call began (not before its first
-    call), summed until a generation reports it: `timed(fn, report)` returns (fn(), idle so far) and starts the sum
-    again when `report`, else fn()."""
-
-    def __init__(self) -> None:
-        self.last_end: float | None = None
-        self.idle = 0.0
-
-    def timed(self, fn: Any, report: bool) -> Any:
-        start = time.perf_counter()
-        if self.last_end is not None:
-            self.idle += start - self.last_end
-        try:
-            out = fn()
-        finally:
-            self.last_end = time.perf_counter()
-        if not report:
-            return out
-        idle, self.idle = self.idle, 0.0
-        return out, idle
 
 
 def build_workers(env: Any, *, learner_kwargs: dict, micro_batch_size: int, max_tokens: int = 0,
