@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from tokenwise.rl.types import RolloutBatch
+from tokenwise.trainer.ping import rollout_rows
 
 
 class QueuedStream:
@@ -91,10 +92,8 @@ class AsyncRollouts:
         if self.next_step is None:
             self.next_step = step
         while self.next_step <= min(step + self.bound, self.total_steps):
-            rows = self.stream.draw(self.next_step, g.prompts_per_step)
-            ping = self.env.cfg.rollout.ping_prefix
-            if ping is not None:  # PING: pre-fill the flagged rows' assistant turn
-                rows = [{**r, "prefix": ping} if r.get("kind") in self.env.cfg.rollout.ping_kinds else r for r in rows]
+            rows = rollout_rows(self.stream.draw(self.next_step, g.prompts_per_step), self.env.cfg.rollout.ping_prefix,
+                                self.env.cfg.rollout.ping_kinds)
             handle = self.workers.submit_generate(rows, n=g.group_size, step=self.next_step,
                                                   adaptive=self.algo.sampling())
             self.pending.append((self.next_step, handle))

@@ -30,7 +30,7 @@ from tokenwise.rl.errors import ClusterError
 from tokenwise.rl.types import RolloutBatch
 from tokenwise.trainer.learner import LearnerPool
 from tokenwise.trainer.rollout.base import weight_group
-from tokenwise.trainer.worker_common import ActorFailed, step_seed
+from tokenwise.trainer.worker_common import ActorFailed, EngineClock, step_seed
 
 ACTOR_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
              "TRANSFORMERS_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
@@ -158,6 +158,7 @@ class RolloutWorker:
         self.engine = build_rollout(rollout_cfg, model_dir=model_dir, tokenizer=tok,
                                     formatter=PromptFormatter(tok, **formatter_kwargs), dtype=getattr(torch, dtype),
                                     device=torch.device(device), seed=seed)
+        self.clock = EngineClock()
 
     def pid(self) -> int:
         return os.getpid()
@@ -168,7 +169,7 @@ class RolloutWorker:
 
     def generate_timed(self, rows: list[dict], n: int, seed: int, adaptive: dict | None) -> tuple[RolloutBatch, float]:
         """Asynchronous generation: (batch, seconds this actor sat idle since it last reported)."""
-        return self._clock().timed(lambda: self.engine.generate(rows, n=n, seed=seed, adaptive=adaptive), True)
+        return self.clock.timed(lambda: self.engine.generate(rows, n=n, seed=seed, adaptive=adaptive), True)
 
     def load_queued(self, buckets: list[Any], version: int) -> None:
         """Asynchronous generation's weight load, queued behind the generations before it: every bucket (object
@@ -178,13 +179,7 @@ class RolloutWorker:
             for bucket in buckets:
                 self.engine.load_bucket(ray.get(bucket))
             self.engine.finish_sync(version)
-        self._clock().timed(load, False)
-
-    def _clock(self) -> Any:
-        if getattr(self, "clock", None) is None:
-            from tokenwise.trainer.worker_common import EngineClock
-            self.clock = EngineClock()
-        return self.clock
+        self.clock.timed(load, False)
 
     def attention_sink(self, rows: list[dict]) -> dict[str, float]:
         return self.engine.attention_sink(rows)
@@ -339,22 +334,8 @@ class LearnerWorker:
             call_all("load_bucket", ray.put(bucket))
 
         call_all("begin_sync")
-        bucket: dict[str, torch.Tensor] = {}
-        size = 0
         sent = 0
-        group = None
-        for name, tensor in self.learner.full_parameters():
-            if self.rank != 0:
-                continue
-            # a bucket ends on a layer boundary once it holds bucket_bytes, so the engine can load every bucket
-            # as it arrives (it loads whole layers only) and never holds more than a bucket of weights
-            previous, group = group, weight_group(name)
-            if size >= bucket_bytes and group != previous:
-                deliver(bucket)
-                sent, bucket, size = sent + 1, {}, 0
-            bucket[name] = tensor.detach().to("cpu", copy=True)
-            size += tensor.numel() * tensor.element_size()
-        if bucket:
+        for bucket in self._weight_buckets(bucket_bytes):
             deliver(bucket)
             sent += 1
         call_all("finish_sync", version)
@@ -363,20 +344,25 @@ class LearnerWorker:
     def put_weights(self, bucket_bytes: int) -> list[Any]:
         """The full weights in the object store, in buckets ending on layer boundaries (every rank iterates: ZeRO-3
         gathers are collective; rank 0 puts and returns the references, the others [])."""
-        refs, bucket, size, group = [], {}, 0, None
+        return [ray.put(bucket) for bucket in self._weight_buckets(bucket_bytes)]
+
+    def _weight_buckets(self, bucket_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The full weights as CPU copies in buckets (rank 0 yields them; every rank iterates the parameters, since
+        ZeRO-3 gathers are collective). A bucket ends on a layer boundary once it holds bucket_bytes, so the engine
+        can load every bucket as it arrives (it loads whole layers only) and never holds more than a bucket."""
+        bucket: dict[str, torch.Tensor] = {}
+        size, group = 0, None
         for name, tensor in self.learner.full_parameters():
             if self.rank != 0:
                 continue
             previous, group = group, weight_group(name)
             if size >= bucket_bytes and group != previous:
-                refs.append(ray.put(bucket))
+                yield bucket
                 bucket, size = {}, 0
             bucket[name] = tensor.detach().to("cpu", copy=True)
             size += tensor.numel() * tensor.element_size()
         if bucket:
-            refs.append(ray.put(bucket))
-        return refs
-
+            yield bucket
 
 FIRST_CALL_TIMEOUT_S = 900.0  # adaptive timeouts: a method's first call (may load a model or compile)
 MIN_TIMEOUT_S = 60.0
@@ -529,6 +515,7 @@ class RayWorkers:
         self.sync_buckets = _expected_buckets(env.init_dir, int(r.sync_bucket_mb * 2 ** 20))
         self.bucket_bytes = int(r.sync_bucket_mb * 2 ** 20)
         self.group_ready = False  # weight_sync collective: learner rank 0 and every rollout actor joined a group
+        self.queued_loads: list[tuple[list, list]] = []  # asynchronous generation: loads queued since a generation
         gpu_split = 2 if r.colocate else 1
         if r.colocate:
             bundles = [{"CPU": r.cpus_per_learner + r.cpus_per_rollout, "GPU": r.gpus_per_learner}
@@ -593,7 +580,7 @@ class RayWorkers:
     def _check_queued_loads(self) -> None:
         """Asynchronous generation: weight loads queued since the last submitted generation must have succeeded
         before anything else (an evaluation) reads the engines."""
-        loads, self.queued_loads = getattr(self, "queued_loads", []), []
+        loads, self.queued_loads = self.queued_loads, []
         self._wait_loads(loads)
 
     def _wait_loads(self, loads: list[tuple[list, list]]) -> None:
@@ -607,8 +594,8 @@ class RayWorkers:
     def _generate(self, rows: list[dict], n: int, greedy: bool, step: int | None, round: int,
                   adaptive: dict | None, seed: int | None, temperature: float | None) -> RolloutBatch:
         from tokenwise.trainer.rollout.hf import concat_rollouts
-        M = min(len(self.rollouts), len(rows))
-        shards = [rows[k * len(rows) // M:(k + 1) * len(rows) // M] for k in range(M)]
+        shards = self._shards(rows)
+        M = len(shards)
 
         def shard_seed(k: int) -> int | None:
             if greedy:
@@ -621,19 +608,22 @@ class RayWorkers:
         work = max(len(sh) for sh in shards) * n  # samples per actor: the adaptive timeout scales with it
         return concat_rollouts(self.rollouts.wait(refs, "generate", work=work), self.env.tokenizer.pad_token_id)
 
+    def _shards(self, rows: list[dict]) -> list[list[dict]]:
+        """The prompts in contiguous shards, one per rollout actor (fewer when there are fewer prompts)."""
+        M = min(len(self.rollouts), len(rows))
+        return [rows[k * len(rows) // M:(k + 1) * len(rows) // M] for k in range(M)]
+
     def attention_sink(self, rows: list[dict]) -> dict[str, float]:
         return self.rollouts.wait([self.rollouts.actors[0].attention_sink.remote(rows)], "attention_sink")[0]
 
     # ------------------------------------------------------------------------------------ asynchronous generation
     def submit_generate(self, rows: list[dict], *, n: int, step: int, adaptive: dict | None = None) -> dict:
         """Shards queued on the actors (each runs its calls in order), not awaited; see collect."""
-        M = min(len(self.rollouts), len(rows))
-        shards = [rows[k * len(rows) // M:(k + 1) * len(rows) // M] for k in range(M)]
-        actors = list(self.rollouts.actors[:M])
+        shards = self._shards(rows)
+        actors = list(self.rollouts.actors[:len(shards)])
         refs = [a.generate_timed.remote(shards[k], n, step_seed(self.env.cfg.seed, step, k, 0), adaptive)
                 for k, a in enumerate(actors)]
-        loads = getattr(self, "queued_loads", [])
-        self.queued_loads = []
+        loads, self.queued_loads = self.queued_loads, []
         return {"rows": rows, "n": n, "step": step, "adaptive": adaptive, "refs": refs, "actors": actors,
                 "loads": loads, "work": max(len(sh) for sh in shards) * n}
 
@@ -660,7 +650,7 @@ class RayWorkers:
         refs = [a.put_weights.remote(self.bucket_bytes) for a in self.learners.actors]
         buckets = self.learners.wait(refs, "put_weights")[0]
         loads = [(a, a.load_queued.remote(buckets, self.pool.version)) for a in self.rollouts.actors]
-        self.queued_loads = getattr(self, "queued_loads", []) + [(buckets, loads)]
+        self.queued_loads.append((buckets, loads))
 
     def sync(self, *, step: int | None = None) -> None:
         """Learner weights → every rollout actor; a failed rollout actor is restarted (if allowed) and re-synced.

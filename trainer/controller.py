@@ -23,6 +23,7 @@ from tokenwise.trainer.rollout.hf import concat_rollouts
 from tokenwise.trainer.rollout.multiturn import episode_metrics
 from tokenwise.trainer.evaluate import EVAL_PANEL, run_heldout_eval
 from tokenwise.trainer.logging import console
+from tokenwise.trainer.ping import rollout_rows
 from tokenwise.trainer.stage import StageEnv, StageResult, StageState, run_stage
 from tokenwise.trainer.workers import build_workers
 
@@ -183,10 +184,8 @@ def sample(env: StageEnv, workers, algo: Algorithm, data: PromptStream, *,
     parts, rewards_parts, reward_stats, seconds, informative, drawn, generated = [], [], [], 0.0, 0, [], 0.0
     for round in range(max(1, ds.max_rounds)):
         t0 = time.perf_counter()
-        rows = data.next_batch(g.prompts_per_step)
-        if env.cfg.rollout.ping_prefix is not None:  # PING: pre-fill the flagged rows' assistant turn
-            rows = [{**r, "prefix": env.cfg.rollout.ping_prefix} if r.get("kind") in env.cfg.rollout.ping_kinds else r
-                    for r in rows]
+        rows = rollout_rows(data.next_batch(g.prompts_per_step), env.cfg.rollout.ping_prefix,
+                            env.cfg.rollout.ping_kinds)
         rollouts = workers.generate(rows, n=g.group_size, step=step, round=round, adaptive=algo.sampling())
         seconds += time.perf_counter() - t0
         rewards, stats = score_rollouts(env, rollouts)

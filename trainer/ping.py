@@ -30,6 +30,14 @@ def with_prefix(rows: Sequence[dict], prefix: str) -> list[dict]:
     return [{**r, "prefix": prefix} for r in rows]
 
 
+def rollout_rows(rows: Sequence[dict], ping_prefix: str | None, ping_kinds: Sequence[str]) -> list[dict]:
+    """RL rollouts under PING (rollout.ping_prefix): the rows whose `kind` is one of ping_kinds get the prefix
+    pre-filled in their (first) assistant turn; the others, and every row without a prefix set, are unchanged."""
+    if ping_prefix is None:
+        return list(rows)
+    return [{**r, "prefix": ping_prefix} if r.get("kind") in ping_kinds else r for r in rows]
+
+
 def outputs(engine: Any, rows: Sequence[dict]) -> list[str]:
     """Greedy outputs as a user sees them: the prefix the formatter pre-filled (the row's, else the engine's
     assistant_prefix) + the model's continuation."""
