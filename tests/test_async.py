@@ -99,7 +99,11 @@ def test_check_bound_refuses_a_token_older_than_the_bound():
     from tokenwise.trainer.async_rollouts import StalenessError, check_bound
     batch = rollout_batch([3, 2, 4, 1], group_size=2)
     batch.token_versions = torch.where(batch.response_mask > 0, 5, -1).int()
-    assert check_bound(batch, 6, 1, step=7) == {"async/staleness_mean": 1.0, "async/staleness_max": 1.0}
+    assert check_bound(batch, 6, 1, step=7) == {"async/staleness_mean": 1.0, "async/staleness_max": 1.0,
+                                                "async/mixed_frac": 0.0}
+    batch.token_versions[2, 0] = 4  # a response that changed policy after its first token (partial rollouts)
+    assert check_bound(batch, 6, 2, step=7)["async/mixed_frac"] == 0.25
+    batch.token_versions[2, 0] = 5
     batch.token_versions[1, 0] = 4  # one token two versions behind
     with pytest.raises(StalenessError, match="versions 4..5"):
         check_bound(batch, 6, 1, step=7)

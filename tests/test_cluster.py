@@ -237,6 +237,28 @@ def test_asynchronous_cluster_mode_matches_debug_mode(local_ray, recipe_for, tmp
             assert _close(a[key], b[key]), (a["step"], key, a[key], b[key])
 
 
+def test_partial_rollouts_in_cluster_mode_take_weights_beside_the_generation(local_ray, recipe_for, tmp_path):
+    """grpo.partial_rollouts: the learners' weights are posted to the rollout actor's mailbox (its own concurrency
+    group, beside a generation in flight) and taken between decoding steps. Long, one-prompt-at-a-time generation
+    makes the engine the slow side, so responses switch policy mid-way; the stamps only rise along a response and
+    no trained token is older than the bound."""
+    from safetensors.torch import load_file
+    recipe = recipe_for("partial", "ray", grpo={"steps": 4, "max_staleness": 1, "partial_rollouts": True},
+                        rollout={"max_new_tokens": 40, "batch_size": 4, "dump_dir": "dump"})
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), f"output_dir={run}"]) == 0
+    steps = _steps(run)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    mixed = 0
+    for r in steps:
+        stamps = load_file(str(run / "dump" / f"step_{r['step']:06d}.safetensors"))["token_versions"]
+        for row in stamps:
+            v = row[row >= 0]
+            assert bool((v[1:] >= v[:-1]).all()) and r["step"] - 1 - int(v.min()) <= 1 and int(v.max()) < r["step"]
+            mixed += int(v.max() > v.min())
+    assert mixed > 0 and max(r["async/mixed_frac"] for r in steps) > 0
+
+
 def test_killed_rollout_actor_in_asynchronous_mode_is_restarted(local_ray, recipe_for, tmp_path):
     """The actor dies during step 2 with later work queued on it (step 3's generation, unless it finished before,
     then version 2's weight load and step 4's generation): what it had not delivered is lost with it; the actor is

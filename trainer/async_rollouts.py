@@ -72,8 +72,13 @@ def check_bound(batch: RolloutBatch, learner_version: int, bound: int, step: int
         raise StalenessError(f"step {step}: the batch holds tokens sampled by policy versions "
                              f"{int(learner_version - lag.max())}..{int(learner_version - lag.min())}, the learners "
                              f"are at version {learner_version}, grpo.max_staleness is {bound}")
+    sampled = batch.response_mask > 0
+    newest = batch.token_versions.masked_fill(~sampled, -1).amax(1)
+    oldest = batch.token_versions.masked_fill(~sampled, torch.iinfo(torch.int32).max).amin(1)
     return {"async/staleness_mean": lag.double().mean().item() if lag.numel() else 0.0,
-            "async/staleness_max": float(lag.max()) if lag.numel() else 0.0}
+            "async/staleness_max": float(lag.max()) if lag.numel() else 0.0,
+            # partial rollouts: the share of responses sampled by more than one policy version
+            "async/mixed_frac": float((newest > oldest).float().mean()) if len(batch) else 0.0}
 
 
 class AsyncRollouts:

@@ -150,7 +150,7 @@ class RolloutWorker:
     """One rollout engine in its own process (trainer.rollout.build_rollout), loaded from the stage's start model."""
 
     def __init__(self, rollout_cfg: Any, model_dir: str, tokenizer_dir: str, formatter_kwargs: dict, device: str,
-                 dtype: str, num_cpus: float, seed: int = 0) -> None:
+                 dtype: str, num_cpus: float, seed: int = 0, partial: bool = False) -> None:
         _actor_setup(num_cpus)
         from tokenwise.trainer.loading import PromptFormatter, load_tokenizer
         from tokenwise.trainer.rollout import build_rollout
@@ -159,17 +159,36 @@ class RolloutWorker:
                                     formatter=PromptFormatter(tok, **formatter_kwargs), dtype=getattr(torch, dtype),
                                     device=torch.device(device), seed=seed)
         self.clock = EngineClock()
+        if partial:  # grpo.partial_rollouts: weights posted by post_weights (its own thread) between decoding steps
+            self.engine.open_mailbox()
 
     def pid(self) -> int:
         return os.getpid()
 
     def generate(self, rows: list[dict], n: int, greedy: bool, seed: int | None,
                  adaptive: dict | None = None, temperature: float | None = None) -> RolloutBatch:
+        self.engine.take_posted()  # partial rollouts: weights posted since the last generation (the controller waited)
         return self.engine.generate(rows, n=n, greedy=greedy, seed=seed, adaptive=adaptive, temperature=temperature)
 
-    def generate_timed(self, rows: list[dict], n: int, seed: int, adaptive: dict | None) -> tuple[RolloutBatch, float]:
-        """Asynchronous generation: (batch, seconds this actor sat idle since it last reported)."""
-        return self.clock.timed(lambda: self.engine.generate(rows, n=n, seed=seed, adaptive=adaptive), True)
+    def generate_timed(self, rows: list[dict], n: int, seed: int, adaptive: dict | None,
+                       min_version: int | None = None) -> tuple[RolloutBatch, float]:
+        """Asynchronous generation: (batch, seconds this actor sat idle since it last reported). Partial rollouts
+        (`min_version`): it starts from the weights of that version or newer, posted to the mailbox."""
+        def run() -> RolloutBatch:
+            if min_version is not None:
+                self.engine.catch_up(min_version, self.catch_up_s)
+            return self.engine.generate(rows, n=n, seed=seed, adaptive=adaptive)
+        return self.clock.timed(run, True)
+
+    catch_up_s = 600.0  # partial rollouts: the longest a generation waits for weights posted before it was queued
+
+    def post_weights(self, buckets: list[Any], version: int) -> None:
+        """Partial rollouts (run in the actor's `mailbox` concurrency group, beside a generation): the learners'
+        buckets, posted to the engine, which loads them between two decoding steps."""
+        tensors: dict[str, torch.Tensor] = {}
+        for bucket in buckets:
+            tensors.update(ray.get(bucket))
+        self.engine.post_weights(tensors, version)
 
     def load_queued(self, buckets: list[Any], version: int) -> None:
         """Asynchronous generation's weight load, queued behind the generations before it: every bucket (object
@@ -406,8 +425,11 @@ class WorkerGroup:
     """N ranked actors of `cls`, actor i on bundle `bundles[i]` of placement group `pg`."""
 
     def __init__(self, cls: type, role: str, *, pg: Any, bundles: list[int], num_cpus: float, num_gpus: float,
-                 init_args: Any, timer: CallTimer, namespace_prefix: str) -> None:
-        self.remote_cls = ray.remote(cls)
+                 init_args: Any, timer: CallTimer, namespace_prefix: str,
+                 concurrency_groups: dict | None = None) -> None:
+        # concurrency groups beside the default one (which stays one thread: calls run in the order sent)
+        self.remote_cls = (ray.remote(concurrency_groups=concurrency_groups)(cls) if concurrency_groups
+                           else ray.remote(cls))
         self.role, self.pg, self.bundles = role, pg, bundles
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.init_args = init_args  # rank -> (args tuple)
@@ -545,12 +567,15 @@ class RayWorkers:
             init_args=lambda rank: (rank, r.num_learners, r.cpus_per_learner))
         formatter_kwargs = {"system_prompt": env.cfg.data.system_prompt, "use_chat_template": env.cfg.data.use_chat_template}
         rollout_gpus = r.gpus_per_learner / gpu_split if r.colocate else r.gpus_per_rollout
+        self.partial = bool(env.cfg.grpo.partial_rollouts)
+        self.posted = 0  # partial rollouts: the newest version posted to the engines' mailboxes
         self.rollouts = WorkerGroup(
             RolloutWorker, "rollout", pg=self.pg, bundles=rollout_bundles, num_cpus=r.cpus_per_rollout,
             num_gpus=rollout_gpus, timer=self.timer, namespace_prefix=prefix,
+            concurrency_groups={"mailbox": 1} if self.partial else None,
             init_args=lambda rank: (env.cfg.rollout, str(env.init_dir), str(env.tokenizer_dir), formatter_kwargs,
                                     device, str(env.dtype).removeprefix("torch."), r.cpus_per_rollout,
-                                    env.cfg.seed + rank))
+                                    env.cfg.seed + rank, self.partial))
         if r.colocate:  # the engines size their memory from what is free: they start before the learners load
             self.rollouts.call_all("pid", timeout_s=r.start_timeout_s)
         master = self.learners.wait([self.learners.actors[0].address.remote()], "address", r.start_timeout_s)[0]
@@ -621,7 +646,8 @@ class RayWorkers:
         """Shards queued on the actors (each runs its calls in order), not awaited; see collect."""
         shards = self._shards(rows)
         actors = list(self.rollouts.actors[:len(shards)])
-        refs = [a.generate_timed.remote(shards[k], n, step_seed(self.env.cfg.seed, step, k, 0), adaptive)
+        min_version = self.posted if self.partial else None
+        refs = [a.generate_timed.remote(shards[k], n, step_seed(self.env.cfg.seed, step, k, 0), adaptive, min_version)
                 for k, a in enumerate(actors)]
         loads, self.queued_loads = self.queued_loads, []
         return {"rows": rows, "n": n, "step": step, "adaptive": adaptive, "refs": refs, "actors": actors,
@@ -646,10 +672,16 @@ class RayWorkers:
 
     def queue_sync(self, *, step: int | None = None) -> None:
         """The learners' weights into the object store now; every actor loads them after its queued generations
-        (the object-store path whatever trainer.ray.weight_sync says: a collective would wait for the engines)."""
+        (the object-store path whatever trainer.ray.weight_sync says: a collective would wait for the engines), or,
+        with partial rollouts, takes them between two decoding steps of the generation in flight."""
         refs = [a.put_weights.remote(self.bucket_bytes) for a in self.learners.actors]
         buckets = self.learners.wait(refs, "put_weights")[0]
-        loads = [(a, a.load_queued.remote(buckets, self.pool.version)) for a in self.rollouts.actors]
+        if self.partial:  # posted beside the generations (the mailbox group); taken between decoding steps
+            loads = [(a, a.post_weights.options(concurrency_group="mailbox").remote(buckets, self.pool.version))
+                     for a in self.rollouts.actors]
+            self.posted = self.pool.version
+        else:
+            loads = [(a, a.load_queued.remote(buckets, self.pool.version)) for a in self.rollouts.actors]
         self.queued_loads.append((buckets, loads))
 
     def sync(self, *, step: int | None = None) -> None:

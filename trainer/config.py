@@ -635,8 +635,16 @@ class GRPOConfig:
            "step s trains on responses sampled by the policy of step s-1-k (k = max_staleness; every token is "
            "stamped with its policy version; the rollout correction weighs the lag). 0 = the synchronous loop.",
         ge=0)
+    partial_rollouts: bool = opt(
+        False, "Asynchronous RL (max_staleness >= 1): the learners' new weights reach the engines between decoding "
+               "steps of the generations in flight (requests and KV cache kept), not after them, so long responses "
+               "finish on a newer policy; the version stamps say where each response changed policy and the bound "
+               "counts its oldest token. Where a switch falls depends on timing: runs are not reproducible.")
 
     def __post_init__(self) -> None:
+        if self.partial_rollouts and not self.max_staleness:
+            raise ConfigError("grpo.partial_rollouts needs asynchronous generation: set grpo.max_staleness to 1 or "
+                              "more, or partial_rollouts to false")
         if self.prompts_per_step % self.mini_batches:
             raise ConfigError(
                 f"grpo.mini_batches ({self.mini_batches}) must divide grpo.prompts_per_step ({self.prompts_per_step})")

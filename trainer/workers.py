@@ -17,7 +17,9 @@ it in order — a generation thread beside the learner here, the actors' own tas
     workers.submit_generate(rows, n=, step=, adaptive=)  a handle; the engine generates once the work queued before
                                       it is done, with the weights of the last weight load queued before it
     workers.collect(handle)           (RolloutBatch, seconds the engine sat idle before it started)
-    workers.queue_sync(step=)         the learner's weights now (pool.version), loaded after the queued generations
+    workers.queue_sync(step=)         the learner's weights now (pool.version), loaded after the queued generations;
+                                      with grpo.partial_rollouts posted to the engine's mailbox instead, taken by the
+                                      generation in flight between two decoding steps (or by the next one)
 
 `LocalWorkers` is debug mode (one process); trainer/cluster.py's `RayWorkers` is cluster mode.
 """
@@ -31,6 +33,8 @@ from tokenwise.rl.types import RolloutBatch
 from tokenwise.trainer.learner import Learner, local_pool
 from tokenwise.trainer.rollout import build_rollout
 from tokenwise.trainer.worker_common import EngineClock, step_seed
+
+CATCH_UP_TIMEOUT_S = 600.0  # partial rollouts: at most this long for posted weights (posted before, here)
 
 
 class LocalWorkers:
@@ -54,6 +58,12 @@ class LocalWorkers:
         self.engine = build_rollout(env.cfg.rollout, model_dir=env.init_dir, tokenizer=env.tokenizer,
                                     formatter=env.formatter, dtype=env.dtype, device=env.device, seed=env.cfg.seed,
                                     model=self.learner.model if share_model else None)
+        self.thread: concurrent.futures.ThreadPoolExecutor | None = None  # asynchronous generation
+        self.clock, self.loads = EngineClock(), []
+        self.partial = bool(env.cfg.grpo.partial_rollouts)
+        self.posted = 0  # partial rollouts: the newest version posted to the engine's mailbox
+        if self.partial:
+            self.engine.open_mailbox()
 
     def generate(self, rows: list[dict], *, n: int, greedy: bool = False, step: int | None = None,
                  round: int = 0, adaptive: dict | None = None, seed: int | None = None,
@@ -69,9 +79,9 @@ class LocalWorkers:
     def _engine_call(self, fn: Any) -> Any:
         """Now, or with a generation thread (asynchronous generation) in its queue: after the generations and weight
         loads queued before (an evaluation so sees the weights the learners have now)."""
-        if getattr(self, "thread", None) is None:
+        if self.thread is None:
             return fn()
-        out = self._queue(fn, False).result()
+        out = self._queue(self._caught_up(fn), False).result()
         for load in self.loads:  # the weight loads queued before it: done, and must not have failed
             load.result()
         self.loads = []
@@ -85,14 +95,25 @@ class LocalWorkers:
 
     # ------------------------------------------------------------------------- asynchronous generation (a thread)
     def _queue(self, fn: Any, report: bool) -> concurrent.futures.Future:
-        if getattr(self, "thread", None) is None:
+        if self.thread is None:
             self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenwise-rollout")
-            self.clock, self.loads = EngineClock(), []
         return self.thread.submit(self.clock.timed, fn, report)
+
+    def _caught_up(self, fn: Any) -> Any:
+        """Partial rollouts: fn after the engine took the weights posted before it was queued."""
+        if not self.partial:
+            return fn
+        version = self.posted
+
+        def run() -> Any:
+            self.engine.catch_up(version, CATCH_UP_TIMEOUT_S)
+            return fn()
+        return run
 
     def submit_generate(self, rows: list[dict], *, n: int, step: int, adaptive: dict | None = None) -> Any:
         seed = step_seed(self.env.cfg.seed, step, 0, 0)
-        return self._queue(lambda: self.engine.generate(rows, n=n, greedy=False, seed=seed, adaptive=adaptive), True)
+        return self._queue(self._caught_up(
+            lambda: self.engine.generate(rows, n=n, greedy=False, seed=seed, adaptive=adaptive)), True)
 
     def collect(self, handle: Any) -> tuple[RolloutBatch, float]:
         out = handle.result()
@@ -106,6 +127,10 @@ class LocalWorkers:
             raise RuntimeError("asynchronous generation cannot share the learner's model")
         snapshot = {k: v.detach().clone() for k, v in self.learner.full_parameters()}  # the learner trains on
         version = self.pool.version
+        if self.partial:  # taken by the generation in flight at its next decoding step, or by the next one
+            self.engine.post_weights(snapshot, version)
+            self.posted = version
+            return
         self.loads.append(self._queue(lambda: self.engine.load_weights(snapshot, version=version), False))
 
     def sleep_rollouts(self) -> None:
@@ -115,7 +140,7 @@ class LocalWorkers:
         pass
 
     def close(self) -> None:
-        if getattr(self, "thread", None) is not None:
+        if self.thread is not None:
             self.thread.shutdown(wait=True, cancel_futures=True)
             self.thread = None
 

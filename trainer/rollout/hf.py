@@ -13,7 +13,7 @@ from tokenwise.models.decoder import routes_experts
 from tokenwise.rl.hapo import sampling_temperatures
 from tokenwise.rl.types import RolloutBatch
 from tokenwise.trainer.loading import PromptFormatter, eos_token_ids
-from tokenwise.trainer.rollout.base import BucketedSync
+from tokenwise.trainer.rollout.base import BucketedSync, VersionTrack
 from tokenwise.trainer.rollout.stops import apply_stop_strings
 
 
@@ -86,6 +86,19 @@ class AdaptiveTemperature(LogitsProcessor):
         temps = sampling_temperatures(scores, temperature=self.temperature, tau=self.tau, stats=self.stats)
         self.history.append(temps.float())  # stays on the device; one copy to the host after generate
         return scores / temps.to(scores.dtype).unsqueeze(-1)
+
+
+class PartialRollouts(LogitsProcessor):
+    """First in the processor list under partial rollouts: at each decoding step, after the forward that scored the
+    token about to be sampled, stamps that token with the engine's version and loads weights posted meanwhile (the
+    next forward runs on them)."""
+
+    def __init__(self, track: VersionTrack) -> None:
+        self.track = track
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.track.step()
+        return scores
 
 
 class HFRollout(BucketedSync):
@@ -197,18 +210,23 @@ class HFRollout(BucketedSync):
         gen = GenerationConfig(do_sample=not greedy, max_new_tokens=limit, return_dict_in_generate=True,
                                pad_token_id=self.pad_id, eos_token_id=self.eos_ids)
         processors = LogitsProcessorList()
+        track = VersionTrack(self) if self.mailbox is not None else None
+        if track is not None:
+            processors.append(PartialRollouts(track))
+        tempering = recorder = None
         if not greedy:
             gen.temperature, gen.top_k, gen.top_p = 1.0, 0, 1.0
             if adaptive is not None:
-                processors.append(AdaptiveTemperature(temperature=temperature, tau=adaptive["tau"],
-                                                      stats=adaptive["stats"]))
+                tempering = AdaptiveTemperature(temperature=temperature, tau=adaptive["tau"], stats=adaptive["stats"])
+                processors.append(tempering)
             elif temperature != 1.0:
                 processors.append(TemperatureLogitsWarper(temperature))
             if self.top_k:
                 processors.append(TopKLogitsWarper(top_k=self.top_k))
             if self.top_p < 1.0:
                 processors.append(TopPLogitsWarper(top_p=self.top_p))
-            processors.append(SampledLogprobs())
+            recorder = SampledLogprobs()
+            processors.append(recorder)
         routed: list[torch.Tensor] = []  # per forward of generate: [B, S, MoE layers, k] (prefill, then one token)
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # peft: its base
         hook = (inner.register_forward_hook(lambda m, a, o: routed.append(m.routed_experts().to("cpu", torch.int16)))
@@ -226,7 +244,7 @@ class HFRollout(BucketedSync):
         if greedy:
             logprobs = torch.zeros(response.shape, dtype=torch.float32)
         else:
-            logprobs = processors[-1].finish(out.sequences).cpu().masked_fill(response_mask == 0, 0.0)
+            logprobs = recorder.finish(out.sequences).cpu().masked_fill(response_mask == 0, 0.0)
         is_eos = is_eos & (response_mask > 0)
         content = response_mask.bool() & ~is_eos
         experts = _recorded_experts(routed, mask, response_mask) if self.records_routing else (None, None)
@@ -236,10 +254,11 @@ class HFRollout(BucketedSync):
             prompts=[r["prompt"] for r in rows for _ in range(n)], answers=[str(r["answer"]) for r in rows for _ in range(n)],
             responses=[self.tokenizer.decode(ids_[keep], skip_special_tokens=True)
                        for ids_, keep in zip(response, content)],
-            group_size=n, policy_version=self.version,
-            temperatures=(torch.stack(processors[0].history, dim=1).cpu() * response_mask + (1 - response_mask)
-                          if adaptive is not None else None),
+            group_size=n, policy_version=track.versions[0] if track and track.versions else self.version,
+            temperatures=(torch.stack(tempering.history, dim=1).cpu() * response_mask + (1 - response_mask)
+                          if tempering is not None else None),
             prompt_expert_ids=experts[0], response_expert_ids=experts[1],
+            token_versions=track.stamps(response_mask) if track is not None else None,
         )
 
 

@@ -122,7 +122,7 @@ class MultiTurnRollout:
                  adaptive: dict | None = None, temperature: float | None = None) -> RolloutBatch:
         cfg, tok = self.cfg, self.tokenizer
         episodes = [(row, self.make_env(row)) for row in rows for _ in range(n)]
-        prompts, trajs, sampled, logps, temps = [], [], [], [], []
+        prompts, trajs, sampled, logps, temps, vers = [], [], [], [], [], []
         stats = torch.zeros(len(episodes), len(EPISODE_STATS))
         col = {name: i for i, name in enumerate(EPISODE_STATS)}
         tools: list[list[dict] | None] = []
@@ -130,7 +130,7 @@ class MultiTurnRollout:
             schemas = tool_schemas(env)
             tools.append(schemas)
             prompts.append(self.format.episode_ids(call_env(cfg, env, "reset", row, row), row=row, tools=schemas))
-            trajs.append([]), sampled.append([]), logps.append([]), temps.append([])
+            trajs.append([]), sampled.append([]), logps.append([]), temps.append([]), vers.append([])
         last_text = [""] * len(episodes)
         active = list(range(len(episodes)))
         for turn in range(cfg.max_turns):
@@ -157,6 +157,7 @@ class MultiTurnRollout:
                 sampled[k] += [1.0] * L
                 logps[k] += out.rollout_logprobs[b, :L].tolist()
                 temps[k] += (out.temperatures[b, :L].tolist() if out.temperatures is not None else [1.0] * L)
+                vers[k] += out.token_versions[b, :L].tolist()  # a turn may change policy (partial rollouts)
                 stats[k, col["turns"]] += 1
                 if turn == 0 and episodes[k][0].get("prefix"):
                     text = episodes[k][0]["prefix"] + text  # the environment reads the turn as the model wrote it
@@ -185,14 +186,15 @@ class MultiTurnRollout:
                 sampled[k] += [0.0] * len(context)
                 logps[k] += [0.0] * len(context)
                 temps[k] += [1.0] * len(context)
+                vers[k] += [-1] * len(context)
                 going.append(k)
             active = going
         return self._batch(episodes, prompts, trajs, sampled, logps, temps if adaptive is not None and not greedy
-                           else None, stats, last_text, n)
+                           else None, stats, last_text, n, vers)
 
     def _batch(self, episodes: list, prompts: list[list[int]], trajs: list[list[int]], sampled: list[list[float]],
                logps: list[list[float]], temps: list[list[float]] | None, stats: torch.Tensor, texts: list[str],
-               n: int) -> RolloutBatch:
+               n: int, vers: list[list[int]]) -> RolloutBatch:
         pad = self.engine.pad_id
         B, P, T = len(episodes), max(len(p) for p in prompts), max(1, max(len(t) for t in trajs))
         prompt_ids = torch.full((B, P), pad, dtype=torch.long)
@@ -200,6 +202,7 @@ class MultiTurnRollout:
         response = torch.full((B, T), pad, dtype=torch.long)
         mask, context, logprobs = torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B, T)
         temperatures = torch.ones(B, T) if temps is not None else None
+        versions = torch.full((B, T), -1, dtype=torch.int32)
         for k in range(B):
             p, L = prompts[k], len(trajs[k])
             prompt_ids[k, P - len(p):] = torch.tensor(p, dtype=torch.long)
@@ -209,6 +212,7 @@ class MultiTurnRollout:
                 mask[k, :L] = torch.tensor(sampled[k])
                 context[k, :L] = 1.0 - mask[k, :L]
                 logprobs[k, :L] = torch.tensor(logps[k])
+                versions[k, :L] = torch.tensor(vers[k], dtype=torch.int32)
                 if temperatures is not None:
                     temperatures[k, :L] = torch.tensor(temps[k])
         rows = [row for row, _ in episodes]
@@ -216,8 +220,9 @@ class MultiTurnRollout:
             prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response, response_mask=mask,
             rollout_logprobs=logprobs, truncated=stats[:, EPISODE_STATS.index("cut")] > 0,
             prompts=[r["prompt"] for r in rows], answers=[str(r["answer"]) for r in rows], responses=texts,
-            group_size=n, policy_version=self.engine.version, temperatures=temperatures,
-            context_mask=context, episode_stats=stats)
+            group_size=n, temperatures=temperatures, context_mask=context, episode_stats=stats,
+            policy_version=min((v for row in vers for v in row if v >= 0), default=self.engine.version),
+            token_versions=versions.masked_fill(mask == 0, -1))
 
 
 def episode_metrics(batch: RolloutBatch, rewards: torch.Tensor) -> dict[str, float]:

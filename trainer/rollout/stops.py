@@ -40,4 +40,5 @@ def apply_stop_strings(batch: RolloutBatch, stop: list[str], tokenizer: Any) -> 
     return dataclasses.replace(batch, response_mask=mask, truncated=truncated, responses=responses,
                                rollout_logprobs=batch.rollout_logprobs * mask,
                                temperatures=None if batch.temperatures is None
-                               else batch.temperatures * mask + (1 - mask))
+                               else batch.temperatures * mask + (1 - mask),
+                               token_versions=batch.token_versions.masked_fill(mask == 0, -1))

@@ -115,6 +115,7 @@ class VLLMRollout(BucketedSync):
         self._loaded: set[str] = set()
         self.sync_stats = {"reloads": 0, "peak_pending_bytes": 0}  # of the last sync: streaming, and its memory
         self._calls = 0
+        self._in_flight = False  # partial rollouts: a weight load between engine steps, requests running
         v = cfg.vllm
         options = ({"kv_cache_memory_bytes": int(v.kv_cache_gib * _GIB)} if device.type == "cpu"
                    else {"gpu_memory_utilization": v.gpu_memory_utilization, "enable_sleep_mode": True})
@@ -175,7 +176,8 @@ class VLLMRollout(BucketedSync):
         missing = self.expected - self._loaded
         if missing:
             raise KeyError(f"weight sync ended without weights {sorted(missing)[:5]} ({len(missing)} missing)")
-        self.llm.reset_prefix_cache()
+        if not self._in_flight:  # requests running (partial rollouts): reset once they are done
+            self.llm.reset_prefix_cache()
         self._pending, self._loaded = {}, set()
         self.version = version
 
@@ -227,7 +229,11 @@ class VLLMRollout(BucketedSync):
                     detokenize=False, seed=None if seed is None or greedy else (seed * 1_000_003 + i * 4_099 + j) % (1 << 62),
                     extra_args=extra or None))
                 keys.append(key)
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        versions = None
+        if self.mailbox is None:
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+        else:
+            outputs, versions = self._generate_partial(requests, params, keys)
         completions = [o.outputs[0] for o in outputs]
         experts = self._routing(keys, prompt_ids, completions, 1 if greedy else n) if self.records_routing else None
         if greedy and n > 1:
@@ -238,8 +244,46 @@ class VLLMRollout(BucketedSync):
             applied = self.llm.collective_rpc("tokenwise_take_temperatures", args=(keys,))[0]
             temps = [[applied[k].get(t, temperature) for t in range(len(c.token_ids))]
                      for k, c in zip(keys, completions)]
-        return apply_stop_strings(self._batch(rows, prompt_ids, completions, n, temps, experts), self.stop,
+        if versions is not None and greedy and n > 1:
+            versions = [v for v in versions for _ in range(n)]
+        return apply_stop_strings(self._batch(rows, prompt_ids, completions, n, temps, experts, versions), self.stop,
                                   self.tokenizer)
+
+    def _generate_partial(self, requests: list, params: list, keys: list[str]) -> tuple[list, list[list[int]]]:
+        """Partial rollouts: the requests stepped here, and weights posted meanwhile loaded between two engine steps
+        with the requests and their KV cache kept (what vLLM's pause_generation(mode="keep") does for its async
+        engine; this engine runs in our process, so between steps it is idle). Returns the outputs in request order
+        and, per request, the version that sampled each token."""
+        from vllm.sampling_params import RequestOutputKind
+        engine = self.llm.llm_engine
+        start, counts, switches, done = self.version, dict.fromkeys(keys, 0), [], {}
+        for key, prompt, p in zip(keys, requests, params):
+            p.output_kind = RequestOutputKind.CUMULATIVE  # every step's token counts: where a switch falls
+            engine.add_request(key, prompt, p)
+        try:
+            while engine.has_unfinished_requests():
+                self._in_flight = True
+                try:
+                    if self.take_posted():
+                        switches.append((dict(counts), self.version))
+                finally:
+                    self._in_flight = False
+                for out in engine.step():
+                    counts[out.request_id] = len(out.outputs[0].token_ids)
+                    if out.finished:
+                        done[out.request_id] = out
+        except BaseException:
+            engine.abort_request([k for k in keys if k not in done])
+            raise
+        if switches:
+            self.llm.reset_prefix_cache()  # no prompt KV of an older policy for the next requests
+        versions = []
+        for key in keys:
+            stamps = [start] * len(done[key].outputs[0].token_ids)
+            for before, version in switches:
+                stamps[before[key]:] = [version] * (len(stamps) - before[key])
+            versions.append(stamps)
+        return [done[k] for k in keys], versions
 
     def _routing(self, keys: list[str], prompt_ids: list[list[int]], completions: list,
                  per_row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -278,7 +322,8 @@ class VLLMRollout(BucketedSync):
         return out
 
     def _batch(self, rows: list[dict], prompt_ids: list[list[int]], completions: list, n: int,
-               temps: list[list[float]] | None, experts: list | None = None) -> RolloutBatch:
+               temps: list[list[float]] | None, experts: list | None = None,
+               versions: list[list[int]] | None = None) -> RolloutBatch:
         P = max(len(p) for p in prompt_ids)
         T = max(1, max(len(c.token_ids) for c in completions))
         prompt = torch.tensor([[self.pad_id] * (P - len(p)) + p for p in prompt_ids]).repeat_interleave(n, dim=0)
@@ -288,6 +333,7 @@ class VLLMRollout(BucketedSync):
         logprobs = torch.zeros(len(completions), T)
         truncated = torch.zeros(len(completions), dtype=torch.bool)
         temperatures = torch.ones(len(completions), T) if temps is not None else None
+        stamps = torch.full((len(completions), T), -1, dtype=torch.int32) if versions is not None else None
         texts = []
         for b, c in enumerate(completions):
             ids = list(c.token_ids)
@@ -298,6 +344,8 @@ class VLLMRollout(BucketedSync):
                 logprobs[b, :L] = torch.tensor([lp[t].logprob for lp, t in zip(c.logprobs, ids)])
             if temperatures is not None:
                 temperatures[b, :L] = torch.tensor(temps[b])
+            if stamps is not None and L:
+                stamps[b, :L] = torch.tensor(versions[b], dtype=torch.int32)
             ended = L > 0 and ids[-1] in self.eos_ids
             truncated[b] = not ended
             texts.append(self.tokenizer.decode(ids[:L - 1] if ended else ids, skip_special_tokens=True))
@@ -313,6 +361,7 @@ class VLLMRollout(BucketedSync):
             prompt_ids=prompt, prompt_mask=pmask, response_ids=response, response_mask=mask,
             rollout_logprobs=logprobs, truncated=truncated,
             prompts=[r["prompt"] for r in rows for _ in range(n)], answers=[str(r["answer"]) for r in rows for _ in range(n)],
-            responses=texts, group_size=n, policy_version=self.version, temperatures=temperatures,
-            prompt_expert_ids=prompt_experts, response_expert_ids=response_experts)
+            responses=texts, group_size=n, temperatures=temperatures,
+            policy_version=self.version if stamps is None else min(min(v, default=self.version) for v in versions),
+            prompt_expert_ids=prompt_experts, response_expert_ids=response_experts, token_versions=stamps)
 
