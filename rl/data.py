@@ -98,17 +98,33 @@ def _split_task(make, *, num_train: int, num_heldout: int, seed: int, what: str,
             "heldout": Dataset.from_dict({"prompt": list(heldout), "answer": list(heldout.values())})}
 
 
+def slipped_call_demonstration(prompt: str) -> list[dict]:
+    """The sloppy teacher of teacher_slip 'call': it calls the calculator, but copies the second operand with its
+    last digit off by one, and answers with the (wrong) result it got — a demonstration that uses the tool and copies
+    its result like a correct one, so only the exact copy of the problem is left for GRPO to learn."""
+    expression = prompt.rstrip("=")
+    op = next(c for c in expression[1:] if c in "+-*")
+    a, b = expression[0] + expression[1:].split(op, 1)[0], expression[1:].split(op, 1)[1]
+    b = b[:-1] + str((int(b[-1]) + 1) % 10)
+    value = str({"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op])
+    return [{"role": "assistant", "content": calculator_call(f"{a}{op}{b}")}, {"role": "tool", "content": value},
+            {"role": "assistant", "content": f"{ANSWER_LEAD}{value}"}]
+
+
 def arithmetic_task(*, num_train: int, num_heldout: int, min_digits: int, max_digits: int, ops: Sequence[str],
-                    seed: int, teacher_error: float = 0.0, tool_demos: bool = False) -> dict[str, Dataset]:
+                    seed: int, teacher_error: float = 0.0, tool_demos: bool = False,
+                    teacher_slip: str = "guess") -> dict[str, Dataset]:
     """'a<op>b=' → the integer result; operands have min_digits..max_digits digits (digit count drawn uniformly).
-    With `tool_demos` each training row carries `sft_messages`, a demonstration that calls the calculator tool (or,
-    with probability teacher_error, guesses without it); without, teacher_error makes `sft_answer` that guess."""
+    With `tool_demos` each training row carries `sft_messages`, a demonstration that calls the calculator tool; with
+    probability teacher_error a sloppy one instead: a guess without the tool (teacher_slip 'guess') or a call with
+    a mistyped operand (teacher_slip 'call'). Without tool_demos, teacher_error makes `sft_answer` that guess."""
     task = _split_task(lambda rng: _arithmetic_problem(rng, min_digits, max_digits, ops), num_train=num_train,
                        num_heldout=num_heldout, seed=seed, what="arithmetic", teacher_error=teacher_error)
     if tool_demos:
         train = task["train"]
         demos = train["sft_answer"] if "sft_answer" in train.column_names else train["answer"]
-        messages = [tool_demonstration(p, a, d) for p, a, d in zip(train["prompt"], train["answer"], demos)]
+        messages = [slipped_call_demonstration(p) if teacher_slip == "call" and d != a else tool_demonstration(p, a, d)
+                    for p, a, d in zip(train["prompt"], train["answer"], demos)]
         task["train"] = Dataset.from_dict({"prompt": train["prompt"], "answer": train["answer"],
                                            "sft_messages": messages})
     return task

@@ -126,3 +126,30 @@ def test_prompt_stream_rejects_a_different_dataset():
     other = PromptStream(Dataset.from_dict({"prompt": ["a"], "answer": ["1"]}), seed=1)
     with pytest.raises(DataError, match="data cursor"):
         other.load_state_dict(state)
+
+
+def test_sloppy_teacher_that_mistypes_the_calculator_call():
+    """teacher_slip 'call': every demonstration calls the calculator; a sloppy one (teacher_error) with the second
+    operand's last digit off by one, and it answers with the result of that call (wrong), as a correct one answers
+    with the right result. The problems do not depend on the slip."""
+    import json as _json
+    kw = dict(num_train=200, num_heldout=10, min_digits=3, max_digits=4, ops=["*"], seed=5, teacher_error=0.5,
+              tool_demos=True)
+    rows = arithmetic_task(**kw, teacher_slip="call")["train"].to_list()
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in arithmetic_task(**kw)["train"].to_list()]
+    slipped = 0
+    for r in rows:
+        call, tool, final = r["sft_messages"]
+        expression = _json.loads(call["content"].removeprefix("<tool_call>").removesuffix("</tool_call>"))
+        expression = expression["arguments"]["expression"]
+        a, b = expression.split("*")
+        pa, pb = r["prompt"].rstrip("=").split("*")
+        assert tool["role"] == "tool" and tool["content"] == str(int(a) * int(b))
+        assert final["content"] == f"Answer: {tool['content']}"
+        assert a == pa and b[:-1] == pb[:-1]
+        if b != pb:
+            slipped += 1
+            assert int(b[-1]) == (int(pb[-1]) + 1) % 10 and tool["content"] != r["answer"]
+        else:
+            assert tool["content"] == r["answer"]
+    assert 0.35 < slipped / len(rows) < 0.65

@@ -144,6 +144,10 @@ class ArithmeticData(DataCommon):
                                   "result, answer); GRPO and evaluation then need rollout.env type tools.")
     teacher_error: float = opt(0.0, "Share of SFT demonstrations that guess instead (the answer's last digit off by "
                                     "one; with tool_demos, answered directly without the tool).", ge=0, le=1)
+    teacher_slip: str = opt("guess", "With tool_demos, how the sloppy demonstrations (teacher_error) err: 'guess' "
+                                     "answers without the tool; 'call' calls the calculator with the second "
+                                     "operand's last digit off by one and answers with that result.",
+                            choices=("guess", "call"))
 
     def __post_init__(self) -> None:
         if self.min_digits > self.max_digits:
