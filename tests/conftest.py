@@ -109,3 +109,31 @@ def rollout_batch(lengths: list[int], group_size: int, prompt_len: int = 2):
         response_ids=torch.ones(B, T, dtype=torch.long), response_mask=mask, rollout_logprobs=torch.zeros(B, T),
         truncated=torch.zeros(B, dtype=torch.bool), prompts=[str(i) for i in range(B)], answers=["a"] * B,
         responses=["r"] * B, group_size=group_size, policy_version=0)
+
+
+def perturbed_model(model_dir, scale: float, seed: int = 1):
+    """The model at `model_dir` with Gaussian noise of std `scale` added to every weight (eval mode)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def switched_logprobs(old, new, prompt, response, first_new: int):
+    """Partial rollouts' reference, by hand: the log-probs of `response` (1-D ids after 1-D `prompt`) when the
+    weights switch from `old` to `new` after token first_new - 1 was sampled: tokens before first_new are scored by
+    `old`; later ones by `new` reading old's KV cache of the prompt and tokens 0 .. first_new - 2 (the forward that
+    feeds token first_new - 1 already runs on the new weights)."""
+    import torch
+    full = torch.cat([prompt, response])[None]
+    P, L = prompt.numel(), response.numel()
+    with torch.no_grad():
+        lp_old = old(full).logits[0].log_softmax(-1)
+        past = old(full[:, :P + first_new - 1], use_cache=True).past_key_values
+        lp_new = new(full[:, P + first_new - 1:], past_key_values=past, use_cache=True).logits[0].log_softmax(-1)
+    return torch.stack([lp_old[P - 1 + j, response[j]] for j in range(first_new)]
+                       + [lp_new[i, response[first_new + i]] for i in range(L - first_new)])

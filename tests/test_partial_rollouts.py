@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tokenwise.trainer.cli import main
-from tests.conftest import read_metrics
+from tests.conftest import perturbed_model, read_metrics, switched_logprobs
 
 DUMP = "dump"
 
@@ -39,11 +39,7 @@ def test_weights_posted_mid_generation_sample_the_tokens_after_the_switch(tmp_pa
     cache of the tokens before token 2 (float64-free reference: the two models run by hand, tolerance 1e-5)."""
     d, engine = _engine(tmp_path)
     old = AutoModelForCausalLM.from_pretrained(d).eval()
-    new = AutoModelForCausalLM.from_pretrained(d).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in new.parameters():
-            p.add_(0.5 * torch.randn(p.shape, generator=gen))
+    new = perturbed_model(d, 0.5)
     engine.open_mailbox()
     forwards = []
 
@@ -60,21 +56,13 @@ def test_weights_posted_mid_generation_sample_the_tokens_after_the_switch(tmp_pa
     assert L >= 6, "the random model ended too early for this check"
     assert engine.version == 1 and batch.policy_version == 0
     assert batch.token_versions[0, :L].tolist() == [0, 0, 0] + [1] * (L - 3)
-    prompt = batch.prompt_ids[0][batch.prompt_mask[0] > 0]
-    resp = batch.response_ids[0, :L]
-    full = torch.cat([prompt, resp])[None]
+    prompt, resp = batch.prompt_ids[0][batch.prompt_mask[0] > 0], batch.response_ids[0, :L]
+    want = switched_logprobs(old, new, prompt, resp, first_new=3)
+    torch.testing.assert_close(batch.rollout_logprobs[0, :L], want, atol=1e-5, rtol=0)
+    with torch.no_grad():  # sanity: the old KV cache did matter
+        plain = new(torch.cat([prompt, resp])[None]).logits[0].log_softmax(-1)
     P = prompt.numel()
-    with torch.no_grad():
-        lp_old = old(full).logits[0].log_softmax(-1)
-        before = torch.stack([lp_old[P - 1 + j, resp[j]] for j in range(3)])
-        past = old(full[:, :P + 2], use_cache=True).past_key_values  # prompt + tokens 0, 1: old KV
-        lp_new = new(full[:, P + 2:], past_key_values=past, use_cache=True).logits[0].log_softmax(-1)
-        after = torch.stack([lp_new[i, resp[3 + i]] for i in range(L - 3)])
-    torch.testing.assert_close(batch.rollout_logprobs[0, :3], before, atol=1e-5, rtol=0)
-    torch.testing.assert_close(batch.rollout_logprobs[0, 3:L], after, atol=1e-5, rtol=0)
-    lp_plain_new = new(full).logits[0].log_softmax(-1)  # sanity: the old KV cache did matter
-    assert not torch.allclose(after, torch.stack([lp_plain_new[P - 1 + 3 + i, resp[3 + i]] for i in range(L - 3)]),
-                              atol=1e-3)
+    assert not torch.allclose(want[3:], torch.stack([plain[P - 1 + j, resp[j]] for j in range(3, L)]), atol=1e-3)
 
 
 def test_catch_up_waits_for_posted_weights_and_times_out_clearly(tmp_path):

@@ -216,13 +216,10 @@ def test_partial_rollout_takes_posted_weights_between_engine_steps(engines, sft_
     sampled by the new ones reading the old KV cache of tokens before 2 (as the transformers model computes them
     by hand, tolerance 1e-3 as for every vLLM log-prob here)."""
     from transformers import AutoModelForCausalLM
+    from conftest import perturbed_model, switched_logprobs
     vllm_engine, _, _, rows = engines
     old = AutoModelForCausalLM.from_pretrained(sft_model).eval()
-    new = AutoModelForCausalLM.from_pretrained(sft_model).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in new.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    new = perturbed_model(sft_model, 0.05)
     vllm_engine.load_weights(dict(old.state_dict()), version=0)
     engine = vllm_engine.llm.llm_engine
     step, calls = engine.step, []
@@ -248,16 +245,9 @@ def test_partial_rollout_takes_posted_weights_between_engine_steps(engines, sft_
             assert batch.token_versions[b, :L].tolist() == ([0, 0, 0] + [1] * (L - 3))[:L]
             if L < 5:
                 continue
-            prompt = batch.prompt_ids[b][batch.prompt_mask[b] > 0]
-            resp = batch.response_ids[b, :L]
-            full = torch.cat([prompt, resp])[None]
-            P = prompt.numel()
-            with torch.no_grad():
-                lp_old = old(full).logits[0].log_softmax(-1)
-                past = old(full[:, :P + 2], use_cache=True).past_key_values
-                lp_new = new(full[:, P + 2:], past_key_values=past, use_cache=True).logits[0].log_softmax(-1)
-            want = [lp_old[P - 1 + j, resp[j]] for j in range(3)] + [lp_new[i, resp[3 + i]] for i in range(L - 3)]
-            assert (batch.rollout_logprobs[b, :L].double() - torch.stack(want).double()).abs().max() < 1e-3
+            prompt, resp = batch.prompt_ids[b][batch.prompt_mask[b] > 0], batch.response_ids[b, :L]
+            want = switched_logprobs(old, new, prompt, resp, first_new=3)
+            assert (batch.rollout_logprobs[b, :L].double() - want.double()).abs().max() < 1e-3
             checked += 1
         assert checked >= 4
     finally:
