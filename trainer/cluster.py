@@ -176,11 +176,9 @@ class RolloutWorker:
         (`min_version`): it starts from the weights of that version or newer, posted to the mailbox."""
         def run() -> RolloutBatch:
             if min_version is not None:
-                self.engine.catch_up(min_version, self.catch_up_s)
+                self.engine.catch_up(min_version)
             return self.engine.generate(rows, n=n, seed=seed, adaptive=adaptive)
         return self.clock.timed(run, True)
-
-    catch_up_s = 600.0  # partial rollouts: the longest a generation waits for weights posted before it was queued
 
     def post_weights(self, buckets: list[Any], version: int) -> None:
         """Partial rollouts (run in the actor's `mailbox` concurrency group, beside a generation): the learners'

@@ -34,8 +34,6 @@ from tokenwise.trainer.learner import Learner, local_pool
 from tokenwise.trainer.rollout import build_rollout
 from tokenwise.trainer.worker_common import EngineClock, step_seed
 
-CATCH_UP_TIMEOUT_S = 600.0  # partial rollouts: at most this long for posted weights (posted before, here)
-
 
 class LocalWorkers:
     """Debug mode: one in-process learner rank and one rollout engine (its own model copy, or with
@@ -106,7 +104,7 @@ class LocalWorkers:
         version = self.posted
 
         def run() -> Any:
-            self.engine.catch_up(version, CATCH_UP_TIMEOUT_S)
+            self.engine.catch_up(version)
             return fn()
         return run
 

@@ -9,6 +9,8 @@ import time
 
 import torch
 
+CATCH_UP_TIMEOUT_S = 600.0  # partial rollouts: the longest a generation waits for weights posted before it was queued
+
 
 class WeightMailbox:
     """Partial rollouts: the newest weights another thread posted (a newer post replaces one not taken yet), taken
@@ -78,32 +80,12 @@ class BucketedSync:
         self.load_weights(posted[1], version=posted[0])
         return True
 
-    def catch_up(self, version: int, timeout_s: float) -> None:
+    def catch_up(self, version: int, timeout_s: float = CATCH_UP_TIMEOUT_S) -> None:
         """Before a generation under partial rollouts: wait until the weights of `version` (or newer) were posted,
         then load the newest (the version a generation queued after that weight sync must start from)."""
         if version > self.version:
             self.mailbox.wait(version, timeout_s)
         self.take_posted()
-
-
-class VersionTrack:
-    """Per-token version stamps of one generate call under partial rollouts: `step()` at each decoding step records
-    the engine's version for the token sampled there, then takes posted weights, so the next token is the first of
-    the new policy (the KV cache of the tokens before stays, as vLLM's pause with requests kept leaves it)."""
-
-    def __init__(self, engine: BucketedSync) -> None:
-        self.engine = engine
-        self.versions: list[int] = []
-
-    def step(self) -> None:
-        self.versions.append(self.engine.version)
-        self.engine.take_posted()
-
-    def stamps(self, response_mask: torch.Tensor) -> torch.Tensor:
-        """[B, T] int32: each column's version where sampled, -1 elsewhere."""
-        T = response_mask.shape[1]
-        cols = torch.tensor((self.versions + [self.engine.version] * T)[:T], dtype=torch.int32)
-        return torch.where(response_mask > 0, cols[None, :], torch.tensor(-1, dtype=torch.int32))
 
 
 _LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")

@@ -13,7 +13,7 @@ from tokenwise.models.decoder import routes_experts
 from tokenwise.rl.hapo import sampling_temperatures
 from tokenwise.rl.types import RolloutBatch
 from tokenwise.trainer.loading import PromptFormatter, eos_token_ids
-from tokenwise.trainer.rollout.base import BucketedSync, VersionTrack
+from tokenwise.trainer.rollout.base import BucketedSync
 from tokenwise.trainer.rollout.stops import apply_stop_strings
 
 
@@ -90,15 +90,26 @@ class AdaptiveTemperature(LogitsProcessor):
 
 class PartialRollouts(LogitsProcessor):
     """First in the processor list under partial rollouts: at each decoding step, after the forward that scored the
-    token about to be sampled, stamps that token with the engine's version and loads weights posted meanwhile (the
-    next forward runs on them)."""
+    token about to be sampled, stamps that token with the engine's version and loads weights posted meanwhile, so the
+    next forward runs on them (the KV cache of the tokens before stays, as vLLM's pause with requests kept leaves it)."""
 
-    def __init__(self, track: VersionTrack) -> None:
-        self.track = track
+    def __init__(self, engine: BucketedSync) -> None:
+        self.engine = engine
+        self.versions: list[int] = []  # one per decoding step: the version that scored that step's token
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.track.step()
+        self.versions.append(self.engine.version)
+        self.engine.take_posted()
         return scores
+
+    def stamps(self, response_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T] int32: each response column's version where sampled, -1 elsewhere."""
+        T = response_mask.shape[1]
+        if len(self.versions) != T:
+            raise RuntimeError(f"partial rollouts: {len(self.versions)} decoding steps stamped for {T} generated "
+                               "tokens (generate must call the logits processors once per token)")
+        cols = torch.tensor(self.versions, dtype=torch.int32)
+        return torch.where(response_mask > 0, cols[None, :], torch.tensor(-1, dtype=torch.int32))
 
 
 class HFRollout(BucketedSync):
@@ -210,9 +221,9 @@ class HFRollout(BucketedSync):
         gen = GenerationConfig(do_sample=not greedy, max_new_tokens=limit, return_dict_in_generate=True,
                                pad_token_id=self.pad_id, eos_token_id=self.eos_ids)
         processors = LogitsProcessorList()
-        track = VersionTrack(self) if self.mailbox is not None else None
+        track = PartialRollouts(self) if self.mailbox is not None else None
         if track is not None:
-            processors.append(PartialRollouts(track))
+            processors.append(track)
         tempering = recorder = None
         if not greedy:
             gen.temperature, gen.top_k, gen.top_p = 1.0, 0, 1.0
