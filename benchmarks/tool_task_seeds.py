@@ -1,7 +1,7 @@
 """The calculator tool task over seeds: does GRPO's gain over the SFT start hold beyond one seed's luck?
 
     python benchmarks/tool_task_seeds.py [--seeds 0 1 2 3 4] [--jobs 2] [--work DIR] [--set key=value ...]
-                                         [--json PATH]
+                                         [--json PATH] [--plot PNG]
 
 Runs `tokenwise train recipes/tool_calculator.yaml seed=S` for every seed (each in its own single-thread process,
 `--jobs` side by side), then reads each run: held-out accuracy (greedy, with the calculator) after SFT and after GRPO,
@@ -9,6 +9,9 @@ the share of episodes that called the tool and the share of tool calls that fail
 arguments) from the run's summary.json, and held-out accuracy *without* the tool (the same evaluation, single turn:
 what `tokenwise eval RUN --no-env` prints) of both stages' final models. Prints a table with the median and min–max of
 each column and writes benchmarks/results/tool_task_seeds.json.
+
+`--plot PNG` draws each seed's GRPO curves: held-out accuracy (greedy, with the calculator) at every evaluation and
+the training reward per step (docs/results_tool_task.png).
 
 `--work DIR` keeps the run folders (DIR/seedS) and reuses any that already finished, so a table can be rebuilt
 without training again; wall time is read from the runs' own metrics (first to last step, both stages).
@@ -93,6 +96,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def grpo_curves(run: Path) -> dict[str, list]:
+    """One run's GRPO stage from its metrics.jsonl: (step, held-out accuracy) at every evaluation and the mean reward
+    of every step's episodes."""
+    rows = [json.loads(line) for line in (run / "grpo" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"eval": [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r],
+            "reward": [(r["step"], r["reward/mean"]) for r in rows if "reward/mean" in r]}
+
+
+def plot(work: Path, seeds: list[int], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for seed in seeds:
+        curves = grpo_curves(work / f"seed{seed}")
+        line, = left.plot(*zip(*curves["eval"]), marker="o", ms=3, label=f"seed {seed}")
+        right.plot(*zip(*curves["reward"]), color=line.get_color(), lw=1)
+    left.set(xlabel="GRPO step", ylabel="held-out accuracy (with the calculator)", ylim=(0, 1))
+    right.set(xlabel="GRPO step", ylabel="mean reward of the step's episodes", ylim=(0, 1))
+    left.legend(fontsize=8)
+    fig.suptitle("Calculator tool task: GRPO from the SFT start, per seed", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -100,6 +129,7 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="keep run folders here (DIR/seedS) and reuse finished ones")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides for every run")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "tool_task_seeds.json"))
+    ap.add_argument("--plot", default=None, metavar="PNG", help="also draw the GRPO curves of every seed here")
     args = ap.parse_args()
     print(f"tool task over seeds {args.seeds} on {cpu_model()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,6 +138,8 @@ def main() -> None:
         with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(lambda s: train_one(s, work, args.set), args.seeds))
         rows = [read_one(s, work) for s in args.seeds]
+        if args.plot:
+            plot(work, args.seeds, args.plot)
     print(table(rows))
     write_json(args.json, rows, cpu=cpu_model(), recipe=str(RECIPE.relative_to(ROOT)), overrides=args.set,
                jobs=args.jobs, min_gain_points=min(r["gain_points"] for r in rows))
