@@ -30,6 +30,7 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(var, "1")
 from benchmarks.kernels._common import write_json  # noqa: E402
 from benchmarks.quickstart_seeds import cpu_model  # noqa: E402
+from tokenwise.trainer.logging import read_metrics  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
 TASK = ["data.min_length=8", "data.max_length=12", "rollout.max_new_tokens=16", "eval.num_prompts=64", "eval.k=0",
@@ -49,7 +50,7 @@ def train(args: list[str]) -> None:
 
 
 def read(run: Path) -> dict:
-    rows = [json.loads(line) for line in (run / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run, "grpo")
     steps = [r for r in rows if "timing/step" in r]
     evals = [r for r in rows if "eval/accuracy" in r]
     wall = steps[-1]["time"] - (steps[0]["time"] - steps[0]["timing/step"])

@@ -29,13 +29,14 @@ PHASES = ["generate", "reward", "logprob", "train", "sync", "step"]
 
 def run(label: str, overrides: list[str], steps: int, workdir: Path) -> dict:
     from tokenwise.trainer.cli import main
+    from tokenwise.trainer.logging import read_metrics
     out = workdir / "".join(c if c.isalnum() else "-" for c in label)
     args = ["train", str(ROOT / "recipes" / "quickstart.yaml"), "stages=[grpo]", f"grpo.steps={steps}",
             "grpo.eval_every=0", "eval.num_prompts=16", "logging.progress=false", "logging.plot=false",
             "logging.tensorboard=false", f"output_dir={out}", *overrides]
     if main(args) != 0:
         raise SystemExit(f"{label}: run failed")
-    rows = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out, "grpo")
     rows = [r for r in rows if "timing/step" in r][1:]  # drop the warm-up step
     return {"label": label, "steps_averaged": len(rows),
             **{p: sum(r[f"timing/{p}"] for r in rows) / len(rows) for p in PHASES},

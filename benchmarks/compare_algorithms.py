@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.quickstart_seeds import cpu_model, train_process as _train  # noqa: E402
+from tokenwise.trainer.logging import read_metrics  # noqa: E402
 
 RECIPES = ["grpo", "dr_grpo", "rloo", "dapo", "gspo", "forking_tokens", "hapo", "d3s", "thr"]
 QUIET = ["logging.progress=false", "logging.plot=false", "logging.tensorboard=false"]
@@ -57,10 +58,6 @@ def ci95(xs: list[float]) -> tuple[float, float]:
     return statistics.mean(xs), t * statistics.stdev(xs) / math.sqrt(len(xs))
 
 
-def _metrics(run: Path, stage: str) -> list[dict]:
-    return [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
-
-
 def run_sft(seed: int, work: Path, threads: int) -> Path:
     """The seed's shared SFT start; returns its model directory."""
     sft = work / f"sft-{seed}"
@@ -75,7 +72,7 @@ def run_grpo(name: str, seed: int, model: Path, steps: int, work: Path, threads:
     seconds = _train([str(ROOT / "recipes" / f"{name}.yaml"), "stages=[grpo]", f"seed={seed}", f"output_dir={run}",
                       f"model={{type: pretrained, path: {model}}}", f"grpo.steps={steps}", f"grpo.eval_every={steps}",
                       *TASK, *GRPO, *QUIET], threads)
-    rows = _metrics(run, "grpo")
+    rows = read_metrics(run, "grpo")
     steps_rows = [r for r in rows if "reward/mean" in r]
     out = {"seed": seed, "accuracy_before": rows[0]["eval/accuracy"], "accuracy_after": rows[-1]["eval/accuracy"],
            "pass8_before": rows[0]["eval/pass@8"], "pass8_after": rows[-1]["eval/pass@8"],

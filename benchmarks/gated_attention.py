@@ -30,13 +30,14 @@ BEGIN, END = "<!-- BEGIN gated_attention -->", "<!-- END gated_attention -->"
 
 def run_one(variant: str, lr: float, seed: int, steps: int, work: Path) -> dict:
     from tokenwise.trainer.cli import main
+    from tokenwise.trainer.logging import read_metrics
     out = work / f"{variant}-{lr}-{seed}"
     args = ["train", str(ROOT / "recipes" / "quickstart.yaml"), "stages=[sft]", f"seed={seed}", f"output_dir={out}",
             "model.arch=tokenwise", f"model.attn_gate={variant}", f"sft.steps={steps}", f"sft.optim.lr={lr}",
             f"sft.eval_every={steps}", "logging.progress=false", "logging.plot=false", "logging.tensorboard=false"]
     if main(args) != 0:
         raise SystemExit(f"run failed: {' '.join(args)}")
-    rows = [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out, "sft")
     losses = [r["sft/loss"] for r in rows if "sft/loss" in r]
     last_eval = [r for r in rows if "eval/attn_sink" in r][-1]
     layers = sorted(k for k in last_eval if k.startswith("eval/attn_sink_layer"))

@@ -66,8 +66,8 @@ def grpo(model_dir: Path, run_dir: Path, name: str, steps: int, overrides: list[
     wall = time.monotonic() - t0
     (run_dir.parent / f"{name}.log").write_text(proc.stdout + proc.stderr)
     out = {"name": name, "overrides": overrides, "rc": proc.returncode, "wall_s": round(wall, 1)}
-    metrics = run_dir / "grpo" / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    from tokenwise.trainer.logging import read_metrics
+    rows = read_metrics(run_dir, "grpo") if (run_dir / "grpo" / "metrics.jsonl").exists() else []
     steps_rows = [r for r in rows if "actor/loss" in r]
     out["steps"] = len(steps_rows)
     if steps_rows:

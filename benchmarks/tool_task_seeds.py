@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.kernels._common import write_json  # noqa: E402
 from benchmarks.quickstart_seeds import QUIET, _spread, cpu_model, train_process  # noqa: E402
+from tokenwise.trainer.logging import read_metrics  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "tool_calculator.yaml"
 
@@ -49,8 +50,7 @@ def accuracy_without_tools(run: Path, model_dir: Path) -> float:
 
 def wall_minutes(run: Path) -> float:
     """First to last logged step over the run's stages (from metrics.jsonl timestamps)."""
-    times = [json.loads(line)["time"] for stage in ("sft", "grpo")
-             for line in (run / stage / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    times = [row["time"] for stage in ("sft", "grpo") for row in read_metrics(run, stage)]
     return (max(times) - min(times)) / 60
 
 
@@ -99,7 +99,7 @@ def table(rows: list[dict]) -> str:
 def grpo_curves(run: Path) -> dict[str, list]:
     """One run's GRPO stage from its metrics.jsonl: (step, held-out accuracy) at every evaluation and the mean reward
     of every step's episodes."""
-    rows = [json.loads(line) for line in (run / "grpo" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run, "grpo")
     return {"eval": [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r],
             "reward": [(r["step"], r["reward/mean"]) for r in rows if "reward/mean" in r]}
 

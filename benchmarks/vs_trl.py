@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.kernels._common import write_json  # noqa: E402
 from benchmarks.quickstart_seeds import cpu_model  # noqa: E402
+from tokenwise.trainer.logging import read_metrics  # noqa: E402
 
 PROMPTS, GROUP, MAX_NEW, KL, LR, CLIP = 32, 8, 8, 0.01, 3e-4, 0.2
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -105,7 +106,7 @@ def run_tokenwise(model: str, threads: int, steps: int, warmup: int, work: Path,
     proc = subprocess.run(cmd, cwd=ROOT, env=_threads_env(threads), capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"tokenwise failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out, "grpo")
     rows = [r for r in rows if "timing/step" in r]
     return {"s_per_step": _step_seconds([r["time"] for r in rows], warmup), "steps": len(rows),
             "completion_len_mean": statistics.mean(r["rollout/response_len_mean"] for r in rows)}

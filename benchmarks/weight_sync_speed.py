@@ -26,6 +26,7 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(var, "1")
 from benchmarks.kernels._common import write_json  # noqa: E402
 from benchmarks.quickstart_seeds import cpu_model  # noqa: E402
+from tokenwise.trainer.logging import read_metrics  # noqa: E402
 
 
 def main() -> None:
@@ -54,7 +55,7 @@ def main() -> None:
             if code != 0:
                 raise SystemExit(f"{path}: run failed")
             size = sum(f.stat().st_size for f in (out / "grpo" / "final").glob("*.safetensors"))
-            steps = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+            steps = read_metrics(out, "grpo")
             sync = [r["timing/sync"] for r in steps if "timing/sync" in r][1:]
             mean = statistics.mean(sync)
             rows.append({"path": path, "model_mb": round(size / 2 ** 20, 1), "sync_s": round(mean, 3),

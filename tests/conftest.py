@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 
@@ -23,6 +22,8 @@ def _has_cuda() -> bool:
 HAS_CUDA = _has_cuda()
 if not HAS_CUDA:  # Triton kernels run in its CPU interpreter; must be set before any @triton.jit runs
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tokenwise.trainer.logging import read_metrics  # noqa: E402,F401  (the tests import it from here)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -73,10 +74,6 @@ def builtin_model_dir(tmp_path_factory, name: str, *, num_heads: int = 2, num_kv
     save_builtin(d, seed=0, hidden_size=32, num_layers=2, num_heads=num_heads, num_kv_heads=num_kv_heads,
                  intermediate_size=64, max_position_embeddings=64)
     return d
-
-
-def read_metrics(run_dir: Path, stage: str) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
 
 
 def stage_env(cfg, run_dir: Path, stage: str = "grpo"):

@@ -21,7 +21,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import TINY, _merge
+from conftest import TINY, _merge, read_metrics
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -119,8 +119,7 @@ def _recipe(folder: Path) -> Path:
 
 
 def _finished_two_steps(run: Path) -> None:
-    rows = [json.loads(line) for line in (run / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "actor/loss" in r] == [1, 2]
+    assert [r["step"] for r in read_metrics(run, "grpo") if "actor/loss" in r] == [1, 2]
     summary = json.loads((run / "summary.json").read_text())
     assert Path(summary["final_model"]).is_dir()
 
@@ -196,7 +195,7 @@ def test_sigkill_during_an_asynchronous_run_then_resume(ray_head, tmp_path):
     out = subprocess.run([str(BIN / "tokenwise"), "resume", str(run), "--ray-address", ray_head["address"]],
                          env=_env(ray_head["home"]), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = read_metrics(run, "grpo")
     assert [r["step"] for r in rows if "actor/loss" in r] == [1, 2, 3, 4, 5, 6]
     cfg = load_config(run / "config.yaml")
     stream = PromptStream(load_task(cfg.data)["train"], seed=cfg.seed)

@@ -23,6 +23,12 @@ from tokenwise.trainer.checkpoint import write_text_atomic
 console = Console(highlight=False, soft_wrap=True)
 
 
+def read_metrics(run_dir: Path, stage: str) -> list[dict]:
+    """The rows one stage of a run logged to its metrics.jsonl, in order (what `MetricsLogger` writes)."""
+    path = Path(run_dir) / stage / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class MetricsLogger:
     def __init__(self, stage_dir: Path, cfg: Any, *, run_name: str, stage: str, history: Sequence[dict] = (),
                  config: dict | None = None) -> None:

@@ -15,7 +15,7 @@ from tokenwise.rl.errors import CheckpointError
 from tokenwise.trainer.checkpoint import CheckpointManager, load_training_state, publish_dir, save_training_state
 from tokenwise.trainer.config import RunConfig, to_dict
 from tokenwise.trainer.evaluate import headline_sampled
-from tokenwise.trainer.logging import MetricsLogger, StepProgress, console, plot_curves
+from tokenwise.trainer.logging import MetricsLogger, StepProgress, console, plot_curves, read_metrics
 
 RESULT_FILE = "result.json"
 
@@ -80,7 +80,7 @@ class StageState:
         self.eval_every, self.save_every = eval_every, save_every
         root = env.stage_dir / "checkpoints"
         if not root.is_dir() and (env.stage_dir / "metrics.jsonl").is_file():
-            steps = [json.loads(line).get("step", 0) for line in (env.stage_dir / "metrics.jsonl").open() if line.strip()]
+            steps = [row.get("step", 0) for row in read_metrics(env.run_dir, env.stage)]
             if max(steps, default=0) > 0:
                 raise CheckpointError(f"{root} is missing, but {env.stage_dir / 'metrics.jsonl'} records steps up to "
                                       f"{max(steps)}: the checkpoints were moved or deleted. Put them back to resume, "
