@@ -116,7 +116,8 @@ def main() -> None:
         ks = [r for r in rows if r["max_staleness"] == k]
         sp = [r["speedup"] for r in ks if r["speedup"]]
         rw = [r["reward_per_sample"] for r in ks]
-        lines.append(f"k={k}: speed-up {min(sp):.2f}-{max(sp):.2f}, reward/sample {min(rw):.3f}-{max(rw):.3f}")
+        speed = f"speed-up {min(sp):.2f}-{max(sp):.2f}, " if sp else ""  # no synchronous run to compare with
+        lines.append(f"k={k}: {speed}reward/sample {min(rw):.3f}-{max(rw):.3f}")
     print("\n".join(lines))
     write_json(args.json, rows, cpu=cpu_model(), steps=args.steps, sft_steps=args.sft_steps, task=TASK,
                grpo=GRPO, cluster=CLUSTER, overrides=args.set)

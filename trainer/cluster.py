@@ -535,7 +535,7 @@ class RayWorkers:
         self.sync_buckets = _expected_buckets(env.init_dir, int(r.sync_bucket_mb * 2 ** 20))
         self.bucket_bytes = int(r.sync_bucket_mb * 2 ** 20)
         self.group_ready = False  # weight_sync collective: learner rank 0 and every rollout actor joined a group
-        self.queued_loads: list[tuple[list, list]] = []  # asynchronous generation: loads queued since a generation
+        self.queued_loads: list[tuple[list, list, str]] = []  # asynchronous generation: loads queued since a generation
         gpu_split = 2 if r.colocate else 1
         if r.colocate:
             bundles = [{"CPU": r.cpus_per_learner + r.cpus_per_rollout, "GPU": r.gpus_per_learner}
@@ -606,13 +606,13 @@ class RayWorkers:
         loads, self.queued_loads = self.queued_loads, []
         self._wait_loads(loads)
 
-    def _wait_loads(self, loads: list[tuple[list, list]]) -> None:
-        """Wait for queued weight loads (buckets, [(actor, ref)]), skipping those of actors replaced since: the
-        new actor was synced when it started."""
-        for _buckets, targets in loads:
+    def _wait_loads(self, loads: list[tuple[list, list, str]]) -> None:
+        """Wait for queued weight loads (buckets, [(actor, ref)], the actor method), skipping those of actors
+        replaced since: the new actor was synced when it started."""
+        for _buckets, targets, method in loads:
             live = [(rank, ref) for rank, (actor, ref) in enumerate(targets) if self.rollouts.actors[rank] is actor]
             if live:
-                self.rollouts.wait([ref for _, ref in live], "load_queued", ranks=[rank for rank, _ in live])
+                self.rollouts.wait([ref for _, ref in live], method, ranks=[rank for rank, _ in live])
 
     def _generate(self, rows: list[dict], n: int, greedy: bool, step: int | None, round: int,
                   adaptive: dict | None, seed: int | None, temperature: float | None) -> RolloutBatch:
@@ -678,9 +678,11 @@ class RayWorkers:
             loads = [(a, a.post_weights.options(concurrency_group="mailbox").remote(buckets, self.pool.version))
                      for a in self.rollouts.actors]
             self.posted = self.pool.version
+            method = "post_weights"
         else:
             loads = [(a, a.load_queued.remote(buckets, self.pool.version)) for a in self.rollouts.actors]
-        self.queued_loads.append((buckets, loads))
+            method = "load_queued"
+        self.queued_loads.append((buckets, loads, method))
 
     def sync(self, *, step: int | None = None) -> None:
         """Learner weights → every rollout actor; a failed rollout actor is restarted (if allowed) and re-synced.
