@@ -73,7 +73,7 @@ def grpo(model_dir: Path, run_dir: Path, name: str, steps: int, overrides: list[
     if steps_rows:
         later = steps_rows[1:] or steps_rows
         out["tokens_per_s"] = round(statistics.median(r.get("perf/tokens_per_s", 0.0) for r in later), 1)
-        for key in sorted({k for r in later for k in r if k.startswith(("timing/", "perf/", "memory/"))}):
+        for key in sorted({k for r in later for k in r if k.startswith(("timing/", "perf/", "memory/", "async/"))}):
             values = [r[key] for r in later if isinstance(r.get(key), (int, float))]
             if values:
                 out[key] = round(statistics.median(values), 4)

