@@ -6,7 +6,7 @@
                                        [--json benchmarks/results/async_staleness_ablation.json]
 
 Workload: the sort task with lists of 8-12 digits (responses of up to 16 tokens, twice the quick start's), one
-learner and one rollout actor with 1 CPU each on a local Ray, 32 prompts x 8 samples per step, GRPO at lr 1e-4
+learner and one rollout actor with 1 CPU each on a local Ray, 32 prompts x 8 samples per step, GRPO at lr 5e-5
 without the KL-to-reference term (see GRPO below). All runs start from
 one SFT model (the recipe's SFT stage, run once, seed 0); each seed is a GRPO run per staleness bound. For every
 run: completions per second (responses trained on / GRPO wall time from the first step's start to the last's end,
@@ -196,8 +196,9 @@ def main() -> None:
         finally:
             ray.shutdown()
     print(table)
+    extra = {"ablation_lr": ABLATION_LR} if args.ablation else {"overrides": args.set}
     write_json(out, rows, cpu=cpu_model(), steps=args.steps, sft_steps=args.sft_steps, task=TASK, grpo=GRPO,
-               cluster=CLUSTER, overrides=args.set)
+               cluster=CLUSTER, **extra)
 
 
 if __name__ == "__main__":
