@@ -455,7 +455,9 @@ def test_a_member_that_misses_a_collective_bucket_breaks_the_group_within_the_de
 def test_a_hung_rollout_actor_in_a_collective_sync_is_restarted_and_resynced(local_ray, recipe_for, tmp_path):
     """A SIGSTOPped rollout actor: the collective sync names it hung within its deadlines instead of hanging; with
     a restart allowed it is replaced, synced through the object store, and the next sync rebuilds the group.
-    Under ZeRO-3, so learner rank 1 waits in the weights' all-gather meanwhile: the actor is named, not rank 1."""
+    Under ZeRO-3 learner rank 1 waits in the weights' all-gather meanwhile; the learners' group timeout outlasts the
+    actor's deadlines (learner_group_timeout), so the actor is named, not rank 1 (with the call timeout as the group's,
+    rank 1's gloo send timed out first in CI)."""
     workers, _ = _sync_workers(recipe_for, tmp_path, "hung", zero_stage=3, weight_sync="collective",
                                call_timeout_s=4, max_restarts=1)
     try:

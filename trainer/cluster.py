@@ -386,6 +386,13 @@ MIN_TIMEOUT_S = 60.0
 DEATH_GRACE_S = 5.0  # after one rank raised: how long to look for a rank that died (the likely cause)
 
 
+def learner_group_timeout(call_timeout_s: float | None) -> float:
+    """The learners' own process-group timeout. In a weight sync the other learner ranks wait in the weights'
+    all-gather while rank 0 delivers a bucket, which may take a bucket's deadline twice (collective, then the object
+    store) plus DEATH_GRACE_S on a hung rollout actor; the group outlasts that, so the actor is named, not rank 1."""
+    return 2 * (call_timeout_s or FIRST_CALL_TIMEOUT_S) + DEATH_GRACE_S + 30
+
+
 class CallTimer:
     """Timeouts per method: trainer.ray.call_timeout_s if set, else adaptive: 10x the slowest earlier call of the
     method per unit of work (rows x samples for generation), at least MIN_TIMEOUT_S, and FIRST_CALL_TIMEOUT_S for
@@ -578,7 +585,7 @@ class RayWorkers:
             self.rollouts.call_all("pid", timeout_s=r.start_timeout_s)
         master = self.learners.wait([self.learners.actors[0].address.remote()], "address", r.start_timeout_s)[0]
         self.learners.call_all("setup", master, learner_kwargs, str(env.tokenizer_dir),
-                               r.call_timeout_s or FIRST_CALL_TIMEOUT_S, timeout_s=r.start_timeout_s)
+                               learner_group_timeout(r.call_timeout_s), timeout_s=r.start_timeout_s)
         self.rollouts.call_all("pid", timeout_s=r.start_timeout_s)  # constructed (model loaded) before any timed call
         self.pool = LearnerPool(self._fanout, world=r.num_learners, micro_batch_size=micro_batch_size,
                                 max_tokens_per_micro_batch=max_tokens, packing=learner_kwargs.get("packing", "none"))
@@ -698,7 +705,8 @@ class RayWorkers:
                 except ActorFailed as failure:
                     self._recover(failure, step, resync=False)
                     continue
-            per_bucket = self.sync_timer.timeout("bucket")  # each bucket's deadline, inside the learner
+            # each bucket's deadline, inside the learner (within what learner_group_timeout allows for)
+            per_bucket = min(self.sync_timer.timeout("bucket"), self.cfg.call_timeout_s or FIRST_CALL_TIMEOUT_S)
             refs = [a.push_weights.remote([self.rollouts.actors[i] for i in targets] if rank == 0 else [],
                                           self.pool.version, self.bucket_bytes, per_bucket, collective)
                     for rank, a in enumerate(self.learners.actors)]
