@@ -113,6 +113,8 @@ def speed_table(rows: list[dict], bounds: list[int]) -> str:
     for r in rows:
         base = sync.get(r["seed"])
         r["speedup"] = r["completions_per_s"] / base["completions_per_s"] if base else None
+        if base and r["max_staleness"] > 0:
+            r.update(gaps(base, r, r["max_staleness"]))
     head = (f"{'seed':>4} {'k':>2} {'compl/s':>8} {'speed-up':>8} {'gen share':>9} {'learner idle':>12} "
             f"{'rollout idle':>12} {'reward/sample':>13} {'last 1/4':>8} {'lag max':>7} {'acc end':>7}")
     lines = [head]
@@ -126,16 +128,20 @@ def speed_table(rows: list[dict], bounds: list[int]) -> str:
         sp = [r["speedup"] for r in ks if r["speedup"]]
         rw = [r["reward_per_sample"] for r in ks]
         speed = f"speed-up {min(sp):.2f}-{max(sp):.2f}, " if sp else ""  # no synchronous run to compare with
-        lines.append(f"k={k}: {speed}reward/sample {min(rw):.3f}-{max(rw):.3f}")
+        gap = ""
+        if k > 0 and all("gap" in r for r in ks):
+            g, v = [r["gap"] for r in ks], [r["gap_version_matched"] for r in ks]
+            gap = f", below sync {min(g):+.3f} to {max(g):+.3f} (version-matched {min(v):+.3f} to {max(v):+.3f})"
+        lines.append(f"k={k}: {speed}reward/sample {min(rw):.3f}-{max(rw):.3f}{gap}")
     return "\n".join(lines)
 
 
-def gaps(sync: dict, stale: dict) -> dict:
-    """Sync minus staleness 1, reward per sample: over the run, and version-matched (stale steps 2..N vs sync
-    1..N-1: the same policy versions sampled both)."""
+def gaps(sync: dict, stale: dict, lag: int) -> dict:
+    """Sync minus a run at staleness `lag`, reward per sample: over the run, and version-matched (stale steps
+    lag+1..N vs sync 1..N-lag: the same policy versions sampled both)."""
     a, b = sync["rewards"], stale["rewards"]
     return {"gap": statistics.mean(a) - statistics.mean(b),
-            "gap_version_matched": statistics.mean(a[:-1]) - statistics.mean(b[1:])}
+            "gap_version_matched": statistics.mean(a[:-lag]) - statistics.mean(b[lag:])}
 
 
 def ablation(work: Path, start: Path, seeds: list[int], steps: int) -> tuple[list[dict], str]:
@@ -149,7 +155,7 @@ def ablation(work: Path, start: Path, seeds: list[int], steps: int) -> tuple[lis
             if r["max_staleness"] == 1:
                 rows.append({"variant": name, "overrides": overrides, "seed": r["seed"],
                              "reward_sync": sync[r["seed"]]["reward_per_sample"],
-                             "reward_stale1": r["reward_per_sample"], **gaps(sync[r["seed"]], r),
+                             "reward_stale1": r["reward_per_sample"], **gaps(sync[r["seed"]], r, 1),
                              "accuracy_end_sync": sync[r["seed"]]["accuracy_end"], "accuracy_end_stale1":
                              r["accuracy_end"]})
     lines = [f"{'variant':<30} {'sync reward/sample':>18} {'staleness 1':>16} {'gap':>16} {'version-matched':>16}"]
